@@ -1,0 +1,110 @@
+"""The message contracts: the one definition of every record quotaflow puts on Kafka.
+
+Producers, the stream worker, the sinks and the tests all import these models;
+`docs/contracts.md` describes them for people writing their own producers.
+
+>>> report = CounterReport.model_validate_json(
+...     b'{"node_id": "node-a", "epoch": 1761000000000, "seq": 42,'
+...     b' "observed_at": "2026-11-21T12:00:05Z",'
+...     b' "counters": [{"user_id": "alice", "up": 10, "down": 20}]}'
+... )
+>>> report.kind, report.baseline, report.counters[0].down
+('cumulative', False, 20)
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+MAX_COUNTER = 2**63 - 1  # InfluxDB integers are signed 64-bit.
+
+ByteCount = Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)]
+Identifier = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class Counter(_Contract):
+    """One user's byte counters on one node: `up` is what the user sent, `down` what it got."""
+
+    user_id: Identifier
+    up: ByteCount
+    down: ByteCount
+
+
+ReportKind = Literal["cumulative", "delta"]
+
+
+class CounterReport(_Contract):
+    """A node's counters at one moment; the unit producers publish to `<prefix>.raw`.
+
+    `epoch` grows whenever the node's counters restart from zero, `seq` grows with
+    every report within an epoch. `cumulative` counters count since the epoch began,
+    `delta` counters since the previous report. `baseline` marks counters that hold
+    traffic which must not be billed (the agent's first look at a busy node).
+    """
+
+    node_id: Identifier
+    epoch: Annotated[StrictInt, Field(ge=0)]
+    seq: Annotated[StrictInt, Field(ge=0)]
+    observed_at: AwareDatetime
+    kind: ReportKind = "cumulative"
+    baseline: bool = False
+    counters: tuple[Counter, ...] = ()
+
+    @model_validator(mode="after")
+    def _users_unique(self) -> CounterReport:
+        users = {c.user_id for c in self.counters}
+        if len(users) != len(self.counters):
+            raise ValueError("a user appears twice in one report")
+        return self
+
+
+PeriodKind = Literal["day", "month"]
+
+
+class PeriodTotal(_Contract):
+    """The running total of one (user, node, period); a later total of the same key replaces it."""
+
+    user_id: Identifier
+    period: PeriodKind
+    start: StrictInt  # the period's first second, Unix time, in the billing timezone
+    up: ByteCount
+    down: ByteCount
+
+
+class TotalsBatch(_Contract):
+    """What the stream worker publishes to `<prefix>.totals` for every report fragment it handles."""
+
+    node_id: Identifier
+    totals: tuple[PeriodTotal, ...]
+
+
+DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch"]
+
+
+class DeadLetter(_Contract):
+    """A message, or part of one, that was not billed, with why; published to `<prefix>.dead`.
+
+    `payload` is the original message value, base64-encoded so that any bytes survive.
+    `readings` lists the affected users' computed deltas for anomalies and late data.
+    """
+
+    reason: DeadReason
+    detail: str
+    topic: str
+    partition: int
+    offset: int
+    at: datetime
+    payload: str
+    readings: tuple[dict[str, int | str], ...] = ()
+
+    def original(self) -> bytes:
+        """The bytes of the message as it arrived."""
+        return base64.b64decode(self.payload)

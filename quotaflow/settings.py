@@ -1,0 +1,77 @@
+"""Runtime configuration, read from `QUOTAFLOW_*` environment variables (or a `.env` file)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from quotaflow.ledger import BillingPolicy
+
+
+class Settings(BaseSettings):
+    """Where the servers are, how topics are named, and how traffic is billed.
+
+    >>> s = Settings(kafka_bootstrap="127.0.0.1:9092", influx_token="s3cret")
+    >>> s.topic("raw"), s.app_id
+    ('quotaflow.raw', 'quotaflow-streams')
+    >>> "s3cret" in repr(s)
+    False
+    """
+
+    model_config = SettingsConfigDict(env_prefix="QUOTAFLOW_", env_file=".env", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = Field(default="quotaflow", pattern=r"^[A-Za-z0-9._-]+$")
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+    influx_url: str = "http://127.0.0.1:8086"
+    influx_bucket: str = "quotaflow"
+    influx_org: str = "-"
+    influx_token: SecretStr = SecretStr("")
+
+    timezone: str = "UTC"
+    max_rate_bytes_per_s: int = Field(default=1_250_000_000, ge=1)  # 10 Gbit/s per user
+    min_interval_s: float = Field(default=60.0, gt=0)
+    lateness_days: int = Field(default=3, ge=0)
+
+    state_dir: Path = Path("./.quotaflow-state")
+    sink_batch_lines: int = Field(default=5000, ge=1)
+    sink_flush_interval_s: float = Field(default=1.0, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    def topic(self, name: str) -> str:
+        """The full name of one of quotaflow's topics: raw, dead, totals, control."""
+        return f"{self.topic_prefix}.{name}"
+
+    @property
+    def app_id(self) -> str:
+        """The Faust application id, which also names its consumer group and changelogs."""
+        return f"{self.topic_prefix}-streams"
+
+    @property
+    def sink_group(self) -> str:
+        """The consumer group of the InfluxDB sink."""
+        return f"{self.topic_prefix}-influx-sink"
+
+    @cached_property
+    def billing_policy(self) -> BillingPolicy:
+        """The billing rules these settings choose."""
+        return BillingPolicy(
+            timezone=ZoneInfo(self.timezone),
+            max_rate_bytes_per_s=self.max_rate_bytes_per_s,
+            min_interval_s=self.min_interval_s,
+            lateness_days=self.lateness_days,
+        )
