@@ -1,0 +1,123 @@
+"""Publishing counter reports to `<prefix>.raw`, one message per partition fragment.
+
+The only place producers talk to Kafka. Reports are cut with
+`quotaflow.partitioning.split_report` so that every reading reaches the partition
+that owns its user, many readings per message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from quotaflow.contracts import CounterReport
+from quotaflow.partitioning import partition_of, split_report
+from quotaflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def encode_report(report: CounterReport) -> bytes:
+    """The wire form of a report: compact JSON, defaults left out."""
+    return orjson.dumps(report.model_dump(mode="json", exclude_defaults=True))
+
+
+def ensure_topics(settings: Settings) -> None:
+    """Create quotaflow's topics if they are missing, with the configured partitions.
+
+    raw, totals and dead are partitioned alike so that a user's data stays in one
+    partition number end to end.
+    """
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-admin")
+    try:
+        wanted = [
+            NewTopic(
+                settings.topic(name),
+                settings.partitions,
+                settings.replication_factor,
+                topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+            )
+            for name in ("raw", "totals", "dead")
+        ]
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+class ReportPublisher:
+    """Sends reports (or raw lines) to the raw topic with acks=all and idempotence."""
+
+    def __init__(self, settings: Settings, **producer_options: Any) -> None:
+        self.settings = settings
+        self.topic = settings.topic("raw")
+        options: dict[str, Any] = {
+            "bootstrap_servers": settings.kafka_bootstrap,
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": 20,
+            "batch_size": 1024 * 1024,
+            "max_request_size": MAX_MESSAGE_BYTES,
+            "client_id": "quotaflow-producer",
+        }
+        options.update(producer_options)
+        self._producer = KafkaProducer(**options)
+        self._partitions = settings.partitions
+
+    def publish(self, report: CounterReport) -> list[Any]:
+        """Queue one report, cut per partition; returns the send futures."""
+        return [
+            self._producer.send(
+                self.topic, value=encode_report(fragment), key=report.node_id.encode(), partition=p
+            )
+            for p, fragment in split_report(report, self._partitions).items()
+        ]
+
+    def publish_raw(self, line: bytes) -> Any:
+        """Queue bytes that are not a valid report as they are, so the worker dead-letters them."""
+        partition = partition_of(line.decode("utf-8", "replace"), self._partitions)
+        return self._producer.send(self.topic, value=line, partition=partition)
+
+    def publish_lines(self, lines: Iterable[bytes]) -> tuple[int, int]:
+        """Publish JSON lines in order; returns (reports, lines published as they are)."""
+        reports = raw = 0
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                report = CounterReport.model_validate_json(line)
+            except ValueError:
+                self.publish_raw(line)
+                raw += 1
+            else:
+                self.publish(report)
+                reports += 1
+        return reports, raw
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until everything queued is acknowledged by the broker."""
+        self._producer.flush(timeout=timeout)
+
+    def close(self) -> None:
+        """Flush and release the connection."""
+        self._producer.close()
+
+    def __enter__(self) -> ReportPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

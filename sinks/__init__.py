@@ -1,0 +1,1 @@
+"""Sinks: the InfluxDB writer, the InfluxQL reader, the control topic and enforcement consumers."""

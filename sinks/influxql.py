@@ -1,0 +1,106 @@
+"""A small InfluxQL client over InfluxDB's `/query` endpoint, for reading totals back.
+
+influxdb-client speaks Flux only; analysts, the `usage` command and the dashboard
+checks speak InfluxQL, which InfluxDB 1.x serves and 2.x serves through its v1
+compatibility API. Standard library HTTP keeps this usable from any tool.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from quotaflow.settings import Settings
+
+
+class InfluxQLError(RuntimeError):
+    """InfluxDB refused a query or could not be reached."""
+
+
+@dataclass(frozen=True)
+class Series:
+    """One result series: its name, tags and rows as dicts."""
+
+    name: str
+    tags: dict[str, str]
+    rows: list[dict[str, Any]]
+
+
+class InfluxQL:
+    """Runs InfluxQL statements against one database."""
+
+    def __init__(self, url: str, database: str, token: str = "", timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.database = database
+        self._token = token
+        self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InfluxQL:
+        """A client for the configured InfluxDB and bucket."""
+        return cls(
+            settings.influx_url, settings.influx_bucket, settings.influx_token.get_secret_value()
+        )
+
+    def _request(self, statement: str, method: str, database: str | None) -> dict[str, Any]:
+        params = {"q": statement, "epoch": "s"}
+        if database:
+            params["db"] = database
+        data = urllib.parse.urlencode(params).encode()
+        url = f"{self.url}/query"
+        request = (
+            urllib.request.Request(url, data=data, method="POST")
+            if method == "POST"
+            else urllib.request.Request(f"{url}?{data.decode()}")
+        )
+        if self._token:
+            request.add_header("Authorization", f"Token {self._token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                body: dict[str, Any] = json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise InfluxQLError(f"InfluxDB answered {exc.code}: {exc.read()[:300]!r}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise InfluxQLError(f"cannot reach InfluxDB at {self.url}: {exc}") from None
+        for result in body.get("results", []):
+            if "error" in result:
+                raise InfluxQLError(f"InfluxQL error: {result['error']}")
+        return body
+
+    def query(self, statement: str) -> list[Series]:
+        """Run a read statement and return its series."""
+        body = self._request(statement, "GET", self.database)
+        out: list[Series] = []
+        for result in body.get("results", []):
+            for series in result.get("series", []):
+                columns = series["columns"]
+                out.append(
+                    Series(
+                        name=series.get("name", ""),
+                        tags=series.get("tags", {}),
+                        rows=[dict(zip(columns, values, strict=True)) for values in series["values"]],
+                    )
+                )
+        return out
+
+    def execute(self, statement: str) -> None:
+        """Run a statement that changes something, such as CREATE DATABASE."""
+        self._request(statement, "POST", None)
+
+    def create_database(self) -> None:
+        """Create the database if it is missing (a no-op when it exists)."""
+        self.execute(f'CREATE DATABASE "{self.database}"')
+
+
+def quote_ident(name: str) -> str:
+    """An InfluxQL identifier in double quotes."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote_string(value: str) -> str:
+    """An InfluxQL string literal in single quotes."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

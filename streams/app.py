@@ -1,0 +1,231 @@
+"""The Faust application: bills counter reports from `<prefix>.raw`.
+
+The agent only moves batches: each message is one node's report fragment for the
+partition it arrived on; `quotaflow.ledger.NodeLedger` decides what to bill. The
+node's whole state in that partition is one Faust table entry, so the changelog
+record of a message carries all of its effects at once. Faust commits an offset
+only after the producer has flushed everything sent before it (at-least-once),
+and a redelivered message finds its seqs already applied: totals stay exact
+across crashes. Totals go to `<prefix>.totals`, refusals to `<prefix>.dead`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import orjson
+from pydantic import ValidationError
+
+from producers.publisher import MAX_MESSAGE_BYTES, encode_report, ensure_topics
+from quotaflow.contracts import CounterReport, DeadLetter, DeadReason
+from quotaflow.ledger import Billing, NodeLedger, Refusal
+from quotaflow.partitioning import partition_of, split_report
+from quotaflow.settings import Settings
+
+log = logging.getLogger("quotaflow.streams")
+
+
+@dataclass
+class WorkerStats:
+    """Counters for the status line."""
+
+    messages: int = 0
+    readings: int = 0
+    billed_bytes: int = 0
+    dead: int = 0
+    rerouted: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        """One line for logs and the status display."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return (
+            f"messages={self.messages} readings={self.readings} "
+            f"({self.readings / elapsed:,.0f}/s) billed={self.billed_bytes:,}B "
+            f"dead={self.dead} rerouted={self.rerouted}"
+        )
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    """A short, readable reason; the report's values are left out of it."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(x) for x in error["loc"]) or "message"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+class Biller:
+    """Applies report fragments to node ledgers and says what to publish.
+
+    Faust-independent apart from the `table` mapping it is given, so that the
+    textbook baseline in `bench/` and the worker share it.
+    """
+
+    def __init__(self, settings: Settings, table: Any) -> None:
+        self.settings = settings
+        self.policy = settings.billing_policy
+        self.partitions = settings.partitions
+        self.table = table
+        self._live: dict[bytes, NodeLedger] = {}
+        self.stats = WorkerStats()
+
+    def forget_live(self) -> None:
+        """Drop decoded ledgers; after a rebalance the table is the truth."""
+        self._live.clear()
+
+    def ledger(self, key: bytes, node_id: str) -> NodeLedger:
+        """The node's ledger for this partition, from the live cache or the table."""
+        found = self._live.get(key)
+        if found is None:
+            stored = self.table.get(key)
+            found = NodeLedger.from_bytes(stored) if stored else NodeLedger(node_id)
+            self._live[key] = found
+        return found
+
+    def misrouted(self, report: CounterReport, partition: int) -> bool:
+        """True if some reading belongs to another partition."""
+        n = self.partitions
+        return any(partition_of(c.user_id, n) != partition for c in report.counters)
+
+    def bill(self, report: CounterReport, partition: int) -> Billing:
+        """Apply one fragment that belongs to `partition`, and persist the ledger."""
+        key = f"{report.node_id}|{partition}".encode()
+        ledger = self.ledger(key, report.node_id)
+        billing = ledger.update(report, self.policy)
+        self.table[key] = ledger.to_bytes()
+        self.stats.messages += 1
+        self.stats.readings += len(report.counters)
+        self.stats.billed_bytes += billing.billed_bytes
+        return billing
+
+
+def dead_letter(
+    reason: DeadReason,
+    detail: str,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    payload: bytes,
+    readings: tuple[dict[str, int | str], ...] = (),
+) -> bytes:
+    """The encoded dead-letter record for a message."""
+    return DeadLetter(
+        reason=reason,
+        detail=detail,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        at=datetime.now(UTC),
+        payload=base64.b64encode(payload).decode(),
+        readings=readings,
+    ).model_dump_json().encode()
+
+
+def encode_totals(node_id: str, billing: Billing) -> bytes:
+    """The `TotalsBatch` record of one billing, built straight from the ledger's totals."""
+    return orjson.dumps({"node_id": node_id, "totals": [t.__dict__ for t in billing.totals]})
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the Faust app for these settings (the app id derives from the topic prefix)."""
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        datadir=str(settings.state_dir / "faust"),
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        producer_max_request_size=MAX_MESSAGE_BYTES,
+        producer_linger_ms=5,
+        consumer_max_fetch_size=MAX_MESSAGE_BYTES * 2,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        web_enabled=False,
+        table_cleanup_interval=3600.0,
+    )
+    raw = app.topic(settings.topic("raw"), partitions=settings.partitions)
+    totals = app.topic(settings.topic("totals"), partitions=settings.partitions)
+    dead = app.topic(settings.topic("dead"), partitions=settings.partitions)
+    table = app.Table(
+        "ledgers",
+        default=None,
+        partitions=settings.partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        extra_topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+    )
+    biller = Biller(settings, table)
+    app.biller = biller  # type: ignore[attr-defined]
+    raw_topic = settings.topic("raw")
+
+    @app.on_partitions_revoked.connect  # type: ignore[misc]
+    async def _forget(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        biller.forget_live()
+
+    async def send_dead(payload: bytes, partition: int, offset: int, reason: DeadReason,
+                        detail: str, readings: tuple[dict[str, int | str], ...] = ()) -> None:
+        biller.stats.dead += 1
+        await dead.send(
+            value=dead_letter(reason, detail, topic=raw_topic, partition=partition, offset=offset,
+                              payload=payload, readings=readings),
+            partition=partition,
+        )
+
+    @app.agent(raw)  # type: ignore[misc]
+    async def bill(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            partition, offset, value = message.partition, message.offset, event.value
+            try:
+                report = CounterReport.model_validate_json(value)
+            except ValidationError as exc:
+                await send_dead(value, partition, offset, "invalid", _validation_reason(exc))
+                continue
+            if biller.misrouted(report, partition):
+                fragments = split_report(report, settings.partitions)
+                report = fragments.pop(partition, report.model_copy(update={"counters": ()}))
+                for other, fragment in fragments.items():
+                    biller.stats.rerouted += 1
+                    await raw.send(key=message.key, value=encode_report(fragment), partition=other)
+                if not report.counters and report.kind == "cumulative":
+                    continue
+            billing = biller.bill(report, partition)
+            if billing.totals:
+                await totals.send(
+                    key=report.node_id.encode(), value=encode_totals(report.node_id, billing),
+                    partition=partition,
+                )
+            by_reason: dict[DeadReason, list[Refusal]] = {}
+            for refusal in billing.refused:
+                by_reason.setdefault(refusal.reason, []).append(refusal)
+            for reason, refusals in by_reason.items():
+                await send_dead(
+                    value, partition, offset, reason, refusals[0].detail,
+                    tuple({"user_id": r.user_id, "up": r.up, "down": r.down} for r in refusals),
+                )
+
+    @app.timer(interval=10.0)  # type: ignore[misc]
+    async def _status() -> None:
+        log.info("%s", biller.stats.line())
+
+    return app
+
+
+def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
+    """Run the worker in the foreground until SIGINT/SIGTERM."""
+    ensure_topics(settings)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
