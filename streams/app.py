@@ -162,8 +162,8 @@ def create_app(settings: Settings) -> faust.App:
         "ledgers",
         default=None,
         partitions=settings.partitions,
-        key_serializer="raw",
-        value_serializer="raw",
+        key_type=bytes,
+        value_type=bytes,
         extra_topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
     )
     biller = Biller(settings, table)
@@ -226,6 +226,7 @@ def create_app(settings: Settings) -> faust.App:
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM."""
     ensure_topics(settings)
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -1,0 +1,5 @@
+"""`python -m quotaflow` runs the command line."""
+
+from quotaflow.cli import main
+
+main()

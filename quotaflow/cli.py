@@ -1,0 +1,300 @@
+"""The `quotaflow` command line: local services, simulation, replay, the pipeline, queries.
+
+Edges (Kafka, Faust, InfluxDB) are imported inside the commands that need them,
+so `quotaflow --help` and the pure commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import orjson
+import typer
+from rich.console import Console
+
+from quotaflow.periods import Calendar
+from quotaflow.settings import Settings
+from quotaflow.simulation import FleetSpec, iter_truth_rows, simulate
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+local_app = typer.Typer(no_args_is_help=True, help="Run Kafka and InfluxDB on loopback.")
+sink_app = typer.Typer(no_args_is_help=True, help="Run one sink in the foreground.")
+app.add_typer(local_app, name="local")
+app.add_typer(sink_app, name="sink")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValueError as exc:
+        console.print(f"[red]bad QUOTAFLOW_* setting:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+# ---------------------------------------------------------------- local services
+
+
+@local_app.command("up")
+def local_up(
+    env: Annotated[bool, typer.Option("--env", help="Print export lines only.")] = False,
+) -> None:
+    """Install (first time) and start Kafka and InfluxDB on loopback."""
+    from quotaflow import local
+
+    services = local.up()
+    if env:
+        for key, value in services.env().items():
+            print(f"export {key}={value}")
+    else:
+        console.print(f"Kafka    {services.kafka_bootstrap}\nInfluxDB {services.influx_url}")
+        console.print("Use them with: eval \"$(quotaflow local up --env)\"")
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop what `local up` started."""
+    from quotaflow import local
+
+    local.down()
+
+
+@local_app.command("status")
+def local_status() -> None:
+    """Say what runs where."""
+    from quotaflow import local
+
+    print(json.dumps(local.status(), indent=2, default=str))
+
+
+# ---------------------------------------------------------------- producers
+
+
+@app.command("simulate")
+def simulate_cmd(
+    nodes: Annotated[int, typer.Option(min=1)] = 20,
+    users: Annotated[int, typer.Option(min=1)] = 500,
+    days: Annotated[float, typer.Option(min=0.05)] = 3.0,
+    seed: int = 7,
+    start: Annotated[str, typer.Option(help="First report time, ISO 8601.")] = (
+        "2026-11-01T00:00:00+00:00"
+    ),
+    interval: Annotated[int, typer.Option(help="Seconds between a node's reports.")] = 3600,
+    malformed: int = 12,
+    out: Annotated[Path | None, typer.Option(help="Write JSON lines here, not to Kafka.")] = None,
+    truth: Annotated[Path | None, typer.Option(help="Write ground truth JSON lines here.")] = None,
+) -> None:
+    """Simulate a fleet: publish its reports to Kafka (or write them) and its ground truth."""
+    settings = _settings()
+    spec = FleetSpec(
+        nodes=nodes, users=users, days=days, seed=seed, start=datetime.fromisoformat(start),
+        interval_s=interval, malformed=malformed, timezone=settings.timezone,
+    )
+    sim = simulate(spec)
+    calendar = Calendar(ZoneInfo(settings.timezone))
+    if truth is not None:
+        truth.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in iter_truth_rows(sim, calendar)))
+    if out is not None:
+        out.write_bytes(b"".join(line + b"\n" for line in sim.lines))
+    else:
+        from producers.publisher import ReportPublisher, ensure_topics
+
+        ensure_topics(settings)
+        with ReportPublisher(settings) as publisher:
+            publisher.publish_lines(sim.lines)
+            publisher.flush()
+    console.print(
+        f"{sim.reports} reports ({sim.readings} readings) from {nodes} nodes: "
+        f"{sim.duplicates} duplicated, {sim.reordered} reordered, {sim.restarts} restarts, "
+        f"{sim.malformed} malformed lines; truth: {len(sim.truth)} (user, node, day) totals"
+    )
+
+
+@app.command("replay")
+def replay_cmd(
+    file: Path,
+    wait: Annotated[bool, typer.Option(help="Exit 0 only once InfluxDB reflects it all.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 300.0,
+) -> None:
+    """Publish a JSON-lines file in order; lines that are no report go as they are."""
+    from producers.publisher import ReportPublisher, ensure_topics
+
+    settings = _settings()
+    ensure_topics(settings)
+    with file.open("rb") as lines, ReportPublisher(settings) as publisher:
+        reports, raw = publisher.publish_lines(lines)
+        publisher.flush()
+    console.print(f"published {reports} reports and {raw} lines as they were")
+    if wait:
+        _wait_for_pipeline(settings, timeout)
+
+
+def _wait_for_pipeline(settings: Settings, timeout: float) -> None:
+    from streams.lag import LagProbe
+
+    probe = LagProbe(settings)
+    try:
+        lag = probe.wait_until_done(timeout)
+    finally:
+        probe.close()
+    if not lag.done:
+        console.print(f"[red]timed out[/red]: worker lag {lag.raw}, sink lag {lag.totals}")
+        raise typer.Exit(1)
+    console.print("everything published is in InfluxDB")
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+@app.command("worker")
+def worker_cmd(loglevel: str = "WARNING") -> None:
+    """Run the Faust stream worker in the foreground."""
+    from streams.app import run_worker
+
+    run_worker(_settings(), loglevel=loglevel)
+
+
+@sink_app.command("influx")
+def sink_influx_cmd() -> None:
+    """Run the InfluxDB sink in the foreground."""
+    from sinks.influx import run_sink
+
+    run_sink(_settings())
+
+
+@app.command("run")
+def run_cmd(
+    seconds: Annotated[float | None, typer.Option(help="Stop after this long.")] = None,
+) -> None:
+    """Run the whole single-machine pipeline (worker and sinks) until SIGINT/SIGTERM."""
+    from rich.live import Live
+
+    from producers.publisher import ensure_topics
+    from streams.lag import LagProbe
+
+    settings = _settings()
+    ensure_topics(settings)
+    me = [sys.executable, "-m", "quotaflow"]
+    children = {
+        "worker": subprocess.Popen([*me, "worker"]),
+        "influx-sink": subprocess.Popen([*me, "sink", "influx"]),
+    }
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    probe = LagProbe(settings)
+    started = time.monotonic()
+    try:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while not stopping:
+                dead = [name for name, p in children.items() if p.poll() is not None]
+                if dead:
+                    console.print(f"[red]{', '.join(dead)} exited[/red]")
+                    break
+                try:
+                    lag = probe.lag()
+                    text = f"worker lag {lag.raw:>8}  sink lag {lag.totals:>8}"
+                except Exception as exc:  # the display must not stop the pipeline
+                    text = f"lag unknown ({type(exc).__name__})"
+                live.update(f"quotaflow run  {time.monotonic() - started:7.0f}s  {text}")
+                if seconds is not None and time.monotonic() - started >= seconds:
+                    break
+                time.sleep(1.0)
+    finally:
+        probe.close()
+        for process in children.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in children.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# ---------------------------------------------------------------- queries
+
+
+@app.command("usage")
+def usage_cmd(
+    user: Annotated[str, typer.Option(help="The user id.")],
+    node: Annotated[str | None, typer.Option(help="Only this node.")] = None,
+    period: Annotated[str, typer.Option(help="day or month.")] = "day",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+) -> None:
+    """Read a user's totals back from InfluxDB."""
+    from rich.table import Table
+
+    from sinks.influx import MEASUREMENTS
+    from sinks.influxql import InfluxQL, InfluxQLError, quote_string
+
+    if period not in MEASUREMENTS:
+        raise typer.BadParameter("period must be day or month")
+    settings = _settings()
+    where = f"user_id = {quote_string(user)}"
+    if node:
+        where += f" AND node_id = {quote_string(node)}"
+    statement = (
+        f"SELECT up_bytes, down_bytes, total_bytes FROM {MEASUREMENTS[period]} "  # type: ignore[index]
+        f"WHERE {where} GROUP BY node_id"
+    )
+    try:
+        series = InfluxQL.from_settings(settings).query(statement)
+    except InfluxQLError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    calendar = Calendar(ZoneInfo(settings.timezone))
+    rows = [
+        {
+            "user_id": user, "node_id": s.tags.get("node_id", ""),
+            period: calendar.label(int(r["time"]), period),  # type: ignore[arg-type]
+            "up": r["up_bytes"], "down": r["down_bytes"], "total": r["total_bytes"],
+        }
+        for s in series for r in s.rows
+    ]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title=f"{user}: traffic per {period} ({settings.timezone})")
+    for column in ("node_id", period, "up", "down", "total"):
+        table.add_column(column, justify="right" if column in ("up", "down", "total") else "left")
+    for row in rows:
+        table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c])
+                        for c in ("node_id", period, "up", "down", "total")))
+    Console().print(table)
+
+
+@app.command("check")
+def check_cmd(
+    truth: Annotated[Path, typer.Option(help="Ground truth from `simulate --truth`.")],
+) -> None:
+    """Compare every (user, node, day) total in InfluxDB with a ground-truth file."""
+    from sinks.ledger_check import compare_with_truth
+
+    settings = _settings()
+    result = compare_with_truth(settings, truth)
+    console.print(result.summary())
+    if not result.exact:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the `quotaflow` script."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+

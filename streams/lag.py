@@ -1,0 +1,81 @@
+"""How far behind the pipeline is, read from Kafka's committed offsets.
+
+The worker commits a raw offset only after everything it produced for it is
+flushed, and the InfluxDB sink commits a totals offset only after InfluxDB took
+the points: when both groups have committed up to the ends of their topics,
+everything published so far is in InfluxDB.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+from quotaflow.settings import Settings
+
+
+@dataclass(frozen=True)
+class Lag:
+    """Messages not yet handled by the worker (raw) and by the InfluxDB sink (totals)."""
+
+    raw: int
+    totals: int
+
+    @property
+    def done(self) -> bool:
+        """True when nothing published is waiting."""
+        return self.raw == 0 and self.totals == 0
+
+
+class LagProbe:
+    """Reads end offsets and committed offsets; keep one open while polling."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._admin = KafkaAdminClient(
+            bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-lag"
+        )
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-lag"
+        )
+
+    def _lag(self, topic: str, group: str) -> int:
+        partitions = [
+            TopicPartition(topic, p) for p in range(self.settings.partitions)
+        ]
+        ends = self._consumer.end_offsets(partitions)
+        committed = self._admin.list_consumer_group_offsets(group, partitions=partitions)
+        total = 0
+        for tp in partitions:
+            meta = committed.get(tp)
+            done = meta.offset if meta is not None and meta.offset >= 0 else 0
+            total += max(ends.get(tp, 0) - done, 0)
+        return total
+
+    def lag(self) -> Lag:
+        """The current lag of both stages."""
+        s = self.settings
+        raw = self._lag(s.topic("raw"), s.app_id)
+        return Lag(raw=raw, totals=self._lag(s.topic("totals"), s.sink_group))
+
+    def wait_until_done(self, timeout_s: float, poll_s: float = 0.5) -> Lag:
+        """Poll until everything published is in InfluxDB, or the timeout passes.
+
+        Raw must be drained before totals are looked at, since draining raw is
+        what adds totals.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lag = self.lag()
+            if lag.raw == 0 and self.lag().done:
+                return Lag(0, 0)
+            if time.monotonic() >= deadline:
+                return lag
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        """Close the Kafka connections."""
+        self._admin.close()
+        self._consumer.close()
