@@ -152,6 +152,9 @@ def create_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=MAX_MESSAGE_BYTES * 2,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # a crashed worker's partitions move on after 10 s instead of a minute
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
         web_enabled=False,
         table_cleanup_interval=3600.0,
     )

@@ -42,11 +42,9 @@ class LagProbe:
         )
 
     def _lag(self, topic: str, group: str) -> int:
-        partitions = [
-            TopicPartition(topic, p) for p in range(self.settings.partitions)
-        ]
+        partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
         ends = self._consumer.end_offsets(partitions)
-        committed = self._admin.list_consumer_group_offsets(group, partitions=partitions)
+        committed = self._admin.list_group_offsets({group: partitions}).get(group, {})
         total = 0
         for tp in partitions:
             meta = committed.get(tp)

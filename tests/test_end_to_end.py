@@ -1,0 +1,112 @@
+"""The whole pipeline on real Kafka and InfluxDB against the simulator's ground truth."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from kafka import KafkaConsumer
+
+from producers.publisher import ReportPublisher
+from quotaflow.contracts import DeadLetter
+from quotaflow.periods import Calendar
+from quotaflow.settings import Settings
+from quotaflow.simulation import FleetSpec, Simulation, simulate
+from sinks.influxql import InfluxQL
+from sinks.ledger_check import compare, read_daily_totals
+from streams.lag import LagProbe
+
+
+pytestmark = pytest.mark.integration
+
+# 20 nodes x 500 users x 3 days across the 2026 spring DST change in New York
+SPEC = FleetSpec(
+    nodes=20, users=500, days=3, start=datetime(2026, 3, 7, 6, tzinfo=UTC),
+    timezone="America/New_York", duplicate_rate=0.07, reorder_rate=0.04, malformed=12,
+)
+
+
+def _truth_by_label(sim: Simulation, tz: str) -> dict[tuple[str, str, str], tuple[int, int]]:
+    calendar = Calendar(ZoneInfo(tz))
+    return {(u, n, calendar.label(d, "day")): (up, down) for (u, n, d), (up, down) in
+            sim.truth.items()}
+
+
+def _publish(settings: Settings, lines: list[bytes]) -> None:
+    with ReportPublisher(settings) as publisher:
+        publisher.publish_lines(lines)
+        publisher.flush()
+
+
+def _assert_exact(settings: Settings, sim: Simulation) -> None:
+    result = compare(_truth_by_label(sim, settings.timezone), read_daily_totals(settings))
+    assert result.exact, result.summary()
+    assert result.expected == len(sim.truth)
+    # monthly totals agree with the days they sum
+    months = sim.month_truth(ZoneInfo(settings.timezone))
+    series = InfluxQL.from_settings(settings).query(
+        "SELECT up_bytes, down_bytes FROM traffic_monthly GROUP BY user_id, node_id"
+    )
+    found = {(s.tags["user_id"], s.tags["node_id"], int(r["time"])): [r["up_bytes"], r["down_bytes"]]
+             for s in series for r in s.rows}
+    assert found == months
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Simulation:
+    sim = simulate(SPEC)
+    assert sim.duplicates / sim.reports >= 0.05
+    assert sim.reordered / sim.reports >= 0.02
+    assert sim.restarts > 0 and sim.malformed == 12
+    return sim
+
+
+def test_fleet_totals_equal_ground_truth(fleet: Simulation, settings: Settings,
+                                         pipeline: Any) -> None:
+    settings = settings.model_copy(update={"timezone": SPEC.timezone})
+    pipeline.settings = settings
+    pipeline.stop()
+    pipeline.start("worker")
+    pipeline.start("sink")
+    _publish(settings, fleet.lines)
+    pipeline.wait()
+    _assert_exact(settings, fleet)
+
+    dead = KafkaConsumer(
+        settings.topic("dead"), bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest", consumer_timeout_ms=5000,
+    )
+    letters = [DeadLetter.model_validate_json(m.value) for m in dead]
+    dead.close()
+    malformed = {line for line in fleet.lines if line.startswith(b"{") is False
+                 or b"node-x" in line or line.startswith(b'{"node_id": ""')}
+    assert {d.original() for d in letters} == malformed
+    assert all(d.reason == "invalid" and d.detail for d in letters)
+
+
+def test_worker_killed_mid_stream_keeps_totals_exact(fleet: Simulation, settings: Settings,
+                                                     pipeline: Any) -> None:
+    settings = settings.model_copy(update={"timezone": SPEC.timezone})
+    pipeline.settings = settings
+    pipeline.stop()
+    pipeline.start("worker")
+    pipeline.start("sink")
+    rng = random.Random(5)
+    parts = 4
+    size = len(fleet.lines) // parts + 1
+    probe = LagProbe(settings)
+    killed_with_work_left = 0
+    for start in range(0, len(fleet.lines), size):
+        _publish(settings, fleet.lines[start:start + size])
+        time.sleep(rng.uniform(0.5, 3.0))  # let the worker get into the middle of it
+        pipeline.kill("worker")
+        killed_with_work_left += probe.lag().raw > 0
+        pipeline.start("worker")
+    probe.close()
+    assert killed_with_work_left >= 2, "the kills should interrupt the worker mid-stream"
+    pipeline.wait()
+    _assert_exact(settings, fleet)
