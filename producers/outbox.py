@@ -1,0 +1,542 @@
+"""A durable on-disk outbox for counter reports: stored before they are sent, deleted once acked.
+
+The agent and the push receiver never hand a report to Kafka that is not first in
+the outbox, and delete it only after every fragment of it was acknowledged
+(acks=all). A crash at any point therefore either re-sends a report with the same
+(node, epoch, seq) — which the stream deduplicates exactly — or sends it for the
+first time. The outbox also keeps each node's (epoch, seq) counters, small bits of
+collector state (saved in the same transaction as the report they produced) and the
+push receiver's recent-body marks.
+
+Storage is SQLite in WAL mode with `synchronous=FULL`. WAL with NORMAL survives a
+process crash (SIGKILL) but may roll back the last commits on power loss or a
+kernel crash; that would break two promises: a push answered 200 would be lost,
+and a seq counter could go back and hand out a seq the stream already billed for
+a delta report, which it would then drop as a duplicate. FULL costs one fsync per
+commit, which at one report per collector interval (or per pushed node per
+minute) is nothing.
+
+Bounded size and compaction
+---------------------------
+Above `max_reports` pending reports the outbox logs a WARNING, counts it
+(`compactions`, `compacted`, and Prometheus counters) and compacts the reports of
+each node that were never handed to Kafka (`in_flight` ones may already be
+delivered, so they are re-sent as they are and never touched). Compaction works
+on runs of consecutive reports of one node with the same epoch, kind and
+`compact_bucket_s` time bucket (15 minutes by default: every UTC offset is a
+multiple of 15 minutes, so daily totals in any billing timezone stay exact);
+baseline reports are never merged.
+
+* Cumulative runs keep, per user, the readings billing depends on: the first,
+  the last, and any reading around a drop of the counters. A dropped reading r
+  sits between readings p <= r <= n (each direction), and billing p -> r -> n
+  bills (r - p) + (n - r) = n - p, exactly what p -> n bills: later cumulative
+  counters include the earlier bytes. The first reading is kept because the
+  ledger may hold a higher reading from before (then it bills a reset). Runs
+  never cross an epoch change, so the last report of the old epoch — whose
+  bytes the new epoch's counters do not include — is always kept.
+* Delta runs are summed per user into one report (split where a user's sum
+  would pass `max_merged_bytes`, so the stream's plausibility check still
+  passes). The parts are deleted in the same transaction, so they can never be
+  delivered as well.
+
+The merged reports are renumbered: within the (node, epoch), the never-sent
+reports hold seqs k+1..m (all seqs up to k went to Kafka, the rest never left
+this file), so they get k+1, k+2, ... again and the seq counter is set to the
+last one. Every seq on the wire stays unique per (node, epoch) and delta seqs
+stay gap-free, which keeps the stream's record of billed seqs small. Totals stay
+exact; only the time a merged reading is billed at moves within its bucket.
+
+If compaction cannot bring the outbox under the bound (say one huge backlog of
+in-flight reports), the report is still stored and an ERROR is logged: accepted
+traffic is never dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import Counter as PromCounter
+
+from quotaflow.contracts import Counter, CounterReport, ReportKind
+
+log = logging.getLogger(__name__)
+
+COMPACTIONS = PromCounter(
+    "quotaflow_outbox_compactions", "Times an outbox went over its bound and was compacted"
+)
+COMPACTED = PromCounter(
+    "quotaflow_outbox_compacted_reports", "Reports removed from outboxes by compaction"
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reports (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    baseline INTEGER NOT NULL,
+    observed REAL NOT NULL,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node_id, id);
+CREATE TABLE IF NOT EXISTS seqs (
+    node_id TEXT NOT NULL, epoch INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    PRIMARY KEY (node_id, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS marks (key TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+"""
+_EPOCHS_KEPT = 16  # seq counters kept per node; older epochs are forgotten
+
+
+class OutboxLocked(RuntimeError):
+    """Another process has this outbox open."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    id: int
+    node_id: str
+    epoch: int
+    seq: int
+    kind: str
+    baseline: bool
+    observed: float
+    in_flight: bool
+    body: bytes
+
+    def report(self) -> CounterReport:
+        return CounterReport.model_validate_json(self.body)
+
+
+def _encode(report: CounterReport) -> bytes:
+    return orjson.dumps(report.model_dump(mode="json"))
+
+
+class Outbox:
+    """The durable report queue of one agent or push receiver; see the module docstring.
+
+    Thread-safe; one process at a time (a lock file next to the database says so).
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        max_reports: int = 100_000,
+        *,
+        compact_bucket_s: int = 900,
+        max_merged_bytes: int = 64 * 2**30,
+    ) -> None:
+        if max_reports < 1 or compact_bucket_s < 1 or max_merged_bytes < 1:
+            raise ValueError("max_reports, compact_bucket_s and max_merged_bytes must be >= 1")
+        self.path = Path(path)
+        self.max_reports = max_reports
+        self.compact_bucket_s = compact_bucket_s
+        self.max_merged_bytes = max_merged_bytes
+        self.compactions = 0
+        self.compacted = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise OutboxLocked(f"outbox {self.path} is in use by another process") from None
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._count: int = self._db.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+        self._compact_above = max_reports
+
+    # ------------------------------------------------------------------ basics
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database and release the lock."""
+        with self._lock:
+            self._db.close()
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._count
+
+    # ------------------------------------------------------------------ seqs and state
+
+    def last_seq(self, node_id: str, epoch: int) -> int | None:
+        """The last seq handed out for (node, epoch), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT last_seq FROM seqs WHERE node_id = ? AND epoch = ?", (node_id, epoch)
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def last_epoch(self, node_id: str) -> int | None:
+        """The newest epoch a seq was handed out for, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(epoch) FROM seqs WHERE node_id = ?", (node_id,)
+            ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def next_seq(self, node_id: str, epoch: int) -> int:
+        """Hand out (and persist) the next seq of (node, epoch); the first is 0."""
+        with self._tx() as db:
+            return self._bump_seq(db, node_id, epoch, None)
+
+    @staticmethod
+    def _bump_seq(db: sqlite3.Connection, node_id: str, epoch: int, at_least: int | None) -> int:
+        row = db.execute(
+            "SELECT last_seq FROM seqs WHERE node_id = ? AND epoch = ?", (node_id, epoch)
+        ).fetchone()
+        seq = 0 if row is None else int(row[0]) + 1
+        if at_least is not None:
+            seq = max(seq - 1, at_least) if row is not None else at_least
+        db.execute(
+            "INSERT INTO seqs (node_id, epoch, last_seq) VALUES (?, ?, ?) "
+            "ON CONFLICT (node_id, epoch) DO UPDATE SET last_seq = excluded.last_seq",
+            (node_id, epoch, seq),
+        )
+        if row is None:
+            db.execute(
+                "DELETE FROM seqs WHERE node_id = ? AND epoch NOT IN "
+                "(SELECT epoch FROM seqs WHERE node_id = ? ORDER BY epoch DESC LIMIT ?)",
+                (node_id, node_id, _EPOCHS_KEPT),
+            )
+        return seq
+
+    def get_state(self, key: str) -> Any:
+        """A JSON value saved with `set_state` or `record(state=...)`, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def set_state(self, key: str, value: Any) -> None:
+        """Save a JSON value under `key`."""
+        with self._tx() as db:
+            self._save_state(db, {key: value})
+
+    @staticmethod
+    def _save_state(db: sqlite3.Connection, state: Mapping[str, Any]) -> None:
+        db.executemany(
+            "INSERT INTO state (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, orjson.dumps(v)) for k, v in state.items()],
+        )
+
+    # ------------------------------------------------------------------ storing
+
+    def put(self, report: CounterReport, *, state: Mapping[str, Any] | None = None) -> int:
+        """Store a report that already has its seq (the counter moves up to it); returns its id."""
+        with self._tx() as db:
+            self._bump_seq(db, report.node_id, report.epoch, report.seq)
+            row_id = self._insert(db, report)
+            if state:
+                self._save_state(db, state)
+        self._after_insert()
+        return row_id
+
+    def record(
+        self,
+        *,
+        node_id: str,
+        epoch: int,
+        observed_at: datetime,
+        counters: Iterable[Counter],
+        kind: ReportKind = "cumulative",
+        baseline: bool = False,
+        state: Mapping[str, Any] | None = None,
+        once: tuple[str, float, float] | None = None,
+    ) -> CounterReport | None:
+        """Give a new report the next seq of (node, epoch) and store it, in one transaction.
+
+        `state` is saved in the same transaction. `once = (key, now, window_s)`
+        stores nothing and returns None if `key` was recorded within `window_s`
+        seconds before `now` (the push receiver's retry detection); otherwise the
+        key is remembered with the report.
+        """
+        with self._tx() as db:
+            if once is not None:
+                key, now, window = once
+                row = db.execute("SELECT at FROM marks WHERE key = ?", (key,)).fetchone()
+                if row is not None and now - float(row[0]) <= window:
+                    return None
+                db.execute("DELETE FROM marks WHERE at < ?", (now - window,))
+                db.execute(
+                    "INSERT INTO marks (key, at) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET at = excluded.at",
+                    (key, now),
+                )
+            seq = self._bump_seq(db, node_id, epoch, None)
+            report = CounterReport(
+                node_id=node_id, epoch=epoch, seq=seq, observed_at=observed_at, kind=kind,
+                baseline=baseline, counters=tuple(counters),
+            )
+            self._insert(db, report)
+            if state:
+                self._save_state(db, state)
+        self._after_insert()
+        return report
+
+    def _insert(self, db: sqlite3.Connection, report: CounterReport) -> int:
+        cursor = db.execute(
+            "INSERT INTO reports (node_id, epoch, seq, kind, baseline, observed, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (report.node_id, report.epoch, report.seq, report.kind, int(report.baseline),
+             report.observed_at.timestamp(), _encode(report)),
+        )
+        self._count += 1
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def _after_insert(self) -> None:
+        if self._count <= self._compact_above:
+            return
+        before = self._count
+        log.warning(
+            "outbox %s holds %d reports, more than its bound of %d (is Kafka reachable?); "
+            "compacting", self.path, before, self.max_reports,
+        )
+        removed = self.compact()
+        if self._count > self.max_reports:
+            log.error(
+                "outbox %s still holds %d reports after compaction; keeping them all",
+                self.path, self._count,
+            )
+        # Do not compact again on every insert while over the bound.
+        self._compact_above = max(self.max_reports, self._count + max(self.max_reports // 10, 1))
+        log.warning("outbox compaction removed %d of %d reports", removed, before)
+
+    # ------------------------------------------------------------------ sending
+
+    def pending(self, limit: int | None = None) -> list[tuple[int, CounterReport]]:
+        """Pending reports in the order they were stored, as (id, report)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body, id FROM reports ORDER BY id LIMIT ?", (limit or -1,)
+            ).fetchall()
+        return [(int(i), CounterReport.model_validate_json(b)) for b, i in rows]
+
+    def heads(self, limit: int | None = None) -> list[tuple[int, CounterReport]]:
+        """The oldest pending report of each node, oldest first.
+
+        Sending only these, and a node's next report only once its previous one
+        was acked, keeps every node's reports in order on every partition.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body, id FROM reports WHERE id IN "
+                "(SELECT MIN(id) FROM reports GROUP BY node_id) ORDER BY id LIMIT ?",
+                (limit or -1,),
+            ).fetchall()
+        return [(int(i), CounterReport.model_validate_json(b)) for b, i in rows]
+
+    def mark_in_flight(self, ids: Sequence[int]) -> None:
+        """Record, durably, that these reports are about to be handed to Kafka.
+
+        From then on they may be delivered, so compaction leaves them as they are.
+        """
+        if not ids:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE reports SET in_flight = 1 WHERE id = ?", [(i,) for i in ids])
+
+    def ack(self, ids: Sequence[int]) -> None:
+        """Delete reports Kafka has acknowledged."""
+        if not ids:
+            return
+        with self._tx() as db:
+            cursor = db.executemany("DELETE FROM reports WHERE id = ?", [(i,) for i in ids])
+            self._count -= cursor.rowcount
+
+    # ------------------------------------------------------------------ compaction
+
+    def compact(self) -> int:
+        """Merge never-sent reports as the module docstring says; returns how many went away."""
+        with self._tx() as db:
+            rows = [
+                _Row(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], bool(r[7]), r[8])
+                for r in db.execute(
+                    "SELECT id, node_id, epoch, seq, kind, baseline, observed, in_flight, body "
+                    "FROM reports ORDER BY id"
+                )
+            ]
+            by_node: dict[str, list[_Row]] = {}
+            for row in rows:
+                by_node.setdefault(row.node_id, []).append(row)
+            removed = 0
+            for node_rows in by_node.values():
+                removed += self._compact_node(db, node_rows)
+        self.compactions += 1
+        self.compacted += removed
+        COMPACTIONS.inc()
+        COMPACTED.inc(removed)
+        return removed
+
+    def _compact_node(self, db: sqlite3.Connection, rows: list[_Row]) -> int:
+        last_sent = max((i for i, r in enumerate(rows) if r.in_flight), default=-1)
+        candidates = rows[last_sent + 1 :]
+        if len(candidates) < 2:
+            return 0
+        node_id = rows[0].node_id
+        # Per epoch: the candidates' seqs must rise in order and lie above every seq
+        # that may be on the wire, and be the last ones handed out, or nothing is renumbered.
+        epochs: dict[int, list[_Row]] = {}
+        for row in candidates:
+            epochs.setdefault(row.epoch, []).append(row)
+        for epoch, group in epochs.items():
+            seqs = [r.seq for r in group]
+            sent = [r.seq for r in rows[: last_sent + 1] if r.epoch == epoch]
+            if any(b <= a for a, b in pairwise(seqs)) or (
+                sent and min(seqs) <= max(sent)
+            ):
+                return 0
+            if self._last_seq_in(db, node_id, epoch) != seqs[-1]:
+                return 0
+        merged: list[CounterReport] = []
+        for run in self._runs(candidates):
+            merged.extend(self._merge(run) if len(run) > 1 else [run[0].report()])
+        if len(merged) >= len(candidates):
+            return 0
+        next_seq = {epoch: group[0].seq for epoch, group in epochs.items()}
+        db.executemany("DELETE FROM reports WHERE id = ?", [(r.id,) for r in candidates])
+        self._count -= len(candidates)
+        for report in merged:
+            seq = next_seq[report.epoch]
+            next_seq[report.epoch] = seq + 1
+            self._insert(db, report.model_copy(update={"seq": seq}))
+        for epoch, seq in next_seq.items():
+            db.execute(
+                "UPDATE seqs SET last_seq = ? WHERE node_id = ? AND epoch = ?",
+                (seq - 1, node_id, epoch),
+            )
+        return len(candidates) - len(merged)
+
+    @staticmethod
+    def _last_seq_in(db: sqlite3.Connection, node_id: str, epoch: int) -> int | None:
+        row = db.execute(
+            "SELECT last_seq FROM seqs WHERE node_id = ? AND epoch = ?", (node_id, epoch)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _runs(self, rows: list[_Row]) -> Iterator[list[_Row]]:
+        run: list[_Row] = []
+        key: tuple[int, str, int] | None = None
+        for row in rows:
+            row_key = (row.epoch, row.kind, int(row.observed // self.compact_bucket_s))
+            if row.baseline or row_key != key:
+                if run:
+                    yield run
+                run, key = [], None if row.baseline else row_key
+            run.append(row)
+        if run:
+            yield run
+
+    def _merge(self, run: list[_Row]) -> list[CounterReport]:
+        reports = [r.report() for r in run]
+        if reports[0].kind == "delta":
+            return self._merge_delta(reports)
+        return _merge_cumulative(reports)
+
+    def _merge_delta(self, reports: list[CounterReport]) -> list[CounterReport]:
+        out: list[CounterReport] = []
+        sums: dict[str, list[int]] = {}
+        last = reports[0]
+        for report in reports:
+            if any(
+                (s := sums.get(c.user_id)) is not None
+                and (s[0] + c.up > self.max_merged_bytes or s[1] + c.down > self.max_merged_bytes)
+                for c in report.counters
+            ):
+                out.append(_delta_of(last, sums))
+                sums = {}
+            for c in report.counters:
+                s = sums.setdefault(c.user_id, [0, 0])
+                s[0] += c.up
+                s[1] += c.down
+            last = report
+        out.append(_delta_of(last, sums))
+        return out
+
+
+def _delta_of(last: CounterReport, sums: Mapping[str, list[int]]) -> CounterReport:
+    return last.model_copy(
+        update={"counters": tuple(Counter(user_id=u, up=s[0], down=s[1]) for u, s in sums.items())}
+    )
+
+
+def _merge_cumulative(reports: list[CounterReport]) -> list[CounterReport]:
+    """The fewest reports that bill every user exactly like `reports` do; see the module doc."""
+    readings: dict[str, list[tuple[int, Counter]]] = {}
+    for index, report in enumerate(reports):
+        for counter in report.counters:
+            readings.setdefault(counter.user_id, []).append((index, counter))
+    kept: dict[str, list[tuple[int, Counter]]] = {}
+    for user, seq in readings.items():
+        keep: list[tuple[int, Counter]] = []
+        for j, (index, c) in enumerate(seq):
+            first, last = j == 0, j == len(seq) - 1
+            drop_after = not last and (seq[j + 1][1].up < c.up or seq[j + 1][1].down < c.down)
+            drop_here = not first and (c.up < seq[j - 1][1].up or c.down < seq[j - 1][1].down)
+            if first or last or drop_after or drop_here:
+                keep.append((index, c))
+        kept[user] = keep
+    levels = max((len(k) for k in kept.values()), default=1)
+    out: list[CounterReport] = []
+    for level in range(levels):
+        # Aligned at the end: every user's last reading goes into the last report.
+        counters: list[Counter] = []
+        newest = -1
+        for keep in kept.values():
+            at = level - (levels - len(keep))
+            if at >= 0:
+                index, counter = keep[at]
+                counters.append(counter)
+                newest = max(newest, index)
+        if level == levels - 1:
+            newest = len(reports) - 1
+        observed = reports[newest].observed_at if newest >= 0 else reports[-1].observed_at
+        if out and observed < out[-1].observed_at:
+            observed = out[-1].observed_at
+        out.append(
+            reports[-1].model_copy(update={"observed_at": observed, "counters": tuple(counters)})
+        )
+    return out
+
+
+def now_s() -> float:
+    """Wall-clock seconds, for `record(once=...)`."""
+    return time.time()
