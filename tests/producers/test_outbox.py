@@ -114,6 +114,9 @@ def test_in_flight_reports_are_never_merged(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ property tests
 
+_PROPERTY = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 _reading = st.tuples(st.integers(0, 50), st.integers(0, 50))
 
 
@@ -137,7 +140,7 @@ def _cumulative_history(draw: st.DrawFn) -> list[tuple[int, int, dict[str, tuple
     return out
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@_PROPERTY
 @given(history=_cumulative_history(), in_flight=st.integers(0, 3), baseline=st.booleans())
 def test_cumulative_compaction_bills_the_same(
     tmp_path_factory: pytest.TempPathFactory,
@@ -160,7 +163,7 @@ def test_cumulative_compaction_bills_the_same(
         assert keys == sorted(set(keys))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@_PROPERTY
 @given(
     deltas=st.lists(
         st.tuples(st.integers(1, 2), st.sampled_from([1, 30, 900]),
