@@ -1,0 +1,365 @@
+"""The node agent: poll collectors, store each report in the outbox, send the outbox to Kafka.
+
+`run_agent(path)` runs everything an agent TOML file (docs/agent.md) describes:
+its collectors, the panel push receiver if there is a `[push]` table, and the
+sender. A report is stamped (node, epoch, seq, observed_at, baseline) and stored
+in the outbox before anything is sent; the sender publishes each node's oldest
+pending report, waits for Kafka's acknowledgement of every fragment, deletes it,
+and only then sends that node's next one, so reports reach the stream in order
+even after an outage. Kafka down: reports pile up in the outbox (compacted past
+its bound) and go out in order when it is back. SIGTERM/SIGINT: stop collecting,
+try to drain for `drain_timeout_s`, stop. SIGKILL: the next start resumes from
+the outbox; a report that may have been delivered is re-sent with its own seq,
+which the stream deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import tomllib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Gauge
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from producers.collectors import Collector, CollectorConfig, Stateful, build_collector
+from producers.outbox import Outbox
+from producers.push import PushConfig, make_app, start_site
+from quotaflow.settings import Settings
+
+log = logging.getLogger("quotaflow.agent")
+
+PENDING = Gauge("quotaflow_agent_pending_reports", "Reports in the agent's outbox")
+SENT = Gauge("quotaflow_agent_last_ack_unixtime", "When Kafka last acknowledged a report")
+
+# How long one send round may wait for acknowledgements, and producer timeouts to match.
+_PRODUCER_OPTIONS: dict[str, Any] = {
+    "linger_ms": 5,
+    "max_block_ms": 10_000,
+    "request_timeout_ms": 10_000,
+    "delivery_timeout_ms": 30_000,
+    "client_id": "quotaflow-agent",
+}
+
+
+class KafkaOverrides(BaseModel):
+    """`[kafka]`: overrides of the QUOTAFLOW_* settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap: str | None = None
+    topic_prefix: str | None = None
+    partitions: int | None = Field(default=None, ge=1)
+
+
+class AgentConfig(BaseModel):
+    """The agent TOML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: str = Field(min_length=1, max_length=256)
+    outbox: Path = Path("/var/lib/quotaflow/agent-outbox.db")
+    max_reports: int = Field(default=100_000, ge=10)
+    baseline_on_first_start: bool = True
+    ensure_topics: bool = False
+    batch: int = Field(default=500, ge=1)
+    drain_timeout_s: float = Field(default=10.0, ge=0)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    log_level: str = "INFO"
+    kafka: KafkaOverrides = Field(default_factory=KafkaOverrides)
+    collectors: list[CollectorConfig] = Field(default_factory=list)
+    push: PushConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique_nodes(self) -> AgentConfig:
+        nodes = [self.node_of(i) for i in range(len(self.collectors))]
+        if len(set(nodes)) != len(nodes):
+            raise ValueError(
+                "two collectors report as the same node: give each its own node_id"
+            )
+        return self
+
+    def node_of(self, index: int) -> str:
+        """The node id collector `index` reports as."""
+        return self.collectors[index].node_id or self.node_id
+
+    def settings(self) -> Settings:
+        """QUOTAFLOW_* settings with the `[kafka]` overrides applied."""
+        overrides: dict[str, Any] = {}
+        if self.kafka.bootstrap is not None:
+            overrides["kafka_bootstrap"] = self.kafka.bootstrap
+        if self.kafka.topic_prefix is not None:
+            overrides["topic_prefix"] = self.kafka.topic_prefix
+        if self.kafka.partitions is not None:
+            overrides["partitions"] = self.kafka.partitions
+        return Settings(**overrides)
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and check an agent TOML file."""
+    with path.open("rb") as f:
+        return AgentConfig.model_validate(tomllib.load(f))
+
+
+class Sender:
+    """Sends the outbox's oldest report of every node, acks what Kafka acknowledged."""
+
+    def __init__(self, outbox: Outbox, settings: Settings, batch: int = 500,
+                 ensure_topics: bool = False) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self.batch = batch
+        self.ensure_topics = ensure_topics
+        self.acked = 0
+        self._publisher: Any = None
+
+    def _connect(self) -> Any:
+        if self._publisher is None:
+            from producers.publisher import ReportPublisher, ensure_topics
+
+            if self.ensure_topics:
+                ensure_topics(self.settings)
+            self._publisher = ReportPublisher(self.settings, **_PRODUCER_OPTIONS)
+        return self._publisher
+
+    def _drop(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            with contextlib.suppress(Exception):
+                publisher._producer.close(timeout=1)
+
+    def step(self) -> tuple[int, bool]:
+        """One round: (reports acked, whether everything sent was acknowledged)."""
+        heads = self.outbox.heads(self.batch)
+        PENDING.set(len(self.outbox))
+        if not heads:
+            return 0, True
+        try:
+            publisher = self._connect()
+        except Exception as exc:
+            log.warning("Kafka unreachable (%s); %d reports wait in the outbox",
+                        exc, len(self.outbox))
+            self._drop()
+            return 0, False
+        self.outbox.mark_in_flight([i for i, _ in heads])
+        sent: list[tuple[int, list[Any]]] = []
+        ok = True
+        try:
+            for row_id, report in heads:
+                sent.append((row_id, publisher.publish(report)))
+        except Exception as exc:
+            log.warning("sending failed (%s)", exc)
+            ok = False
+        deadline = time.monotonic() + _PRODUCER_OPTIONS["delivery_timeout_ms"] / 1000 + 5
+        acked: list[int] = []
+        for row_id, futures in sent:
+            try:
+                for future in futures:
+                    future.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except Exception as exc:
+                if ok:
+                    log.warning("Kafka did not acknowledge a report (%s); will resend", exc)
+                ok = False
+                continue
+            acked.append(row_id)
+        self.outbox.ack(acked)
+        self.acked += len(acked)
+        if acked:
+            SENT.set(time.time())
+        if not ok:
+            self._drop()
+        PENDING.set(len(self.outbox))
+        return len(acked), ok
+
+    def close(self) -> None:
+        """Close the Kafka connection."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            with contextlib.suppress(Exception):
+                publisher._producer.close(timeout=5)
+
+
+class Agent:
+    """The agent runtime; `collectors` may replace the configured ones (tests)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        settings: Settings | None = None,
+        collectors: Mapping[str, tuple[Collector, float]] | None = None,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings if settings is not None else config.settings()
+        self.outbox = outbox if outbox is not None else Outbox(config.outbox, config.max_reports)
+        if collectors is None:
+            collectors = {
+                config.node_of(i): (build_collector(c), c.interval_s)
+                for i, c in enumerate(config.collectors)
+            }
+        self.collectors = dict(collectors)
+        self.sender = Sender(self.outbox, self.settings, config.batch, config.ensure_topics)
+        self.stop = asyncio.Event()
+        self.collected = 0
+        self.push_port: int | None = None
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """Tell the sender there is something new (thread-safe)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # ------------------------------------------------------------------ collecting
+
+    def collect_once(self, node_id: str, collector: Collector) -> None:
+        """Read one collector and store its report (blocking)."""
+        snapshot = collector.collect()
+        started_key = f"started:{node_id}"
+        first = self.outbox.get_state(started_key) is None
+        baseline = first and self.config.baseline_on_first_start and any(
+            c.up or c.down for c in snapshot.counters
+        )
+        last_epoch = self.outbox.last_epoch(node_id)
+        if last_epoch is not None and snapshot.epoch < last_epoch:
+            log.error("%s: epoch went back from %d to %d; the stream ignores such reports",
+                      node_id, last_epoch, snapshot.epoch)
+        state: dict[str, Any] = {started_key: True}
+        if isinstance(collector, Stateful):
+            state[f"collector:{node_id}"] = collector.state()
+        self.outbox.record(
+            node_id=node_id, epoch=snapshot.epoch, observed_at=datetime.now(UTC),
+            counters=snapshot.counters, baseline=baseline, state=state,
+        )
+        self.collected += 1
+        if baseline:
+            log.info("%s: first report is a baseline (its %d users' counters are not billed)",
+                     node_id, len(snapshot.counters))
+
+    async def _collect_loop(self, node_id: str, collector: Collector, interval: float) -> None:
+        if isinstance(collector, Stateful):
+            saved = self.outbox.get_state(f"collector:{node_id}")
+            if saved is not None:
+                collector.restore(saved)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(self.collect_once, node_id, collector)
+                self._wake.set()
+            except Exception as exc:
+                log.warning("%s: collecting failed: %s", node_id, exc)
+            delay = max(interval - (time.monotonic() - started), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send_loop(self) -> None:
+        backoff = 0.5
+        drain_until: float | None = None
+        while True:
+            if self.stop.is_set() and drain_until is None:
+                drain_until = time.monotonic() + self.config.drain_timeout_s
+            acked, ok = await asyncio.to_thread(self.sender.step)
+            if drain_until is not None and (
+                len(self.outbox) == 0 or time.monotonic() >= drain_until or not ok
+            ):
+                return
+            if not ok:
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 0.5
+            if acked == 0:
+                self._wake.clear()
+                await self._sleep(1.0, self._wake)
+
+    async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        waits = [asyncio.ensure_future(self.stop.wait())]
+        if wake is not None:
+            waits.append(asyncio.ensure_future(wake.wait()))
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *, collect: bool = True) -> None:
+        """Run until `stop` is set; closes the outbox at the end."""
+        self._loop = asyncio.get_running_loop()
+        tasks = []
+        if collect:
+            tasks = [
+                asyncio.create_task(self._collect_loop(node, c, interval))
+                for node, (c, interval) in self.collectors.items()
+            ]
+        runner = None
+        if self.config.push is not None:
+            app = make_app(self.config.push, self.outbox, self.wake)
+            runner, self.push_port = await start_site(
+                app, self.config.push.host, self.config.push.port
+            )
+            log.info("push receiver on %s:%d", self.config.push.host, self.push_port)
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            await self.stop.wait()
+            if runner is not None:
+                await runner.cleanup()
+                runner = None
+            await asyncio.gather(*tasks)
+            await sender
+        finally:
+            for task in [*tasks, sender]:
+                task.cancel()
+            if runner is not None:
+                await runner.cleanup()
+            await asyncio.to_thread(self.sender.close)
+            left = len(self.outbox)
+            self.outbox.close()
+            log.info("agent stopped; %d reports left in the outbox for the next start", left)
+
+
+def _serve(config: AgentConfig, collect: bool) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port)
+
+    async def main() -> None:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop.set)
+        await agent.run(collect=collect)
+
+    asyncio.run(main())
+
+
+def run_agent(config_path: Path) -> None:
+    """`quotaflow agent --config agent.toml`: collectors, push receiver (if `[push]`), sender."""
+    _serve(load_config(config_path), collect=True)
+
+
+def run_push_receiver(config_path: Path) -> None:
+    """Only the push receiver (and sender) of an agent config; its collectors are ignored."""
+    config = load_config(config_path)
+    if config.push is None:
+        raise SystemExit(f"{config_path}: no [push] table")
+    _serve(config, collect=False)
+
+
+if __name__ == "__main__":  # python -m producers.agent agent.toml
+    import sys
+
+    run_agent(Path(sys.argv[1]))

@@ -1,0 +1,304 @@
+"""The agent: config, stamping and persistence, and exact totals through real Kafka and InfluxDB."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from producers.agent import Agent, AgentConfig, Sender, load_config
+from producers.collectors import CommandConfig, Snapshot, build_collector
+from producers.outbox import Outbox
+from quotaflow.contracts import Counter
+from quotaflow.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = Path(__file__).parent / "samples"
+
+
+class FakeCollector:
+    """Counters that grow by known amounts; a constant epoch kept as state."""
+
+    def __init__(self, epoch: int = 1_761_000_000_000, start: int = 0) -> None:
+        self.epoch, self.n = epoch, start
+
+    def collect(self) -> Snapshot:
+        self.n += 1
+        return Snapshot(self.epoch, [Counter(user_id="alice", up=self.n * 10, down=self.n * 100)])
+
+    def state(self) -> Any:
+        return {"n": self.n}
+
+    def restore(self, state: Any) -> None:
+        self.n = state["n"]
+
+
+def _config(tmp_path: Path, **extra: Any) -> AgentConfig:
+    return AgentConfig.model_validate({"node_id": "n1", "outbox": str(tmp_path / "o.db"), **extra})
+
+
+def test_example_config_loads() -> None:
+    config = load_config(ROOT / "deploy" / "agent" / "agent.example.toml")
+    assert [config.node_of(i) for i in range(len(config.collectors))] == [
+        "fra-1", "fra-1-wg", "fra-1-ovpn", "fra-1-ss",
+    ]
+    assert config.push is not None and config.push.expected_token("vless-12") == (
+        "a-token-for-this-node-only"
+    )
+
+
+def test_config_refuses_two_collectors_on_one_node(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="own node_id"):
+        _config(tmp_path, collectors=[
+            {"type": "wireguard"}, {"type": "iptables", "chain": "Q"},
+        ])
+    with pytest.raises(ValidationError):
+        _config(tmp_path, collectors=[{"type": "carrier-pigeon"}])
+
+
+def test_kafka_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUOTAFLOW_TOPIC_PREFIX", "from-env")
+    monkeypatch.setenv("QUOTAFLOW_KAFKA_BOOTSTRAP", "10.0.0.1:9092")
+    settings = _config(tmp_path, kafka={"partitions": 8, "topic_prefix": "toml"}).settings()
+    assert (settings.kafka_bootstrap, settings.topic_prefix, settings.partitions) == (
+        "10.0.0.1:9092", "toml", 8,
+    )
+
+
+def test_stamping_baseline_and_restart(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    fake = FakeCollector()
+    agent = Agent(config, settings=Settings(), collectors={"n1": (fake, 1.0)})
+    agent.collect_once("n1", fake)
+    agent.collect_once("n1", fake)
+    reports = [r for _, r in agent.outbox.pending()]
+    assert [(r.node_id, r.epoch, r.seq, r.baseline, r.kind) for r in reports] == [
+        ("n1", fake.epoch, 0, True, "cumulative"), ("n1", fake.epoch, 1, False, "cumulative"),
+    ]
+    assert reports[0].observed_at.utcoffset() is not None
+    agent.outbox.close()
+    # A restart: seq goes on, no new baseline, the collector's state comes back.
+    fresh = FakeCollector()
+    agent = Agent(config, settings=Settings(), collectors={"n1": (fresh, 1.0)})
+    fresh.restore(agent.outbox.get_state("collector:n1"))
+    assert fresh.n == 2
+    agent.collect_once("n1", fresh)
+    last = agent.outbox.pending()[-1][1]
+    assert (last.seq, last.baseline, last.counters[0].up) == (2, False, 30)
+    agent.outbox.close()
+
+
+def test_no_baseline_when_configured_or_idle(tmp_path: Path) -> None:
+    agent = Agent(_config(tmp_path, baseline_on_first_start=False), settings=Settings(),
+                  collectors={})
+    agent.collect_once("n1", FakeCollector())
+    assert not agent.outbox.pending()[0][1].baseline
+    agent.outbox.close()
+
+
+def test_sender_keeps_reports_while_kafka_is_down(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as outbox:
+        agent = Agent(_config(tmp_path), settings=Settings(), collectors={}, outbox=outbox)
+        agent.collect_once("n1", FakeCollector())
+        sender = Sender(outbox, Settings(kafka_bootstrap="127.0.0.1:9"))  # nothing listens
+        assert sender.step() == (0, False)
+        assert len(outbox) == 1
+
+
+def test_command_collector_json_and_openvpn(tmp_path: Path) -> None:
+    counters = tmp_path / "c.json"
+    counters.write_text('{"7": [1, 2]}')
+    collector = build_collector(CommandConfig(
+        type="command", command=["cat", str(counters)], parser="json", user_map={"7": "bob"},
+    ))
+    snap = collector.collect()
+    assert snap.counters == [Counter(user_id="bob", up=1, down=2)]
+    assert collector.collect().epoch == snap.epoch  # constant
+
+    ovpn = build_collector(CommandConfig(
+        type="command", command=["cat", str(SAMPLES / "openvpn-status-v2.log")], parser="openvpn",
+    ))
+    first = ovpn.collect()
+    assert first.counters
+    state = ovpn.state()  # type: ignore[attr-defined]
+    idle = tmp_path / "idle.log"
+    idle.write_text("".join(
+        line for line in (SAMPLES / "openvpn-status-v2.log").read_text().splitlines(True)
+        if not line.startswith(("CLIENT_LIST", "ROUTING_TABLE"))
+    ))
+    again = build_collector(CommandConfig(
+        type="command", command=["cat", str(idle)], parser="openvpn",
+    ))
+    again.restore(json.loads(json.dumps(state)))  # type: ignore[attr-defined]
+    after = again.collect()  # every session ended: their bytes stay
+    assert (after.epoch, after.counters) == (first.epoch, first.counters)
+
+
+# --------------------------------------------------------------------------- integration
+
+FAKE_SOURCE = textwrap.dedent('''
+    """A counter source for the agent's command collector: n grows by one per call."""
+    import json, os, sys
+    folder = sys.argv[1]
+    users = int(sys.argv[2])
+    path = os.path.join(folder, "n")
+    n = int(open(path).read()) if os.path.exists(path) else 0
+    if not os.path.exists(os.path.join(folder, "frozen")):
+        n += 1
+        with open(path + ".tmp", "w") as f:
+            f.write(str(n))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    print(json.dumps({f"user-{k}": [n * (k + 1) * 1000, n * (k + 1) * 7919] for k in range(users)}))
+''')
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        out[f"QUOTAFLOW_{name.upper()}"] = str(value)
+    return out
+
+
+class AgentProcess:
+    """`python -m producers.agent` with a fake command source, as a real subprocess."""
+
+    def __init__(self, tmp: Path, settings: Settings, users: int, interval_s: float) -> None:
+        self.tmp, self.users = tmp, users
+        self.source_dir = tmp / "source"
+        self.source_dir.mkdir()
+        script = tmp / "fake_source.py"
+        script.write_text(FAKE_SOURCE)
+        self.outbox = tmp / "agent" / "outbox.db"
+        self.node = f"agent-{settings.topic_prefix}"
+        self.config = tmp / "agent.toml"
+        self.config.write_text(textwrap.dedent(f'''
+            node_id = "{self.node}"
+            outbox = "{self.outbox}"
+            baseline_on_first_start = false
+            drain_timeout_s = 5
+            log_level = "INFO"
+            [[collectors]]
+            type = "command"
+            command = ["{sys.executable}", "{script}", "{self.source_dir}", "{users}"]
+            parser = "json"
+            interval_s = {interval_s}
+        '''))
+        self.env = {**os.environ, **_env(settings), "PYTHONPATH": str(ROOT)}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "agent.log"
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "producers.agent", str(self.config)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(timeout=60)
+        self.process = None
+
+    def calls(self) -> int:
+        path = self.source_dir / "n"
+        return int(path.read_text()) if path.exists() else 0
+
+    def pending(self) -> int:
+        if not self.outbox.exists():
+            return -1
+        with sqlite3.connect(f"file:{self.outbox}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT COUNT(*) FROM reports").fetchone()[0])
+
+    def freeze_and_drain(self, timeout_s: float = 120.0) -> dict[str, tuple[int, int]]:
+        """Stop the source growing; wait until its last reading is in Kafka; the truth."""
+        (self.source_dir / "frozen").write_text("")
+        n = self.calls()
+        time.sleep(3.0)  # a collection after the freeze
+        deadline = time.monotonic() + timeout_s
+        while self.pending() != 0:
+            assert self.process is not None and self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, f"outbox not drained: {self.log.read_text()}"
+            time.sleep(0.5)
+        return {f"user-{k}": (n * (k + 1) * 1000, n * (k + 1) * 7919) for k in range(self.users)}
+
+
+def _billed(settings: Settings, node: str) -> dict[str, tuple[int, int]]:
+    from sinks.ledger_check import read_daily_totals
+
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for (user, node_id, _day), (up, down) in read_daily_totals(settings).items():
+        if node_id == node:
+            out[user][0] += up
+            out[user][1] += down
+    return {u: (t[0], t[1]) for u, t in out.items()}
+
+
+def _restart_dead(pipeline: Any) -> None:
+    for name in ("worker", "sink"):
+        process = pipeline.processes.get(name)
+        if process is None or process.poll() is not None:
+            pipeline.processes.pop(name, None)
+            pipeline.start(name)
+
+
+@pytest.mark.integration
+def test_kafka_outage_loses_nothing(
+    services: Any, settings: Settings, pipeline: Any, tmp_path: Path
+) -> None:
+    agent = AgentProcess(tmp_path, settings, users=50, interval_s=0.5)
+    agent.start()
+    try:
+        time.sleep(5)
+        assert agent.calls() > 3 and agent.pending() >= 0, agent.log.read_text()
+        services.stop_kafka()
+        before = agent.calls()
+        time.sleep(60)
+        assert agent.calls() > before + 60  # it kept collecting
+        assert agent.pending() > 60  # and storing
+        services.start_kafka()
+        _restart_dead(pipeline)
+        truth = agent.freeze_and_drain(timeout_s=180)
+        agent.signal(signal.SIGTERM)
+        _restart_dead(pipeline)
+        pipeline.wait(240)
+        assert _billed(settings, agent.node) == truth
+    finally:
+        if agent.process is not None:
+            agent.signal(signal.SIGKILL)
+
+
+@pytest.mark.integration
+def test_sigkill_mid_batch_loses_nothing_and_bills_nothing_twice(
+    settings: Settings, pipeline: Any, tmp_path: Path
+) -> None:
+    agent = AgentProcess(tmp_path, settings, users=400, interval_s=0.1)
+    agent.start()
+    try:
+        for pause in (2.0, 1.3, 0.7, 2.9, 0.4):
+            time.sleep(pause)
+            agent.signal(signal.SIGKILL)
+            agent.start()
+        truth = agent.freeze_and_drain()
+        agent.signal(signal.SIGTERM)
+        pipeline.wait(240)
+        assert agent.calls() > 20
+        assert _billed(settings, agent.node) == truth
+    finally:
+        if agent.process is not None:
+            agent.signal(signal.SIGKILL)
