@@ -152,6 +152,88 @@ def _wait_for_pipeline(settings: Settings, timeout: float) -> None:
     console.print("everything published is in InfluxDB")
 
 
+_PARSE_SOURCES = ("v2ray-stats-json", "openvpn-status", "ss-manager", "iptables", "wg-dump",
+                  "prometheus")
+
+
+@app.command("parse")
+def parse_cmd(
+    file: Annotated[Path, typer.Argument(help="The source's raw output; - for stdin.")],
+    source: Annotated[str, typer.Option(help=f"One of: {', '.join(_PARSE_SOURCES)}.")],
+    user_map: Annotated[
+        Path | None, typer.Option(help="JSON object mapping source ids to user ids.")
+    ] = None,
+    up_metric: Annotated[str | None, typer.Option(help="prometheus: upload metric.")] = None,
+    down_metric: Annotated[str | None, typer.Option(help="prometheus: download metric.")] = None,
+    user_label: Annotated[str | None, typer.Option(help="prometheus: label naming the user.")] = None,
+    direction_label: Annotated[
+        str | None, typer.Option(help="prometheus: label telling the direction.")
+    ] = None,
+    up_value: Annotated[str | None, typer.Option(help="prometheus: its upload value.")] = None,
+    down_value: Annotated[str | None, typer.Option(help="prometheus: its download value.")] = None,
+    match: Annotated[
+        list[str] | None, typer.Option(help="prometheus: KEY=VALUE label filter, repeatable.")
+    ] = None,
+) -> None:
+    """Print the readings a source's raw output yields, as JSON lines, to check a mapping."""
+    from producers import parsers
+
+    text = sys.stdin.read() if str(file) == "-" else file.read_text(errors="replace")
+    try:
+        if source == "v2ray-stats-json":
+            counters = parsers.parse_v2ray_stats_json(text)
+        elif source == "openvpn-status":
+            counters = parsers.openvpn_counters(parsers.parse_openvpn_status(text))
+        elif source == "ss-manager":
+            counters = parsers.parse_ss_manager_stat(text)
+        elif source == "iptables":
+            counters = parsers.parse_iptables(text)
+        elif source == "wg-dump":
+            counters = parsers.parse_wg_dump(text)
+        elif source == "prometheus":
+            # without metric options, the v2ray-exporter layout is assumed
+            mapping = (
+                parsers.PrometheusMapping(
+                    up_metric=up_metric, down_metric=down_metric or up_metric,
+                    user_label=user_label or "user", direction_label=direction_label,
+                    up_value=up_value, down_value=down_value,
+                    match=dict(m.split("=", 1) for m in match or ()),
+                )
+                if up_metric
+                else parsers.V2RAY_EXPORTER_MAPPING
+            )
+            counters = parsers.parse_prometheus(text, mapping)
+        else:
+            raise typer.BadParameter(f"--source must be one of {', '.join(_PARSE_SOURCES)}")
+        if user_map is not None:
+            counters = parsers.apply_user_map(counters, json.loads(user_map.read_text()))
+    except (parsers.ParseError, ValueError) as exc:
+        console.print(f"[red]cannot parse {file} as {source}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    for counter in counters:
+        print(counter.model_dump_json())
+
+
+@app.command("agent")
+def agent_cmd(
+    config: Annotated[Path, typer.Option("--config", help="The agent's TOML file.")],
+) -> None:
+    """Run the node agent: collectors, the durable outbox and the sender."""
+    from producers.agent import run_agent
+
+    run_agent(config)
+
+
+@app.command("push-receiver")
+def push_receiver_cmd(
+    config: Annotated[Path, typer.Option("--config", help="The agent's TOML file.")],
+) -> None:
+    """Run the panel push endpoint (Xboard/V2Board UniProxy push) with its outbox."""
+    from producers.agent import run_push_receiver
+
+    run_push_receiver(config)
+
+
 # ---------------------------------------------------------------- pipeline
 
 

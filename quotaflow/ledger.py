@@ -25,7 +25,7 @@ atomically, which is what makes redelivery after a crash harmless.
 []
 >>> ledger.update(report(1, 30, 40, epoch=2), policy).billed   # the node restarted
 [('alice', 30, 40)]
->>> [(t.period, t.up, t.down) for t in ledger.update(report(3, 30, 40, epoch=2), policy).totals]
+>>> [t[1:2] + t[3:] for t in ledger.update(report(3, 30, 40, epoch=2), policy).totals]
 [('day', 180, 1040), ('month', 180, 1040)]
 """
 
@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from quotaflow.contracts import CounterReport, DeadReason, PeriodKind, PeriodTotal
+from quotaflow.contracts import CounterReport, DeadReason, PeriodKind
 from quotaflow.periods import Calendar
 
 # An epoch that reads as milliseconds since 2000 is taken to be the counters' start time.
@@ -78,7 +78,9 @@ class Billing:
     """What one `update()` decided."""
 
     billed: list[tuple[str, int, int]] = field(default_factory=list)
-    totals: list[PeriodTotal] = field(default_factory=list)
+    # (user_id, period, start, up, down): the fields of `PeriodTotal`, as plain tuples
+    # because this is the hot path
+    totals: list[tuple[str, PeriodKind, int, int, int]] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     duplicate: bool = False
 
@@ -229,25 +231,24 @@ class NodeLedger:
         else:
             billing.billed.append((user_id, up, down))
 
-    def _current_totals(self, report: CounterReport, day: int, month: int) -> list[PeriodTotal]:
+    def _current_totals(
+        self, report: CounterReport, day: int, month: int
+    ) -> list[tuple[str, PeriodKind, int, int, int]]:
         """The totals of every user the report names, for the report's day and month.
 
         Sent even when nothing changed: after a crash the worker handles the message
         again, and these re-sent totals are what reaches the sinks then.
         """
-        out: list[PeriodTotal] = []
+        out: list[tuple[str, PeriodKind, int, int, int]] = []
         totals = self._totals
-        periods: tuple[tuple[PeriodKind, int], ...] = (("day", day), ("month", month))
         for counter in report.counters:
-            for period, start in periods:
-                total = totals.get((counter.user_id, period, start))
-                if total is not None:
-                    out.append(
-                        PeriodTotal.model_construct(
-                            user_id=counter.user_id, period=period, start=start,
-                            up=total[0], down=total[1],
-                        )
-                    )
+            user_id = counter.user_id
+            total = totals.get((user_id, "day", day))
+            if total is not None:
+                out.append((user_id, "day", day, total[0], total[1]))
+            total = totals.get((user_id, "month", month))
+            if total is not None:
+                out.append((user_id, "month", month, total[0], total[1]))
         return out
 
     def _forget_before(self, oldest_day: int, oldest_month: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -52,6 +51,15 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown IANA timezone {value!r}") from exc
         return value
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as `QUOTAFLOW_*` variables, for starting another quotaflow process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"QUOTAFLOW_{name.upper()}"] = str(value)
+        return env
+
     def topic(self, name: str) -> str:
         """The full name of one of quotaflow's topics: raw, dead, totals, control."""
         return f"{self.topic_prefix}.{name}"
@@ -66,7 +74,7 @@ class Settings(BaseSettings):
         """The consumer group of the InfluxDB sink."""
         return f"{self.topic_prefix}-influx-sink"
 
-    @cached_property
+    @property
     def billing_policy(self) -> BillingPolicy:
         """The billing rules these settings choose."""
         return BillingPolicy(

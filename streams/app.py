@@ -19,11 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
-import orjson
 from pydantic import ValidationError
 
 from producers.publisher import MAX_MESSAGE_BYTES, encode_report, ensure_topics
-from quotaflow.contracts import CounterReport, DeadLetter, DeadReason
+from quotaflow.contracts import CounterReport, DeadLetter, DeadReason, TotalsBatch
 from quotaflow.ledger import Billing, NodeLedger, Refusal
 from quotaflow.partitioning import partition_of, split_report
 from quotaflow.settings import Settings
@@ -129,11 +128,6 @@ def dead_letter(
     ).model_dump_json().encode()
 
 
-def encode_totals(node_id: str, billing: Billing) -> bytes:
-    """The `TotalsBatch` record of one billing, built straight from the ledger's totals."""
-    return orjson.dumps({"node_id": node_id, "totals": [t.__dict__ for t in billing.totals]})
-
-
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app for these settings (the app id derives from the topic prefix)."""
     app = faust.App(
@@ -207,7 +201,7 @@ def create_app(settings: Settings) -> faust.App:
             billing = biller.bill(report, partition)
             if billing.totals:
                 await totals.send(
-                    key=report.node_id.encode(), value=encode_totals(report.node_id, billing),
+                    key=report.node_id.encode(), value=TotalsBatch.encode(report.node_id, billing.totals),
                     partition=partition,
                 )
             by_reason: dict[DeadReason, list[Refusal]] = {}

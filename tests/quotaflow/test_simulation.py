@@ -29,9 +29,9 @@ def bill_offline(lines: list[bytes], partitions: int, tz: str) -> tuple[dict, in
             ledger = ledgers.setdefault((report.node_id, p), NodeLedger(report.node_id))
             billing = ledger.update(fragment, policy)
             assert not billing.refused
-            for total in billing.totals:
-                if total.period == "day":
-                    days[(total.user_id, report.node_id, total.start)] = (total.up, total.down)
+            for user_id, period, start, up, down in billing.totals:
+                if period == "day":
+                    days[(user_id, report.node_id, start)] = (up, down)
     return days, invalid
 
 

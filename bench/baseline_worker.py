@@ -1,0 +1,61 @@
+"""The textbook design the benchmark compares against: one reading per message.
+
+A Faust agent that takes one single-reading report per Kafka message, keeps one
+ledger per (node, user) in a table (one changelog record per reading) and sends
+one totals record per reading. It uses the same contract, billing rules and
+sink as the real worker, so the ratio measures the batched design alone.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from quotaflow.contracts import CounterReport, TotalsBatch
+from quotaflow.ledger import NodeLedger
+from quotaflow.settings import Settings
+
+
+def create_baseline_app(settings: Settings) -> faust.App:
+    """A per-reading Faust app reading `<prefix>.readings`."""
+    app = faust.App(
+        f"{settings.topic_prefix}-baseline",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        datadir=str(settings.state_dir / "baseline"),
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        web_enabled=False,
+    )
+    readings = app.topic(settings.topic("readings"), partitions=settings.partitions)
+    totals = app.topic(settings.topic("totals"), partitions=settings.partitions)
+    table = app.Table("per-reading-ledgers", default=None, partitions=settings.partitions,
+                      key_type=bytes, value_type=bytes)
+    policy = settings.billing_policy
+
+    @app.agent(readings)  # type: ignore[misc]
+    async def bill(stream: faust.Stream) -> None:
+        async for event in stream.events():
+            report = CounterReport.model_validate_json(event.value)
+            key = f"{report.node_id}|{report.counters[0].user_id}".encode()
+            stored = table.get(key)
+            ledger = NodeLedger.from_bytes(stored) if stored else NodeLedger(report.node_id)
+            billing = ledger.update(report, policy)
+            table[key] = ledger.to_bytes()
+            await totals.send(
+                key=key,
+                value=TotalsBatch.encode(report.node_id, billing.totals),
+                partition=event.message.partition,
+            )
+
+    return app
+
+
+if __name__ == "__main__":
+    settings = Settings()
+    (settings.state_dir / "baseline").mkdir(parents=True, exist_ok=True)
+    faust.Worker(create_baseline_app(settings), loglevel="WARNING", quiet=True).execute_from_commandline()

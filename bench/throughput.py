@@ -1,0 +1,163 @@
+"""End-to-end throughput: raw topic -> worker -> totals -> InfluxDB, against a per-reading baseline.
+
+Both runs bill the same simulated fleet on the same local servers in this one
+run; each is timed from the moment the worker starts consuming to the moment
+InfluxDB holds every total, and each is checked against the ground truth.
+
+    python bench/throughput.py [--nodes 10 --users 3000 --days 1 --interval 600]
+
+Uses the servers in QUOTAFLOW_KAFKA_BOOTSTRAP / QUOTAFLOW_INFLUX_URL when set,
+otherwise starts local ones with `quotaflow.local`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from kafka import KafkaProducer
+
+from producers.publisher import ReportPublisher, encode_report, ensure_topics
+from quotaflow.contracts import CounterReport
+from quotaflow.partitioning import partition_of
+from quotaflow.periods import Calendar
+from quotaflow.settings import Settings
+from quotaflow.simulation import FleetSpec, Simulation, simulate
+from sinks.ledger_check import compare, read_daily_totals
+from streams.lag import LagProbe
+
+HERE = Path(__file__).resolve().parent
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str, total: int,
+           workdir: Path) -> tuple[float, float, float]:
+    """Start worker and sink, wait until InfluxDB has everything; (seconds, first-progress, rss)."""
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    logs = (workdir / f"{group}.log").open("wb")
+    worker = subprocess.Popen(worker_cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
+    sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"], env=env,
+                            stdout=logs, stderr=subprocess.STDOUT)
+    probe = LagProbe(settings)
+    started = time.monotonic()
+    first = worker_done = None
+    try:
+        while True:
+            raw = probe._lag(topic, group)
+            if first is None and raw < total:
+                first = time.monotonic()
+            if raw == 0 and worker_done is None:
+                worker_done = time.monotonic()
+                print(f"  worker drained its topic after {worker_done - (first or started):.2f} s")
+            if raw == 0 and probe._lag(settings.topic("totals"), settings.sink_group) == 0:
+                break
+            if time.monotonic() - started > 1800:
+                raise SystemExit(f"{group}: did not finish in 30 minutes")
+            time.sleep(0.2)
+        done = time.monotonic()
+        rss = _peak_rss_mb(worker.pid)
+    finally:
+        probe.close()
+        for p in (worker, sink):
+            p.terminate()
+        for p in (worker, sink):
+            p.wait(timeout=30)
+    return done - (first or started), (first or started) - started, rss
+
+
+def _check(settings: Settings, sim: Simulation) -> str:
+    calendar = Calendar(ZoneInfo(settings.timezone))
+    truth = {(u, n, calendar.label(d, "day")): (a, b) for (u, n, d), (a, b) in sim.truth.items()}
+    return "EXACT" if compare(truth, read_daily_totals(settings)).exact else "MISMATCH"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--days", type=float, default=1.0)
+    parser.add_argument("--interval", type=int, default=600)
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+
+    bootstrap = os.environ.get("QUOTAFLOW_KAFKA_BOOTSTRAP")
+    influx = os.environ.get("QUOTAFLOW_INFLUX_URL")
+    if not (bootstrap and influx):
+        from quotaflow import local
+
+        services = local.up()
+        bootstrap, influx = services.kafka_bootstrap, services.influx_url
+
+    spec = FleetSpec(nodes=args.nodes, users=args.users, days=args.days,
+                     interval_s=args.interval, malformed=0, nodes_per_user=(1, 2))
+    sim = simulate(spec)
+    workdir = Path(tempfile.mkdtemp(prefix="quotaflow-bench-"))
+    tag = uuid.uuid4().hex[:8]
+    print(f"workload: {sim.reports} reports, {sim.readings} readings from {args.nodes} nodes, "
+          f"{args.users} users ({sim.duplicates} duplicates, {sim.reordered} reordered)")
+
+    batched = Settings(kafka_bootstrap=bootstrap, influx_url=influx, topic_prefix=f"bench-{tag}",
+                       influx_bucket=f"bench_{tag}", state_dir=workdir / "batched")
+    ensure_topics(batched)
+    t = time.monotonic()
+    with ReportPublisher(batched) as publisher:
+        publisher.publish_lines(sim.lines)
+        publisher.flush()
+    publish_s = time.monotonic() - t
+    end = LagProbe(batched)
+    raw_messages = end._lag(batched.topic("raw"), batched.app_id)
+    end.close()
+    seconds, startup, rss = _drain(batched, [sys.executable, "-m", "quotaflow", "worker"],
+                                   batched.app_id, batched.topic("raw"), raw_messages, workdir)
+    rate = sim.readings / seconds
+    print(f"batched worker:  {seconds:7.2f} s  {rate:12,.0f} readings/s end to end "
+          f"({raw_messages} messages; startup {startup:.1f} s; worker peak RSS {rss:.0f} MB; "
+          f"publish {publish_s:.1f} s) ledger {_check(batched, sim)}")
+    if args.skip_baseline:
+        return
+
+    base = batched.model_copy(update={"topic_prefix": f"bench-{tag}-base",
+                                      "influx_bucket": f"bench_{tag}_base",
+                                      "state_dir": workdir / "base"})
+    ensure_topics(base)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                             linger_ms=20, batch_size=1 << 20)
+    t = time.monotonic()
+    for line in sim.lines:
+        report = CounterReport.model_validate_json(line)
+        for counter in report.counters:
+            single = report.model_copy(update={"counters": (counter,)})
+            producer.send(base.topic("readings"), value=encode_report(single),
+                          partition=partition_of(counter.user_id, base.partitions))
+    producer.flush()
+    producer.close()
+    base_publish = time.monotonic() - t
+    base_seconds, base_startup, base_rss = _drain(
+        base, [sys.executable, str(HERE / "baseline_worker.py")],
+        f"{base.topic_prefix}-baseline", base.topic("readings"), sim.readings, workdir,
+    )
+    base_rate = sim.readings / base_seconds
+    print(f"per-reading baseline: {base_seconds:7.2f} s  {base_rate:12,.0f} readings/s end to end "
+          f"(startup {base_startup:.1f} s; worker peak RSS {base_rss:.0f} MB; "
+          f"publish {base_publish:.1f} s) ledger {_check(base, sim)}")
+    print(f"ratio: batched / per-reading = {rate / base_rate:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
