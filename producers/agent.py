@@ -331,6 +331,7 @@ def _serve(config: AgentConfig, collect: bool) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     if config.metrics_port:
         from prometheus_client import start_http_server
 

@@ -29,9 +29,8 @@ def bill_offline(lines: list[bytes], partitions: int, tz: str) -> tuple[dict, in
             ledger = ledgers.setdefault((report.node_id, p), NodeLedger(report.node_id))
             billing = ledger.update(fragment, policy)
             assert not billing.refused
-            for user_id, period, start, up, down in billing.totals:
-                if period == "day":
-                    days[(user_id, report.node_id, start)] = (up, down)
+            for user_id, up, down, _, _ in billing.totals:
+                days[(user_id, report.node_id, billing.day)] = (up, down)
     return days, invalid
 
 
