@@ -215,6 +215,12 @@ class AgentProcess:
         self.process.wait(timeout=60)
         self.process = None
 
+    def wait_calls(self, at_least: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.calls() < at_least:
+            assert time.monotonic() < deadline, f"source not polled: {self.log.read_text()}"
+            time.sleep(0.2)
+
     def calls(self) -> int:
         path = self.source_dir / "n"
         return int(path.read_text()) if path.exists() else 0
@@ -264,8 +270,7 @@ def test_kafka_outage_loses_nothing(
     agent = AgentProcess(tmp_path, settings, users=50, interval_s=0.5)
     agent.start()
     try:
-        time.sleep(5)
-        assert agent.calls() > 3 and agent.pending() >= 0, agent.log.read_text()
+        agent.wait_calls(5)
         services.stop_kafka()
         before = agent.calls()
         time.sleep(60)
@@ -290,6 +295,7 @@ def test_sigkill_mid_batch_loses_nothing_and_bills_nothing_twice(
     agent = AgentProcess(tmp_path, settings, users=400, interval_s=0.1)
     agent.start()
     try:
+        agent.wait_calls(3)
         for pause in (2.0, 1.3, 0.7, 2.9, 0.4):
             time.sleep(pause)
             agent.signal(signal.SIGKILL)
