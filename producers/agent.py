@@ -45,6 +45,7 @@ _PRODUCER_OPTIONS: dict[str, Any] = {
     "max_block_ms": 10_000,
     "request_timeout_ms": 10_000,
     "delivery_timeout_ms": 30_000,
+    "bootstrap_timeout_ms": 5_000,
     "client_id": "quotaflow-agent",
 }
 
