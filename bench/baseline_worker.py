@@ -8,11 +8,16 @@ sink as the real worker, so the ratio measures the batched design alone.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import faust
 
 from quotaflow.contracts import CounterReport, TotalsBatch
 from quotaflow.ledger import NodeLedger
 from quotaflow.settings import Settings
+
+log = logging.getLogger("quotaflow.bench.baseline")
 
 
 def create_baseline_app(settings: Settings) -> faust.App:
@@ -37,9 +42,13 @@ def create_baseline_app(settings: Settings) -> faust.App:
                       key_type=bytes, value_type=bytes)
     policy = settings.billing_policy
 
-    @app.agent(readings)  # type: ignore[misc]
+    @app.agent(readings)
     async def bill(stream: faust.Stream) -> None:
+        first = True
         async for event in stream.events():
+            if first:
+                first = False
+                log.info("first message at %.3f", time.time())  # read by throughput.py
             report = CounterReport.model_validate_json(event.value)
             key = f"{report.node_id}|{report.counters[0].user_id}".encode()
             stored = table.get(key)
@@ -48,7 +57,9 @@ def create_baseline_app(settings: Settings) -> faust.App:
             table[key] = ledger.to_bytes()
             await totals.send(
                 key=key,
-                value=TotalsBatch.encode(report.node_id, billing.totals),
+                value=TotalsBatch.encode(
+                    report.node_id, billing.day, billing.month, billing.totals
+                ),
                 partition=event.message.partition,
             )
 
@@ -58,4 +69,5 @@ def create_baseline_app(settings: Settings) -> faust.App:
 if __name__ == "__main__":
     settings = Settings()
     (settings.state_dir / "baseline").mkdir(parents=True, exist_ok=True)
-    faust.Worker(create_baseline_app(settings), loglevel="WARNING", quiet=True).execute_from_commandline()
+    worker = faust.Worker(create_baseline_app(settings), loglevel="INFO", quiet=True)
+    worker.execute_from_commandline()

@@ -46,39 +46,58 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str, total: int,
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a live process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _first_message_at(log: Path) -> float:
+    """When the worker handled its first message (it logs that moment)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "first message at " in line:
+            return float(line.rsplit("first message at ", 1)[1].split()[0])
+    raise SystemExit(f"no 'first message' line in {log}")
+
+
+def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str,
            workdir: Path) -> tuple[float, float, float]:
-    """Start worker and sink, wait until InfluxDB has everything; (seconds, first-progress, rss)."""
+    """Start worker and sink, wait until InfluxDB has everything.
+
+    Returns (seconds from the worker's first message until InfluxDB held every
+    total, seconds the worker took to start, the worker's peak RSS in MB).
+    """
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
-    logs = (workdir / f"{group}.log").open("wb")
-    worker = subprocess.Popen(worker_cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
-    sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"], env=env,
-                            stdout=logs, stderr=subprocess.STDOUT)
+    worker_log = workdir / f"{group}-worker.log"
+    with worker_log.open("wb") as wlog, (workdir / f"{group}-sink.log").open("wb") as slog:
+        worker = subprocess.Popen(worker_cmd, env=env, stdout=wlog, stderr=subprocess.STDOUT)
+        sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"], env=env,
+                                stdout=slog, stderr=subprocess.STDOUT)
     probe = LagProbe(settings)
-    started = time.monotonic()
-    first = worker_done = None
+    started = time.time()
+    worker_done = None
     try:
         while True:
             raw = probe._lag(topic, group)
-            if first is None and raw < total:
-                first = time.monotonic()
             if raw == 0 and worker_done is None:
-                worker_done = time.monotonic()
-                print(f"  worker drained its topic after {worker_done - (first or started):.2f} s")
+                worker_done = time.time()
             if raw == 0 and probe._lag(settings.topic("totals"), settings.sink_group) == 0:
                 break
-            if time.monotonic() - started > 1800:
+            if time.time() - started > 1800:
                 raise SystemExit(f"{group}: did not finish in 30 minutes")
-            time.sleep(0.2)
-        done = time.monotonic()
+            time.sleep(0.1)
+        done = time.time()
         rss = _peak_rss_mb(worker.pid)
+        print(f"  CPU seconds: worker {_cpu_s(worker.pid):.1f}, sink {_cpu_s(sink.pid):.1f}")
     finally:
         probe.close()
         for p in (worker, sink):
             p.terminate()
         for p in (worker, sink):
             p.wait(timeout=30)
-    return done - (first or started), (first or started) - started, rss
+    first = _first_message_at(worker_log)
+    print(f"  worker committed its last offset {worker_done - first:.2f} s after its first message")
+    return done - first, first - started, rss
 
 
 def _check(settings: Settings, sim: Simulation) -> str:
@@ -123,8 +142,10 @@ def main() -> None:
     end = LagProbe(batched)
     raw_messages = end._lag(batched.topic("raw"), batched.app_id)
     end.close()
-    seconds, startup, rss = _drain(batched, [sys.executable, "-m", "quotaflow", "worker"],
-                                   batched.app_id, batched.topic("raw"), raw_messages, workdir)
+    seconds, startup, rss = _drain(
+        batched, [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"],
+        batched.app_id, batched.topic("raw"), workdir,
+    )
     rate = sim.readings / seconds
     print(f"batched worker:  {seconds:7.2f} s  {rate:12,.0f} readings/s end to end "
           f"({raw_messages} messages; startup {startup:.1f} s; worker peak RSS {rss:.0f} MB; "
@@ -150,7 +171,7 @@ def main() -> None:
     base_publish = time.monotonic() - t
     base_seconds, base_startup, base_rss = _drain(
         base, [sys.executable, str(HERE / "baseline_worker.py")],
-        f"{base.topic_prefix}-baseline", base.topic("readings"), sim.readings, workdir,
+        f"{base.topic_prefix}-baseline", base.topic("readings"), workdir,
     )
     base_rate = sim.readings / base_seconds
     print(f"per-reading baseline: {base_seconds:7.2f} s  {base_rate:12,.0f} readings/s end to end "

@@ -1,1 +1,1 @@
-"""Node producers: collectors that read proxy counters, and the publisher that sends reports to Kafka."""
+"""Node producers: collectors reading proxy counters, and the publisher sending reports."""

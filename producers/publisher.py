@@ -7,6 +7,7 @@ that owns its user, many readings per message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -36,7 +37,9 @@ def ensure_topics(settings: Settings) -> None:
     raw, totals and dead are partitioned alike so that a user's data stays in one
     partition number end to end.
     """
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-admin")
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-admin"
+    )
     try:
         wanted = [
             NewTopic(
@@ -50,10 +53,8 @@ def ensure_topics(settings: Settings) -> None:
         existing = set(admin.list_topics())
         missing = [t for t in wanted if t.name not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process was quicker
                 admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         admin.close()
 

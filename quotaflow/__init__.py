@@ -4,7 +4,6 @@ from quotaflow.contracts import (
     Counter,
     CounterReport,
     DeadLetter,
-    PeriodTotal,
     TotalsBatch,
 )
 from quotaflow.ledger import Billing, BillingPolicy, NodeLedger
@@ -19,7 +18,6 @@ __all__ = [
     "CounterReport",
     "DeadLetter",
     "NodeLedger",
-    "PeriodTotal",
     "TotalsBatch",
     "partition_of",
     "split_report",

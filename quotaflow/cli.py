@@ -331,7 +331,7 @@ def usage_cmd(
     if node:
         where += f" AND node_id = {quote_string(node)}"
     statement = (
-        f"SELECT up_bytes, down_bytes, total_bytes FROM {MEASUREMENTS[period]} "  # type: ignore[index]
+        f"SELECT up_bytes, down_bytes, total_bytes FROM {MEASUREMENTS[period]} "
         f"WHERE {where} GROUP BY node_id"
     )
     try:
@@ -343,7 +343,7 @@ def usage_cmd(
     rows = [
         {
             "user_id": user, "node_id": s.tags.get("node_id", ""),
-            period: calendar.label(int(r["time"]), period),  # type: ignore[arg-type]
+            period: calendar.label(int(r["time"]), period),
             "up": r["up_bytes"], "down": r["down_bytes"], "total": r["total_bytes"],
         }
         for s in series for r in s.rows

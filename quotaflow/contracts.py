@@ -15,7 +15,6 @@ Producers, the stream worker, the sinks and the tests all import these models;
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -70,39 +69,32 @@ class CounterReport(_Contract):
 
 PeriodKind = Literal["day", "month"]
 
-
-class PeriodTotal(_Contract):
-    """The running total of one (user, node, period); a later total of the same key replaces it."""
-
-    user_id: Identifier
-    period: PeriodKind
-    start: StrictInt  # the period's first second, Unix time, in the billing timezone
-    up: ByteCount
-    down: ByteCount
+# user_id, day up, day down, month up, month down
+UserTotals = tuple[Identifier, ByteCount, ByteCount, ByteCount, ByteCount]
 
 
 class TotalsBatch(_Contract):
-    """What the stream worker publishes to `<prefix>.totals` for every report fragment it handles."""
+    """Running totals the worker publishes to `<prefix>.totals` for each fragment it bills.
+
+    All totals of a fragment belong to the day and month that contain its
+    `observed_at`, so they are given once (`day`, `month`: the periods' first
+    seconds, Unix time, in the billing timezone) and each user's totals are a
+    row. A later total of the same (user, node, period) replaces an earlier one.
+    """
 
     node_id: Identifier
-    totals: tuple[PeriodTotal, ...]
+    day: StrictInt
+    month: StrictInt
+    totals: tuple[UserTotals, ...]
 
     @staticmethod
-    def encode(node_id: str, rows: Iterable[tuple[str, str, int, int, int]]) -> bytes:
-        """Encode rows of `PeriodTotal` field values without building models (hot path).
+    def encode(node_id: str, day: int, month: int, rows: list[tuple[str, int, int, int, int]]) -> bytes:
+        """Encode without building a model (the hot path); the same JSON the model reads.
 
-        >>> TotalsBatch.model_validate_json(TotalsBatch.encode("n", [("u", "day", 0, 1, 2)]))
-        TotalsBatch(node_id='n', totals=(PeriodTotal(user_id='u', period='day', start=0, up=1, down=2),))
+        >>> TotalsBatch.model_validate_json(TotalsBatch.encode("n", 86400, 0, [("u", 1, 2, 3, 4)]))
+        TotalsBatch(node_id='n', day=86400, month=0, totals=(('u', 1, 2, 3, 4),))
         """
-        return orjson.dumps(
-            {
-                "node_id": node_id,
-                "totals": [
-                    {"user_id": u, "period": p, "start": s, "up": up, "down": down}
-                    for u, p, s, up, down in rows
-                ],
-            }
-        )
+        return orjson.dumps({"node_id": node_id, "day": day, "month": month, "totals": rows})
 
 
 DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch"]

@@ -25,8 +25,8 @@ atomically, which is what makes redelivery after a crash harmless.
 []
 >>> ledger.update(report(1, 30, 40, epoch=2), policy).billed   # the node restarted
 [('alice', 30, 40)]
->>> [t[1:2] + t[3:] for t in ledger.update(report(3, 30, 40, epoch=2), policy).totals]
-[('day', 180, 1040), ('month', 180, 1040)]
+>>> ledger.update(report(3, 30, 40, epoch=2), policy).totals  # (user, day up/down, month up/down)
+[('alice', 180, 1040, 180, 1040)]
 """
 
 from __future__ import annotations
@@ -78,9 +78,11 @@ class Billing:
     """What one `update()` decided."""
 
     billed: list[tuple[str, int, int]] = field(default_factory=list)
-    # (user_id, period, start, up, down): the fields of `PeriodTotal`, as plain tuples
-    # because this is the hot path
-    totals: list[tuple[str, PeriodKind, int, int, int]] = field(default_factory=list)
+    # the report's day and month, and (user, day up, day down, month up, month down)
+    # rows: a `TotalsBatch`'s fields, as plain values because this is the hot path
+    day: int = 0
+    month: int = 0
+    totals: list[tuple[str, int, int, int, int]] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     duplicate: bool = False
 
@@ -118,10 +120,12 @@ class NodeLedger:
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        # user -> [epoch, seq, up, down, observed_s] of the last cumulative counters
-        self.users: dict[str, list[int]] = {}
-        # (user, period, start) -> [up, down]
-        self._totals: dict[tuple[str, PeriodKind, int], list[int]] = {}
+        # Tuples of ints only, never lists: the garbage collector stops tracking
+        # them, so a large state costs no time in collections.
+        # user -> (epoch, seq, up, down, observed_s) of the last cumulative counters
+        self.users: dict[str, tuple[int, int, int, int, int]] = {}
+        # (user, period, start) -> (up, down)
+        self._totals: dict[tuple[str, PeriodKind, int], tuple[int, int]] = {}
         self._deltas: dict[int, _SeqSet] = {}
         self._kept_from = 0  # the oldest day start whose totals are kept
         self.watermark = 0  # the latest observed_at seen, Unix seconds
@@ -134,11 +138,12 @@ class NodeLedger:
         self.watermark = max(self.watermark, observed)
         oldest_day = calendar.days_back(self.watermark, policy.lateness_days)
         late = day < oldest_day
-        billing = Billing()
+        billing = Billing(day=day, month=month)
         if report.kind == "delta":
             self._apply_delta(report, observed, policy, billing)
         else:
             self._apply_cumulative(report, observed, policy, billing)
+        totals = self._totals
         for user_id, up, down in billing.billed:
             if late:
                 billing.refused.append(
@@ -147,19 +152,16 @@ class NodeLedger:
                 )
                 continue
             for key in ((user_id, "day", day), (user_id, "month", month)):
-                total = self._totals.get(key)
-                if total is None:
-                    self._totals[key] = [up, down]
-                else:
-                    total[0] += up
-                    total[1] += down
+                total = totals.get(key)
+                totals[key] = (up, down) if total is None else (total[0] + up, total[1] + down)
         if late:
             billing.billed = []
         else:
             billing.totals = self._current_totals(report, day, month)
         if oldest_day > self._kept_from:
             self._kept_from = oldest_day
-            self._forget_before(oldest_day, calendar.month_start(calendar.days_back(oldest_day, 31)))
+            oldest_month = calendar.month_start(calendar.days_back(oldest_day, 31))
+            self._forget_before(oldest_day, oldest_month)
         return billing
 
     def _apply_cumulative(
@@ -170,6 +172,9 @@ class NodeLedger:
             observed - epoch / 1000 if _PLAUSIBLE_EPOCH_MS <= epoch <= observed * 1000 else None
         )
         users = self.users
+        billed = billing.billed
+        surely_fine = policy.allowance(None)  # no interval allows less than this
+        baseline = report.baseline
         for counter in report.counters:
             up, down = counter.up, counter.down
             state = users.get(counter.user_id)
@@ -181,10 +186,13 @@ class NodeLedger:
                 bill_up = up - state[2] if up >= state[2] else up
                 bill_down = down - state[3] if down >= state[3] else down
                 interval = observed - state[4]
-            users[counter.user_id] = [epoch, seq, up, down, observed]
-            if report.baseline or not (bill_up or bill_down):
+            users[counter.user_id] = (epoch, seq, up, down, observed)
+            if baseline or not (bill_up or bill_down):
                 continue
-            self._bill(billing, policy, counter.user_id, bill_up, bill_down, interval)
+            if bill_up <= surely_fine and bill_down <= surely_fine:
+                billed.append((counter.user_id, bill_up, bill_down))
+            else:
+                self._bill(billing, policy, counter.user_id, bill_up, bill_down, interval)
 
     def _apply_delta(
         self, report: CounterReport, observed: int, policy: BillingPolicy, billing: Billing
@@ -233,22 +241,21 @@ class NodeLedger:
 
     def _current_totals(
         self, report: CounterReport, day: int, month: int
-    ) -> list[tuple[str, PeriodKind, int, int, int]]:
-        """The totals of every user the report names, for the report's day and month.
+    ) -> list[tuple[str, int, int, int, int]]:
+        """The day and month totals of every user the report names who has a day total.
 
         Sent even when nothing changed: after a crash the worker handles the message
-        again, and these re-sent totals are what reaches the sinks then.
+        again, and these re-sent totals are what reaches the sinks then. A user
+        without a day total was billed nothing today, so nothing of theirs is owed.
         """
-        out: list[tuple[str, PeriodKind, int, int, int]] = []
+        out: list[tuple[str, int, int, int, int]] = []
         totals = self._totals
         for counter in report.counters:
             user_id = counter.user_id
-            total = totals.get((user_id, "day", day))
-            if total is not None:
-                out.append((user_id, "day", day, total[0], total[1]))
-            total = totals.get((user_id, "month", month))
-            if total is not None:
-                out.append((user_id, "month", month, total[0], total[1]))
+            today = totals.get((user_id, "day", day))
+            if today is not None:
+                this_month = totals[(user_id, "month", month)]
+                out.append((user_id, today[0], today[1], this_month[0], this_month[1]))
         return out
 
     def _forget_before(self, oldest_day: int, oldest_month: int) -> None:
@@ -283,8 +290,8 @@ class NodeLedger:
         raw = orjson.loads(data)
         ledger = cls(raw["node"])
         ledger.watermark = raw["wm"]
-        ledger.users = raw["users"]
-        ledger._totals = {(u, p, s): [up, down] for u, p, s, up, down in raw["totals"]}
+        ledger.users = {user: tuple(state) for user, state in raw["users"].items()}
+        ledger._totals = {(u, p, s): (up, down) for u, p, s, up, down in raw["totals"]}
         ledger._deltas = {int(e): _SeqSet(low, above) for e, (low, above) in raw["deltas"].items()}
         return ledger
 

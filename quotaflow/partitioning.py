@@ -11,8 +11,6 @@ any Kafka tool agrees with quotaflow about it.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from quotaflow.contracts import Counter, CounterReport
 
 _M = 0x5BD1E995
@@ -44,10 +42,18 @@ def murmur2(data: bytes) -> int:
     return h - (1 << 32) if h & 0x80000000 else h
 
 
-@lru_cache(maxsize=1 << 20)
+_owners: dict[tuple[str, int], int] = {}
+
+
 def partition_of(user_id: str, partitions: int) -> int:
-    """The partition that owns `user_id` among `partitions` partitions."""
-    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+    """The partition that owns `user_id` among `partitions` partitions (memoised)."""
+    key = (user_id, partitions)
+    found = _owners.get(key)
+    if found is None:
+        if len(_owners) >= 1 << 21:
+            _owners.clear()
+        found = _owners[key] = (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+    return found
 
 
 def split_report(report: CounterReport, partitions: int) -> dict[int, CounterReport]:

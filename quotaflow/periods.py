@@ -3,6 +3,7 @@
 Days and months are calendar ones in the billing timezone, so a day in a DST zone
 can last 23 or 25 hours.
 
+>>> from datetime import UTC
 >>> from zoneinfo import ZoneInfo
 >>> cal = Calendar(ZoneInfo("Europe/Berlin"))
 >>> instant = int(datetime(2026, 3, 29, 12, tzinfo=UTC).timestamp())
@@ -15,10 +16,11 @@ can last 23 or 25 hours.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from quotaflow.contracts import PeriodKind
+
 
 def _first_instant(day: date, tz: ZoneInfo) -> int:
     """Unix time of the first second of `day` in `tz`.
@@ -35,6 +37,7 @@ class Calendar:
     def __init__(self, tz: ZoneInfo) -> None:
         self.tz = tz
         self._by_slot: dict[int, tuple[int, int]] = {}
+        self._back: dict[tuple[int, int], int] = {}
 
     def starts(self, unix_s: int) -> tuple[int, int]:
         """(day start, month start) of the instant, as Unix seconds.
@@ -74,8 +77,15 @@ class Calendar:
 
     def days_back(self, unix_s: int, days: int) -> int:
         """The start of the calendar day `days` days before the instant's day."""
-        local = datetime.fromtimestamp(unix_s, self.tz).date()
-        return _first_instant(local - timedelta(days=days), self.tz)
+        key = (self.day_start(unix_s), days)
+        found = self._back.get(key)
+        if found is None:
+            local = datetime.fromtimestamp(key[0], self.tz).date()
+            found = _first_instant(local - timedelta(days=days), self.tz)
+            if len(self._back) > 10_000:
+                self._back.clear()
+            self._back[key] = found
+        return found
 
     def label(self, start: int, period: PeriodKind) -> str:
         """A readable name: `2026-11-21` for a day, `2026-11` for a month."""

@@ -160,10 +160,7 @@ def _node_reports(
             total = sim.truth.setdefault((user, node, day), [0, 0])
             total[0] += up
             total[1] += down
-        if delta:
-            shown = moved
-        else:
-            shown = [(u, c[0], c[1]) for u, c in counters.items()]
+        shown = moved if delta else [(u, c[0], c[1]) for u, c in counters.items()]
         reports.append(
             _Report(node, epoch, seq, at, "delta" if delta else "cumulative",
                     baseline and first, shown, day)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError
-from influxdb_client import WritePrecision
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+from influxdb_client.domain.write_precision import WritePrecision
 from pydantic import ValidationError
 
 from producers.publisher import MAX_MESSAGE_BYTES
@@ -41,8 +41,8 @@ def _escape_tag(value: str) -> str:
 def line_protocol(points: dict[SeriesKey, tuple[int, int]]) -> Iterator[str]:
     """Line-protocol lines (second precision) for coalesced totals.
 
-    >>> list(line_protocol({("day", "al ice", "n1", 1763683200): (1, 2)}))
-    ['traffic_daily,node_id=n1,user_id=al\\\\ ice up_bytes=1i,down_bytes=2i,total_bytes=3i 1763683200']
+    >>> print(next(line_protocol({("day", "al ice", "n1", 1763683200): (1, 2)})))
+    traffic_daily,node_id=n1,user_id=al\\ ice up_bytes=1i,down_bytes=2i,total_bytes=3i 1763683200
     """
     for (period, user, node, start), (up, down) in points.items():
         yield (
@@ -103,10 +103,11 @@ class InfluxSink:
         except ValidationError:
             return False
         pending = self._pending
-        node = batch.node_id
-        for total in batch.totals:
-            pending[(total.period, total.user_id, node, total.start)] = (total.up, total.down)
-        self.stats.totals += len(batch.totals)
+        node, day, month = batch.node_id, batch.day, batch.month
+        for user, day_up, day_down, month_up, month_down in batch.totals:
+            pending[("day", user, node, day)] = (day_up, day_down)
+            pending[("month", user, node, month)] = (month_up, month_down)
+        self.stats.totals += 2 * len(batch.totals)
         return True
 
     async def _ensure_database(self) -> None:
@@ -119,7 +120,7 @@ class InfluxSink:
             await write_api.write(
                 bucket=self.settings.influx_bucket,
                 record="\n".join(chunk),
-                write_precision=WritePrecision.S,
+                write_precision=WritePrecision.S,  # type: ignore[arg-type]
             )
             self.stats.writes += 1
         self.stats.points += len(self._pending)
@@ -206,7 +207,7 @@ class InfluxSink:
         finally:
             await consumer.stop()
             await dead.stop()
-            await client.close()
+            await client.close()  # type: ignore[no-untyped-call]
 
     async def _flush(self, client: InfluxDBClientAsync, consumer: AIOKafkaConsumer) -> None:
         if self._pending:

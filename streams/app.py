@@ -91,10 +91,14 @@ class Biller:
     def misrouted(self, report: CounterReport, partition: int) -> bool:
         """True if some reading belongs to another partition."""
         n = self.partitions
-        return any(partition_of(c.user_id, n) != partition for c in report.counters)
+        owner = partition_of
+        return any(owner(c.user_id, n) != partition for c in report.counters)
 
     def bill(self, report: CounterReport, partition: int) -> Billing:
         """Apply one fragment that belongs to `partition`, and persist the ledger."""
+        if not self.stats.messages:
+            self.stats.started = time.monotonic()
+            log.info("first message at %.3f", time.time())  # read by bench/throughput.py
         key = f"{report.node_id}|{partition}".encode()
         ledger = self.ledger(key, report.node_id)
         billing = ledger.update(report, self.policy)
@@ -167,8 +171,8 @@ def create_app(settings: Settings) -> faust.App:
     app.biller = biller  # type: ignore[attr-defined]
     raw_topic = settings.topic("raw")
 
-    @app.on_partitions_revoked.connect  # type: ignore[misc]
-    async def _forget(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _forget(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         biller.forget_live()
 
     async def send_dead(payload: bytes, partition: int, offset: int, reason: DeadReason,
@@ -180,7 +184,7 @@ def create_app(settings: Settings) -> faust.App:
             partition=partition,
         )
 
-    @app.agent(raw)  # type: ignore[misc]
+    @app.agent(raw)
     async def bill(stream: Any) -> None:
         async for event in stream.events():
             message = event.message
@@ -201,7 +205,10 @@ def create_app(settings: Settings) -> faust.App:
             billing = biller.bill(report, partition)
             if billing.totals:
                 await totals.send(
-                    key=report.node_id.encode(), value=TotalsBatch.encode(report.node_id, billing.totals),
+                    key=report.node_id.encode(),
+                    value=TotalsBatch.encode(
+                        report.node_id, billing.day, billing.month, billing.totals
+                    ),
                     partition=partition,
                 )
             by_reason: dict[DeadReason, list[Refusal]] = {}
@@ -213,7 +220,7 @@ def create_app(settings: Settings) -> faust.App:
                     tuple({"user_id": r.user_id, "up": r.up, "down": r.down} for r in refusals),
                 )
 
-    @app.timer(interval=10.0)  # type: ignore[misc]
+    @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def _status() -> None:
         log.info("%s", biller.stats.line())
 

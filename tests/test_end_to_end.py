@@ -20,7 +20,6 @@ from sinks.influxql import InfluxQL
 from sinks.ledger_check import compare, read_daily_totals
 from streams.lag import LagProbe
 
-
 pytestmark = pytest.mark.integration
 
 # 20 nodes x 500 users x 3 days across the 2026 spring DST change in New York

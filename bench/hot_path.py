@@ -1,0 +1,62 @@
+"""The worker's pure hot path on one core, without Kafka: validate, bill, encode.
+
+    python bench/hot_path.py [--nodes 10 --users 3000 --days 1 --interval 600]
+
+Prints readings per second for the whole path per message (validation of the
+raw fragment, `NodeLedger.update`, the ledger's changelog record and the totals
+record), the ceiling any worker process built on these pieces can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from producers.publisher import encode_report
+from quotaflow.contracts import CounterReport, TotalsBatch
+from quotaflow.ledger import NodeLedger
+from quotaflow.partitioning import split_report
+from quotaflow.settings import Settings
+from quotaflow.simulation import FleetSpec, simulate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--days", type=float, default=1.0)
+    parser.add_argument("--interval", type=int, default=600)
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args()
+    sim = simulate(FleetSpec(nodes=args.nodes, users=args.users, days=args.days,
+                             interval_s=args.interval, malformed=0, nodes_per_user=(1, 2)))
+    messages = [
+        (p, encode_report(fragment))
+        for line in sim.lines
+        for p, fragment in split_report(CounterReport.model_validate_json(line),
+                                        args.partitions).items()
+    ]
+    policy = Settings().billing_policy
+    print(f"{sim.readings} readings in {len(messages)} messages "
+          f"({sim.readings / len(messages):.0f} per message)")
+    for label in ("first pass", "second pass"):
+        ledgers: dict[tuple[str, int], NodeLedger] = {}
+        out = 0
+        start = time.perf_counter()
+        for partition, value in messages:
+            report = CounterReport.model_validate_json(value)
+            key = (report.node_id, partition)
+            ledger = ledgers.get(key)
+            if ledger is None:
+                ledger = ledgers[key] = NodeLedger(report.node_id)
+            billing = ledger.update(report, policy)
+            out += len(ledger.to_bytes())
+            out += len(TotalsBatch.encode(report.node_id, billing.day, billing.month,
+                                          billing.totals))
+        seconds = time.perf_counter() - start
+        print(f"{label:20s} {sim.readings / seconds:12,.0f} readings/s "
+              f"({seconds:.2f} s, {out / sim.readings:.0f} bytes produced per reading)")
+
+
+if __name__ == "__main__":
+    main()
