@@ -118,14 +118,17 @@ class NodeLedger:
 
     __slots__ = ("_deltas", "_kept_from", "_totals", "node_id", "users", "watermark")
 
+    _totals: dict[PeriodKind, dict[int, dict[str, tuple[int, int]]]]
+
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         # Tuples of ints only, never lists: the garbage collector stops tracking
         # them, so a large state costs no time in collections.
         # user -> (epoch, seq, up, down, observed_s) of the last cumulative counters
         self.users: dict[str, tuple[int, int, int, int, int]] = {}
-        # (user, period, start) -> (up, down)
-        self._totals: dict[tuple[str, PeriodKind, int], tuple[int, int]] = {}
+        # period -> period start -> user -> (up, down); nested so that the whole
+        # state serialises without a Python loop
+        self._totals = {"day": {}, "month": {}}
         self._deltas: dict[int, _SeqSet] = {}
         self._kept_from = 0  # the oldest day start whose totals are kept
         self.watermark = 0  # the latest observed_at seen, Unix seconds
@@ -143,17 +146,19 @@ class NodeLedger:
             self._apply_delta(report, observed, policy, billing)
         else:
             self._apply_cumulative(report, observed, policy, billing)
-        totals = self._totals
-        for user_id, up, down in billing.billed:
-            if late:
+        if late:
+            for user_id, up, down in billing.billed:
                 billing.refused.append(
                     Refusal("late", f"observed before the lateness window (day {day})",
                             user_id, up, down)
                 )
-                continue
-            for key in ((user_id, "day", day), (user_id, "month", month)):
-                total = totals.get(key)
-                totals[key] = (up, down) if total is None else (total[0] + up, total[1] + down)
+        elif billing.billed:
+            for totals in (self._period("day", day), self._period("month", month)):
+                for user_id, up, down in billing.billed:
+                    total = totals.get(user_id)
+                    totals[user_id] = (up, down) if total is None else (
+                        total[0] + up, total[1] + down
+                    )
         if late:
             billing.billed = []
         else:
@@ -239,6 +244,14 @@ class NodeLedger:
         else:
             billing.billed.append((user_id, up, down))
 
+    def _period(self, period: PeriodKind, start: int) -> dict[str, tuple[int, int]]:
+        """The user totals of one period, created empty when missing."""
+        starts = self._totals[period]
+        found = starts.get(start)
+        if found is None:
+            found = starts[start] = {}
+        return found
+
     def _current_totals(
         self, report: CounterReport, day: int, month: int
     ) -> list[tuple[str, int, int, int, int]]:
@@ -248,28 +261,28 @@ class NodeLedger:
         again, and these re-sent totals are what reaches the sinks then. A user
         without a day total was billed nothing today, so nothing of theirs is owed.
         """
+        today = self._totals["day"].get(day)
+        if not today:
+            return []
+        this_month = self._totals["month"][month]
         out: list[tuple[str, int, int, int, int]] = []
-        totals = self._totals
         for counter in report.counters:
             user_id = counter.user_id
-            today = totals.get((user_id, "day", day))
-            if today is not None:
-                this_month = totals[(user_id, "month", month)]
-                out.append((user_id, today[0], today[1], this_month[0], this_month[1]))
+            total = today.get(user_id)
+            if total is not None:
+                monthly = this_month[user_id]
+                out.append((user_id, total[0], total[1], monthly[0], monthly[1]))
         return out
 
     def _forget_before(self, oldest_day: int, oldest_month: int) -> None:
-        stale = [
-            key for key in self._totals
-            if key[2] < (oldest_day if key[1] == "day" else oldest_month)
-        ]
-        for key in stale:
-            del self._totals[key]
+        for period, oldest in (("day", oldest_day), ("month", oldest_month)):
+            starts = self._totals[period]  # type: ignore[index]
+            for start in [s for s in starts if s < oldest]:
+                del starts[start]
 
     def total(self, user_id: str, period: PeriodKind, start: int) -> tuple[int, int] | None:
         """The running (up, down) total of a user for the period starting at `start`."""
-        found = self._totals.get((user_id, period, start))
-        return (found[0], found[1]) if found else None
+        return self._totals[period].get(start, {}).get(user_id)
 
     def to_bytes(self) -> bytes:
         """The whole state as one record, for the changelog."""
@@ -279,9 +292,10 @@ class NodeLedger:
                 "node": self.node_id,
                 "wm": self.watermark,
                 "users": self.users,
-                "totals": [[u, p, s, t[0], t[1]] for (u, p, s), t in self._totals.items()],
-                "deltas": {str(e): [s.low, s.above] for e, s in self._deltas.items()},
-            }
+                "totals": self._totals,
+                "deltas": {e: [s.low, s.above] for e, s in self._deltas.items()},
+            },
+            option=orjson.OPT_NON_STR_KEYS,
         )
 
     @classmethod
@@ -291,7 +305,13 @@ class NodeLedger:
         ledger = cls(raw["node"])
         ledger.watermark = raw["wm"]
         ledger.users = {user: tuple(state) for user, state in raw["users"].items()}
-        ledger._totals = {(u, p, s): (up, down) for u, p, s, up, down in raw["totals"]}
+        ledger._totals = {
+            period: {
+                int(start): {user: (t[0], t[1]) for user, t in users.items()}
+                for start, users in raw["totals"][period].items()
+            }
+            for period in ("day", "month")
+        }
         ledger._deltas = {int(e): _SeqSet(low, above) for e, (low, above) in raw["deltas"].items()}
         return ledger
 
