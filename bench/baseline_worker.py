@@ -16,26 +16,14 @@ import faust
 from quotaflow.contracts import CounterReport, TotalsBatch
 from quotaflow.ledger import NodeLedger
 from quotaflow.settings import Settings
+from streams.app import faust_app
 
 log = logging.getLogger("quotaflow.bench.baseline")
 
 
 def create_baseline_app(settings: Settings) -> faust.App:
     """A per-reading Faust app reading `<prefix>.readings`."""
-    app = faust.App(
-        f"{settings.topic_prefix}-baseline",
-        broker=f"kafka://{settings.kafka_bootstrap}",
-        store="memory://",
-        datadir=str(settings.state_dir / "baseline"),
-        key_serializer="raw",
-        value_serializer="raw",
-        topic_partitions=settings.partitions,
-        processing_guarantee="at_least_once",
-        producer_acks=-1,
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
-        web_enabled=False,
-    )
+    app = faust_app(settings, f"{settings.topic_prefix}-baseline")
     readings = app.topic(settings.topic("readings"), partitions=settings.partitions)
     totals = app.topic(settings.topic("totals"), partitions=settings.partitions)
     table = app.Table("per-reading-ledgers", default=None, partitions=settings.partitions,
@@ -68,6 +56,5 @@ def create_baseline_app(settings: Settings) -> faust.App:
 
 if __name__ == "__main__":
     settings = Settings()
-    (settings.state_dir / "baseline").mkdir(parents=True, exist_ok=True)
     worker = faust.Worker(create_baseline_app(settings), loglevel="INFO", quiet=True)
     worker.execute_from_commandline()

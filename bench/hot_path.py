@@ -9,27 +9,22 @@ record), the ceiling any worker process built on these pieces can reach.
 
 from __future__ import annotations
 
-import argparse
 import time
+
+from workload import workload, workload_parser
 
 from producers.publisher import encode_report
 from quotaflow.contracts import CounterReport, TotalsBatch
 from quotaflow.ledger import NodeLedger
 from quotaflow.partitioning import split_report
 from quotaflow.settings import Settings
-from quotaflow.simulation import FleetSpec, simulate
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=10)
-    parser.add_argument("--users", type=int, default=3000)
-    parser.add_argument("--days", type=float, default=1.0)
-    parser.add_argument("--interval", type=int, default=600)
+    parser = workload_parser(__doc__.splitlines()[0])
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args()
-    sim = simulate(FleetSpec(nodes=args.nodes, users=args.users, days=args.days,
-                             interval_s=args.interval, malformed=0, nodes_per_user=(1, 2)))
+    sim = workload(args)
     messages = [
         (p, encode_report(fragment))
         for line in sim.lines

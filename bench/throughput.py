@@ -12,7 +12,6 @@ otherwise starts local ones with `quotaflow.local`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -23,13 +22,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from kafka import KafkaProducer
+from workload import workload, workload_parser
 
 from producers.publisher import ReportPublisher, encode_report, ensure_topics
 from quotaflow.contracts import CounterReport
 from quotaflow.partitioning import partition_of
 from quotaflow.periods import Calendar
 from quotaflow.settings import Settings
-from quotaflow.simulation import FleetSpec, Simulation, simulate
+from quotaflow.simulation import Simulation
 from sinks.ledger_check import compare, read_daily_totals
 from streams.lag import LagProbe
 
@@ -107,11 +107,7 @@ def _check(settings: Settings, sim: Simulation) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=10)
-    parser.add_argument("--users", type=int, default=3000)
-    parser.add_argument("--days", type=float, default=1.0)
-    parser.add_argument("--interval", type=int, default=600)
+    parser = workload_parser(__doc__.splitlines()[0])
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
 
@@ -123,9 +119,7 @@ def main() -> None:
         services = local.up()
         bootstrap, influx = services.kafka_bootstrap, services.influx_url
 
-    spec = FleetSpec(nodes=args.nodes, users=args.users, days=args.days,
-                     interval_s=args.interval, malformed=0, nodes_per_user=(1, 2))
-    sim = simulate(spec)
+    sim = workload(args)
     workdir = Path(tempfile.mkdtemp(prefix="quotaflow-bench-"))
     tag = uuid.uuid4().hex[:8]
     print(f"workload: {sim.reports} reports, {sim.readings} readings from {args.nodes} nodes, "

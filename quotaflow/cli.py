@@ -165,7 +165,9 @@ def parse_cmd(
     ] = None,
     up_metric: Annotated[str | None, typer.Option(help="prometheus: upload metric.")] = None,
     down_metric: Annotated[str | None, typer.Option(help="prometheus: download metric.")] = None,
-    user_label: Annotated[str | None, typer.Option(help="prometheus: label naming the user.")] = None,
+    user_label: Annotated[
+        str | None, typer.Option(help="prometheus: label naming the user.")
+    ] = None,
     direction_label: Annotated[
         str | None, typer.Option(help="prometheus: label telling the direction.")
     ] = None,

@@ -88,7 +88,9 @@ class TotalsBatch(_Contract):
     totals: tuple[UserTotals, ...]
 
     @staticmethod
-    def encode(node_id: str, day: int, month: int, rows: list[tuple[str, int, int, int, int]]) -> bytes:
+    def encode(
+        node_id: str, day: int, month: int, rows: list[tuple[str, int, int, int, int]]
+    ) -> bytes:
         """Encode without building a model (the hot path); the same JSON the model reads.
 
         >>> TotalsBatch.model_validate_json(TotalsBatch.encode("n", 86400, 0, [("u", 1, 2, 3, 4)]))

@@ -82,7 +82,7 @@ class InfluxQL:
                     Series(
                         name=series.get("name", ""),
                         tags=series.get("tags", {}),
-                        rows=[dict(zip(columns, values, strict=True)) for values in series["values"]],
+                        rows=[dict(zip(columns, row, strict=True)) for row in series["values"]],
                     )
                 )
         return out

@@ -132,13 +132,15 @@ def dead_letter(
     ).model_dump_json().encode()
 
 
-def create_app(settings: Settings) -> faust.App:
-    """Build the Faust app for these settings (the app id derives from the topic prefix)."""
-    app = faust.App(
-        settings.app_id,
+def faust_app(settings: Settings, app_id: str) -> faust.App:
+    """A Faust app with quotaflow's broker, delivery and size settings."""
+    datadir = settings.state_dir / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
-        datadir=str(settings.state_dir / "faust"),
+        datadir=str(datadir),
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=settings.partitions,
@@ -156,6 +158,11 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=False,
         table_cleanup_interval=3600.0,
     )
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the Faust app for these settings (the app id derives from the topic prefix)."""
+    app = faust_app(settings, settings.app_id)
     raw = app.topic(settings.topic("raw"), partitions=settings.partitions)
     totals = app.topic(settings.topic("totals"), partitions=settings.partitions)
     dead = app.topic(settings.topic("dead"), partitions=settings.partitions)
@@ -230,7 +237,6 @@ def create_app(settings: Settings) -> faust.App:
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM."""
     ensure_topics(settings)
-    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -50,9 +50,17 @@ def _assert_exact(settings: Settings, sim: Simulation) -> None:
     series = InfluxQL.from_settings(settings).query(
         "SELECT up_bytes, down_bytes FROM traffic_monthly GROUP BY user_id, node_id"
     )
-    found = {(s.tags["user_id"], s.tags["node_id"], int(r["time"])): [r["up_bytes"], r["down_bytes"]]
-             for s in series for r in s.rows}
+    found = {
+        (s.tags["user_id"], s.tags["node_id"], int(r["time"])): [r["up_bytes"], r["down_bytes"]]
+        for s in series for r in s.rows
+    }
     assert found == months
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The conftest settings, billing in the fleet's timezone."""
+    return settings.model_copy(update={"timezone": SPEC.timezone})
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +74,6 @@ def fleet() -> Simulation:
 
 def test_fleet_totals_equal_ground_truth(fleet: Simulation, settings: Settings,
                                          pipeline: Any) -> None:
-    settings = settings.model_copy(update={"timezone": SPEC.timezone})
-    pipeline.settings = settings
-    pipeline.stop()
-    pipeline.start("worker")
-    pipeline.start("sink")
     _publish(settings, fleet.lines)
     pipeline.wait()
     _assert_exact(settings, fleet)
@@ -89,11 +92,6 @@ def test_fleet_totals_equal_ground_truth(fleet: Simulation, settings: Settings,
 
 def test_worker_killed_mid_stream_keeps_totals_exact(fleet: Simulation, settings: Settings,
                                                      pipeline: Any) -> None:
-    settings = settings.model_copy(update={"timezone": SPEC.timezone})
-    pipeline.settings = settings
-    pipeline.stop()
-    pipeline.start("worker")
-    pipeline.start("sink")
     rng = random.Random(5)
     parts = 4
     size = len(fleet.lines) // parts + 1

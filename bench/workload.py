@@ -1,0 +1,23 @@
+"""The benchmarks' shared workload: a simulated fleet chosen on the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from quotaflow.simulation import FleetSpec, Simulation, simulate
+
+
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the fleet's shape options."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--days", type=float, default=1.0)
+    parser.add_argument("--interval", type=int, default=600, help="seconds between reports")
+    return parser
+
+
+def workload(args: argparse.Namespace) -> Simulation:
+    """The fleet the options describe, with no malformed lines."""
+    return simulate(FleetSpec(nodes=args.nodes, users=args.users, days=args.days,
+                              interval_s=args.interval, malformed=0, nodes_per_user=(1, 2)))
