@@ -267,11 +267,8 @@ def run_cmd(
 
     settings = _settings()
     ensure_topics(settings)
-    me = [sys.executable, "-m", "quotaflow"]
-    children = {
-        "worker": subprocess.Popen([*me, "worker"]),
-        "influx-sink": subprocess.Popen([*me, "sink", "influx"]),
-    }
+    commands = {"worker": ["worker"], "influx-sink": ["sink", "influx"]}
+    children = {name: _spawn(args) for name, args in commands.items()}
     stopping = False
 
     def stop(*_: Any) -> None:
@@ -282,19 +279,24 @@ def run_cmd(
     signal.signal(signal.SIGTERM, stop)
     probe = LagProbe(settings)
     started = time.monotonic()
+    restarts = 0
     try:
         with Live(console=console, refresh_per_second=2, transient=False) as live:
             while not stopping:
-                dead = [name for name, p in children.items() if p.poll() is not None]
-                if dead:
-                    console.print(f"[red]{', '.join(dead)} exited[/red]")
-                    break
+                for name, process in children.items():
+                    if process.poll() is not None:  # e.g. Kafka was gone too long: start again
+                        console.print(f"[yellow]{name} exited ({process.returncode}); "
+                                      "restarting[/yellow]")
+                        restarts += 1
+                        time.sleep(1.0)
+                        children[name] = _spawn(commands[name])
                 try:
                     lag = probe.lag()
                     text = f"worker lag {lag.raw:>8}  sink lag {lag.totals:>8}"
                 except Exception as exc:  # the display must not stop the pipeline
                     text = f"lag unknown ({type(exc).__name__})"
-                live.update(f"quotaflow run  {time.monotonic() - started:7.0f}s  {text}")
+                live.update(f"quotaflow run  {time.monotonic() - started:7.0f}s  {text}"
+                            f"  restarts {restarts}")
                 if seconds is not None and time.monotonic() - started >= seconds:
                     break
                 time.sleep(1.0)
@@ -308,6 +310,11 @@ def run_cmd(
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    """Start `quotaflow ARGS` as a child process with this environment."""
+    return subprocess.Popen([sys.executable, "-m", "quotaflow", *args])
 
 
 # ---------------------------------------------------------------- queries

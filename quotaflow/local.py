@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "INFLUXDB_VERSION",
@@ -109,21 +109,40 @@ class LocalServices:
 
     def stop_kafka(self, timeout: float = _STOP_TIMEOUT_S) -> None:
         """Stop the broker but keep its data and port, to simulate a Kafka outage."""
-        with _locked(self.state_dir):
-            self._refresh()
-            _stop_pid(self.kafka_pid, self._marker, timeout)
-            self.kafka_pid = None
-            _save(self)
+        self._stop("kafka", timeout)
 
     def start_kafka(self, timeout: float = 60.0) -> None:
         """Start the broker again on the same port with the same data (no-op if it runs)."""
+        self._start("kafka", timeout)
+
+    def stop_influx(self, timeout: float = _STOP_TIMEOUT_S) -> None:
+        """Stop InfluxDB but keep its data and port, to simulate an InfluxDB outage."""
+        self._stop("influx", timeout)
+
+    def start_influx(self, timeout: float = 60.0) -> None:
+        """Start InfluxDB again on the same port with the same data (no-op if it runs)."""
+        self._start("influx", timeout)
+
+    def _stop(self, server: Literal["kafka", "influx"], timeout: float) -> None:
         with _locked(self.state_dir):
             self._refresh()
-            if _alive(self.kafka_pid, self._marker):
-                return
-            self.kafka_pid = _launch_kafka(self)
+            _stop_pid(getattr(self, f"{server}_pid"), self._marker, timeout)
+            setattr(self, f"{server}_pid", None)
             _save(self)
-            _wait_kafka(self, time.monotonic() + timeout)
+
+    def _start(self, server: Literal["kafka", "influx"], timeout: float) -> None:
+        with _locked(self.state_dir):
+            self._refresh()
+            if _alive(getattr(self, f"{server}_pid"), self._marker):
+                return
+            if server == "kafka":
+                self.kafka_pid = _launch_kafka(self)
+                _save(self)
+                _wait_kafka(self, time.monotonic() + timeout)
+            else:
+                self.influx_pid = _launch_influx(self)
+                _save(self)
+                _wait_influx(self, time.monotonic() + timeout)
 
     def down(self, keep_data: bool = False) -> bool:
         """Stop both servers; see `down()`."""

@@ -8,12 +8,16 @@ everything published so far is in InfluxDB.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
 from quotaflow.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,14 @@ class LagProbe:
         what adds totals.
         """
         deadline = time.monotonic() + timeout_s
+        lag = Lag(-1, -1)  # unknown until Kafka answers
         while True:
-            lag = self.lag()
-            if lag.raw == 0 and self.lag().done:
-                return Lag(0, 0)
+            try:
+                lag = self.lag()
+                if lag.raw == 0 and self.lag().done:
+                    return Lag(0, 0)
+            except KafkaError as exc:  # e.g. no group coordinator yet on a fresh broker
+                log.debug("lag unknown for now: %s", exc)
             if time.monotonic() >= deadline:
                 return lag
             time.sleep(poll_s)

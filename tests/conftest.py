@@ -37,6 +37,12 @@ class ExternalServices:
     def start_kafka(self) -> None:
         pytest.fail("QUOTAFLOW_TEST_EXTERNAL: cannot start an external Kafka")
 
+    def stop_influx(self) -> None:
+        pytest.fail("QUOTAFLOW_TEST_EXTERNAL: cannot stop an external InfluxDB")
+
+    def start_influx(self) -> None:
+        pytest.fail("QUOTAFLOW_TEST_EXTERNAL: cannot start an external InfluxDB")
+
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:

@@ -165,15 +165,6 @@ FAKE_SOURCE = textwrap.dedent('''
 ''')
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        out[f"QUOTAFLOW_{name.upper()}"] = str(value)
-    return out
-
-
 class AgentProcess:
     """`python -m producers.agent` with a fake command source, as a real subprocess."""
 
@@ -198,7 +189,7 @@ class AgentProcess:
             parser = "json"
             interval_s = {interval_s}
         '''))
-        self.env = {**os.environ, **_env(settings), "PYTHONPATH": str(ROOT)}
+        self.env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
         self.process: subprocess.Popen[bytes] | None = None
         self.log = tmp / "agent.log"
 
