@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from faust.types import TP
 from pydantic import ValidationError
 
 from producers.publisher import MAX_MESSAGE_BYTES, encode_report, ensure_topics
@@ -74,6 +76,7 @@ class Biller:
         self.table = table
         self._live: dict[bytes, NodeLedger] = {}
         self.stats = WorkerStats()
+        self.processed: dict[int, int] = {}  # raw partition -> last offset handled
 
     def forget_live(self) -> None:
         """Drop decoded ledgers; after a rebalance the table is the truth."""
@@ -107,6 +110,45 @@ class Biller:
         self.stats.readings += len(report.counters)
         self.stats.billed_bytes += billing.billed_bytes
         return billing
+
+
+class CommitWatchdog:
+    """Notices when Faust stops committing offsets of messages the worker has handled.
+
+    Faust commits the offsets of handled messages every second. If its
+    bookkeeping stalls (seen after rebalances during crash loops), the worker
+    would handle new messages but never commit them, and each restart would
+    redo ever more work. The worker then exits, and its supervisor (`quotaflow
+    run`, systemd) starts it again from the last commit, which is harmless: a
+    redelivered message bills nothing twice.
+
+    >>> dog = CommitWatchdog(stall_s=30.0)
+    >>> dog.stalled(0, offset=9, committed=10, now=0.0)  # all handled work is committed
+    0.0
+    >>> dog.stalled(0, offset=20, committed=10, now=1.0)
+    0.0
+    >>> dog.stalled(0, offset=25, committed=10, now=40.0)  # no commit progress for 39 s
+    39.0
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self._since: dict[int, tuple[int | None, float]] = {}
+
+    def stalled(
+        self, partition: int, offset: int, committed: int | None, now: float | None = None
+    ) -> float:
+        """Seconds the partition's commits are stuck behind handled work (0.0 if not stuck)."""
+        now = time.monotonic() if now is None else now
+        if committed is not None and committed > offset:
+            self._since.pop(partition, None)
+            return 0.0
+        last_committed, since = self._since.setdefault(partition, (committed, now))
+        if last_committed != committed:  # commits progress, just not caught up yet
+            self._since[partition] = (committed, now)
+            return 0.0
+        waited = now - since
+        return waited if waited >= self.stall_s else 0.0
 
 
 def dead_letter(
@@ -196,6 +238,7 @@ def create_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             message = event.message
             partition, offset, value = message.partition, message.offset, event.value
+            biller.processed[partition] = offset
             try:
                 report = CounterReport.model_validate_json(value)
             except ValidationError as exc:
@@ -230,6 +273,26 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def _status() -> None:
         log.info("%s", biller.stats.line())
+
+    watchdog = CommitWatchdog(stall_s=30.0)
+
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
+    async def _watch_commits() -> None:
+        consumer: Any = app.consumer
+        committed = consumer._committed_offset  # Faust's record of what it committed (private)
+        for partition, offset in list(biller.processed.items()):
+            tp = TP(raw_topic, partition)
+            stalled = watchdog.stalled(partition, offset, committed.get(tp))
+            if stalled:
+                acked = consumer._acked.get(tp) or []
+                log.error(
+                    "offset commits of %s stalled for %.0fs (handled up to %d, committed %s, "
+                    "acked head %s, %d acked): exiting so the supervisor restarts the worker "
+                    "from the last commit", tp, stalled, offset, committed.get(tp),
+                    sorted(acked)[:3], len(acked),
+                )
+                logging.shutdown()
+                os._exit(70)
 
     return app
 

@@ -116,13 +116,26 @@ class Pipeline:
                 process.kill()
         self.processes.clear()
 
+    def restart_exited(self) -> None:
+        """Start again what exited, as `quotaflow run` or systemd would."""
+        for name, process in list(self.processes.items()):
+            if process.poll() is not None:
+                self.start(name)
+
     def wait(self, timeout_s: float = 180.0) -> None:
         """Block until everything published is in InfluxDB; fail with the logs if not."""
+        import time
+
         from streams.lag import LagProbe
 
         probe = LagProbe(self.settings)
+        deadline = time.monotonic() + timeout_s
         try:
-            lag = probe.wait_until_done(timeout_s)
+            while True:
+                self.restart_exited()
+                lag = probe.wait_until_done(min(5.0, max(deadline - time.monotonic(), 0.0)))
+                if lag.done or time.monotonic() >= deadline:
+                    break
         finally:
             probe.close()
         if not lag.done:
