@@ -91,7 +91,9 @@ def simulate_cmd(
     interval: Annotated[int, typer.Option(help="Seconds between a node's reports.")] = 3600,
     malformed: int = 12,
     out: Annotated[Path | None, typer.Option(help="Write JSON lines here, not to Kafka.")] = None,
-    truth: Annotated[Path | None, typer.Option(help="Write ground truth JSON lines here.")] = None,
+    truth: Annotated[
+        Path | None, typer.Option(help="Write ground truth JSON lines here (- for stdout).")
+    ] = None,
 ) -> None:
     """Simulate a fleet: publish its reports to Kafka (or write them) and its ground truth."""
     settings = _settings()
@@ -102,7 +104,11 @@ def simulate_cmd(
     sim = simulate(spec)
     calendar = Calendar(ZoneInfo(settings.timezone))
     if truth is not None:
-        truth.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in iter_truth_rows(sim, calendar)))
+        rows = b"".join(orjson.dumps(r) + b"\n" for r in iter_truth_rows(sim, calendar))
+        if str(truth) == "-":
+            sys.stdout.buffer.write(rows)
+        else:
+            truth.write_bytes(rows)
     if out is not None:
         out.write_bytes(b"".join(line + b"\n" for line in sim.lines))
     else:
