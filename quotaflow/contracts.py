@@ -15,7 +15,7 @@ Producers, the stream worker, the sinks and the tests all import these models;
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import orjson
@@ -121,3 +121,33 @@ class DeadLetter(_Contract):
     def original(self) -> bytes:
         """The bytes of the message as it arrived."""
         return base64.b64decode(self.payload)
+
+    @classmethod
+    def encode(
+        cls,
+        reason: DeadReason,
+        detail: str,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        payload: bytes | None,
+        readings: tuple[dict[str, int | str], ...] = (),
+    ) -> bytes:
+        """The record for a message that was not billed, stamped now.
+
+        >>> letter = DeadLetter.model_validate_json(DeadLetter.encode(
+        ...     "invalid", "not JSON", topic="t", partition=0, offset=7, payload=b"\\xff"))
+        >>> letter.reason, letter.original()
+        ('invalid', b'\\xff')
+        """
+        return cls(
+            reason=reason,
+            detail=detail,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            at=datetime.now(UTC),
+            payload=base64.b64encode(payload or b"").decode(),
+            readings=readings,
+        ).model_dump_json().encode()

@@ -23,7 +23,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 from pydantic import ValidationError
 
 from producers.publisher import MAX_MESSAGE_BYTES
-from quotaflow.contracts import PeriodKind, TotalsBatch
+from quotaflow.contracts import DeadLetter, PeriodKind, TotalsBatch
 from quotaflow.settings import Settings
 from sinks.influxql import InfluxQL
 
@@ -194,7 +194,13 @@ class InfluxSink:
                         if record.value is None or not self.absorb(record.value):
                             self.stats.invalid += 1
                             await dead.send_and_wait(
-                                settings.topic("dead"), value=record.value, partition=tp.partition
+                                settings.topic("dead"),
+                                value=DeadLetter.encode(
+                                    "invalid", "not a TotalsBatch record", topic=tp.topic,
+                                    partition=tp.partition, offset=record.offset,
+                                    payload=record.value,
+                                ),
+                                partition=tp.partition,
                             )
                 now = time.monotonic()
                 if (

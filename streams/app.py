@@ -11,13 +11,11 @@ across crashes. Totals go to `<prefix>.totals`, refusals to `<prefix>.dead`.
 
 from __future__ import annotations
 
-import base64
 import gc
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -152,29 +150,6 @@ class CommitWatchdog:
         return waited if waited >= self.stall_s else 0.0
 
 
-def dead_letter(
-    reason: DeadReason,
-    detail: str,
-    *,
-    topic: str,
-    partition: int,
-    offset: int,
-    payload: bytes,
-    readings: tuple[dict[str, int | str], ...] = (),
-) -> bytes:
-    """The encoded dead-letter record for a message."""
-    return DeadLetter(
-        reason=reason,
-        detail=detail,
-        topic=topic,
-        partition=partition,
-        offset=offset,
-        at=datetime.now(UTC),
-        payload=base64.b64encode(payload).decode(),
-        readings=readings,
-    ).model_dump_json().encode()
-
-
 def faust_app(settings: Settings, app_id: str) -> faust.App:
     """A Faust app with quotaflow's broker, delivery and size settings."""
     datadir = settings.state_dir / app_id
@@ -232,8 +207,8 @@ def create_app(settings: Settings) -> faust.App:
                         detail: str, readings: tuple[dict[str, int | str], ...] = ()) -> None:
         biller.stats.dead += 1
         await dead.send(
-            value=dead_letter(reason, detail, topic=raw_topic, partition=partition, offset=offset,
-                              payload=payload, readings=readings),
+            value=DeadLetter.encode(reason, detail, topic=raw_topic, partition=partition,
+                                    offset=offset, payload=payload, readings=readings),
             partition=partition,
         )
 
