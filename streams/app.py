@@ -64,8 +64,8 @@ def _validation_reason(exc: ValidationError) -> str:
 class Biller:
     """Applies report fragments to node ledgers and says what to publish.
 
-    Faust-independent apart from the `table` mapping it is given, so that the
-    textbook baseline in `bench/` and the worker share it.
+    It knows nothing of Faust but the `table` mapping it is given: the ledger
+    of node N in partition P is stored under the key `N|P`, as one record.
     """
 
     def __init__(self, settings: Settings, table: Any) -> None:
