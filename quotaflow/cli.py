@@ -376,6 +376,43 @@ def usage_cmd(
     Console().print(table)
 
 
+@app.command("top")
+def top_cmd(
+    limit: Annotated[int, typer.Option(min=1, help="How many users.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+) -> None:
+    """The heaviest users over everything in InfluxDB, all nodes together."""
+    from rich.table import Table
+
+    from sinks.influxql import InfluxQL, InfluxQLError
+
+    settings = _settings()
+    statement = (
+        "SELECT sum(up_bytes) AS up, sum(down_bytes) AS down, sum(total_bytes) AS total "
+        "FROM traffic_daily GROUP BY user_id"
+    )
+    try:
+        series = InfluxQL.from_settings(settings).query(statement)
+    except InfluxQLError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    rows = sorted(
+        ({"user_id": s.tags["user_id"], **{k: s.rows[0][k] for k in ("up", "down", "total")}}
+         for s in series if s.rows),
+        key=lambda row: -int(row["total"]),
+    )[:limit]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title=f"top {limit} users, all nodes and days")
+    for column in ("user_id", "up", "down", "total"):
+        table.add_column(column, justify="left" if column == "user_id" else "right")
+    for row in rows:
+        table.add_row(row["user_id"], *(f"{row[c]:,}" for c in ("up", "down", "total")))
+    Console().print(table)
+
+
 @app.command("check")
 def check_cmd(
     truth: Annotated[Path, typer.Option(help="Ground truth from `simulate --truth`.")],

@@ -23,7 +23,8 @@ trap 'kill -TERM $pipeline 2>/dev/null; wait $pipeline 2>/dev/null || true' EXIT
 echo "== replaying the fleet into Kafka and waiting until InfluxDB has it all"
 quotaflow replay "$work/fleet.jsonl" --wait --timeout 600
 
-echo "== totals of two users, read back from InfluxDB"
+echo "== per-user totals, read back from InfluxDB"
+quotaflow top --limit 10
 quotaflow usage --user user-00007 --period day
 quotaflow usage --user user-00042 --period month
 
