@@ -99,7 +99,7 @@ class TotalsBatch(_Contract):
         return orjson.dumps({"node_id": node_id, "day": day, "month": month, "totals": rows})
 
 
-DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch"]
+DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch", "error"]
 
 
 class DeadLetter(_Contract):

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_rate_bytes_per_s: int = Field(default=1_250_000_000, ge=1)  # 10 Gbit/s per user
     min_interval_s: float = Field(default=60.0, gt=0)
     lateness_days: int = Field(default=3, ge=0)
+    max_clock_skew_s: float = Field(default=86_400.0, gt=0)  # reports further ahead are refused
 
     state_dir: Path = Path("./.quotaflow-state")
     sink_batch_lines: int = Field(default=5000, ge=1)

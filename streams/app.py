@@ -223,6 +223,12 @@ def create_app(settings: Settings) -> faust.App:
             except ValidationError as exc:
                 await send_dead(value, partition, offset, "invalid", _validation_reason(exc))
                 continue
+            ahead = report.observed_at.timestamp() - time.time()
+            if ahead > settings.max_clock_skew_s:  # a bad clock would make later reports late
+                await send_dead(value, partition, offset, "invalid",
+                                f"observed_at is {ahead:.0f}s in the future "
+                                f"(more than QUOTAFLOW_MAX_CLOCK_SKEW_S)")
+                continue
             if biller.misrouted(report, partition):
                 fragments = split_report(report, settings.partitions)
                 report = fragments.pop(partition, report.model_copy(update={"counters": ()}))
@@ -231,7 +237,14 @@ def create_app(settings: Settings) -> faust.App:
                     await raw.send(key=message.key, value=encode_report(fragment), partition=other)
                 if not report.counters and report.kind == "cumulative":
                     continue
-            billing = biller.bill(report, partition)
+            try:
+                billing = biller.bill(report, partition)
+            except Exception as exc:  # a bug must not stop the partition: keep the message
+                log.exception("cannot bill %s[%d]@%d", raw_topic, partition, offset)
+                biller.forget_live()  # the ledger may be half updated; reload from the table
+                await send_dead(value, partition, offset, "error",
+                                f"{type(exc).__name__}: {exc}"[:500])
+                continue
             if billing.totals:
                 await totals.send(
                     key=report.node_id.encode(),

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 from kafka import KafkaConsumer
 
@@ -107,3 +108,36 @@ def test_worker_killed_mid_stream_keeps_totals_exact(fleet: Simulation, settings
     assert killed_with_work_left >= 2, "the kills should interrupt the worker mid-stream"
     pipeline.wait()
     _assert_exact(settings, fleet)
+
+
+def test_whole_reports_are_rerouted_and_future_clocks_refused(
+    settings: Settings, pipeline: Any
+) -> None:
+    """A report sent unsplit to one partition is billed in full; one from 2099 is refused."""
+    users = [f"whole-{i}" for i in range(40)]
+
+    def report(seq: int, at: str, counters: list[tuple[str, int, int]]) -> bytes:
+        return orjson.dumps({
+            "node_id": "odd-node", "epoch": 1761000000000, "seq": seq, "observed_at": at,
+            "counters": [{"user_id": u, "up": up, "down": down} for u, up, down in counters],
+        })
+
+    first = report(1, "2026-03-08T10:00:00Z", [(u, 1000, 5000) for u in users])
+    later = report(2, "2026-03-08T11:00:00Z", [(u, 1500, 9000) for u in users])
+    future = report(3, "2099-01-01T00:00:00Z", [("whole-0", 10**7, 9 * 10**7)])
+    with ReportPublisher(settings) as publisher:
+        for line in (first, later, future):
+            publisher._producer.send(publisher.topic, value=line, partition=0)
+        publisher.flush()
+    pipeline.wait()
+    day = {(u, n): t for (u, n, _), t in read_daily_totals(settings).items()}
+    assert day == {(u, "odd-node"): (1500, 9000) for u in users}
+    dead = KafkaConsumer(
+        settings.topic("dead"), bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest", consumer_timeout_ms=5000,
+    )
+    letters = [DeadLetter.model_validate_json(m.value) for m in dead]
+    dead.close()
+    assert [(d.reason, "in the future" in d.detail, d.original()) for d in letters] == [
+        ("invalid", True, future)
+    ]
