@@ -149,7 +149,9 @@ class Sender:
                         exc, len(self.outbox))
             self._drop()
             return 0, False
-        self.outbox.mark_in_flight([i for i, _ in heads])
+        # Chosen again, and marked in flight at once: the outbox may have compacted
+        # while connecting.
+        heads = self.outbox.claim_heads(self.batch)
         sent: list[tuple[int, list[Any]]] = []
         ok = True
         try:

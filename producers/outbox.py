@@ -364,6 +364,22 @@ class Outbox:
             ).fetchall()
         return [(int(i), CounterReport.model_validate_json(b)) for b, i in rows]
 
+    def claim_heads(self, limit: int | None = None) -> list[tuple[int, CounterReport]]:
+        """`heads()` marked in flight in the same transaction; what a sender sends.
+
+        Choosing and marking separately would let a compaction in between merge and
+        renumber a chosen report: it would go out as it was and then again, merged,
+        under the same seq, which the stream drops as a duplicate.
+        """
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT body, id FROM reports WHERE id IN "
+                "(SELECT MIN(id) FROM reports GROUP BY node_id) ORDER BY id LIMIT ?",
+                (limit or -1,),
+            ).fetchall()
+            db.executemany("UPDATE reports SET in_flight = 1 WHERE id = ?", [(i,) for _, i in rows])
+        return [(int(i), CounterReport.model_validate_json(b)) for b, i in rows]
+
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         """Record, durably, that these reports are about to be handed to Kafka.
 

@@ -11,8 +11,10 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
@@ -20,7 +22,8 @@ from pydantic import ValidationError
 from producers.agent import Agent, AgentConfig, Sender, load_config
 from producers.collectors import CommandConfig, Snapshot, build_collector
 from producers.outbox import Outbox
-from quotaflow.contracts import Counter
+from quotaflow.contracts import Counter, CounterReport
+from quotaflow.ledger import BillingPolicy, NodeLedger
 from quotaflow.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +117,71 @@ def test_sender_keeps_reports_while_kafka_is_down(tmp_path: Path) -> None:
         sender = Sender(outbox, Settings(kafka_bootstrap="127.0.0.1:9"))  # nothing listens
         assert sender.step() == (0, False)
         assert len(outbox) == 1
+
+
+class _Acked:
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+
+class _FakePublisher:
+    """Kafka that acknowledges everything; remembers what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[CounterReport] = []
+
+    def publish(self, report: CounterReport) -> list[_Acked]:
+        self.sent.append(report)
+        return [_Acked()]
+
+
+def _billed_bytes(reports: list[CounterReport]) -> dict[str, tuple[int, int]]:
+    ledger = NodeLedger("p")
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for report in reports:
+        for user, up, down in ledger.update(report, BillingPolicy(ZoneInfo("UTC"))).billed:
+            out[user][0] += up
+            out[user][1] += down
+    return {u: (t[0], t[1]) for u, t in out.items()}
+
+
+def test_compaction_while_the_sender_connects_bills_exactly(tmp_path: Path) -> None:
+    """Kafka comes back; while the sender connects, new reports push the outbox over its
+    bound and it compacts. The head the sender chose before must not be sent as it was
+    and then again, merged, under the same seq (the stream would drop the merged one)."""
+    start = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
+    stored: list[CounterReport] = []
+    with Outbox(tmp_path / "o.db", max_reports=10) as outbox:
+
+        def push(i: int) -> None:
+            report = outbox.record(
+                node_id="p", epoch=1, observed_at=start + timedelta(seconds=i), kind="delta",
+                counters=[Counter(user_id="alice", up=1, down=i)],
+            )
+            assert report is not None
+            stored.append(report)
+
+        for i in range(10):
+            push(i)
+        publisher = _FakePublisher()
+
+        class RacingSender(Sender):
+            def _connect(self) -> Any:
+                if self._publisher is None:
+                    for i in range(10, 12):  # a collector thread stores meanwhile
+                        push(i)
+                    self._publisher = publisher
+                return self._publisher
+
+        sender = RacingSender(outbox, Settings())
+        for _ in range(20):
+            if len(outbox) == 0:
+                break
+            sender.step()
+        assert len(outbox) == 0
+        assert outbox.compactions >= 1
+        assert _billed_bytes(publisher.sent) == {"alice": (12, sum(range(12)))}
+        assert len(stored) == 12
 
 
 def test_command_collector_json_and_openvpn(tmp_path: Path) -> None:
