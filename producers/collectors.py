@@ -5,7 +5,8 @@ A collector only reads (through `producers.sources`) and parses (through
 *cumulative* counters and decides its epoch, the time its counters started:
 
 * v2ray / sing-box: the core's start time from its uptime (`V2RayStatsClient.epoch_ms`);
-* iptables, wireguard: the host's boot time (a reboot zeroes the counters);
+* iptables, wireguard: the host's boot time (a reboot zeroes the counters), read
+  once per boot and kept, so that clock steps do not move it;
 * openvpn: constant — an `OpenVpnAccumulator`, persisted with every report, keeps
   ended sessions' bytes so the counters never restart;
 * ss-manager, prometheus, command: constant by default (`epoch = "boot"` chooses the
@@ -78,6 +79,14 @@ def boot_time_ms() -> int:
         if line.startswith("btime "):
             return int(line.split()[1]) * 1000
     raise sources.SourceError("no btime in /proc/stat")
+
+
+def boot_id() -> str | None:
+    """The kernel's id of this boot, or None where /proc does not have it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def now_ms() -> int:
@@ -202,25 +211,54 @@ COMMAND_PARSERS: Mapping[str, Callable[[str], list[Counter]]] = {
 
 
 class _EpochKeeper:
-    """A constant epoch chosen at the first start, or the host's boot time."""
+    """A constant epoch chosen at the first start, or the host's boot time.
+
+    btime is the wall clock minus the uptime, so it moves whenever the clock is
+    stepped (NTP after boot, a VM's time sync); a larger epoch would re-bill the
+    whole counters, a smaller one make every report stale. So the boot epoch is
+    read once per boot (`boot_id`) and kept, and a new boot's epoch is always
+    larger than the last one.
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self._constant: int | None = None
+        self._boot: tuple[str, int] | None = None  # (boot id, its epoch)
 
     def epoch(self) -> int:
         if self.mode == "boot":
-            return boot_time_ms()
+            return self._boot_epoch()
         if self._constant is None:
             self._constant = now_ms()
         return self._constant
 
+    def _boot_epoch(self) -> int:
+        current = boot_id()
+        if current is None:
+            return boot_time_ms()
+        if self._boot is not None and self._boot[0] == current:
+            return self._boot[1]
+        epoch = boot_time_ms()
+        if self._boot is not None and epoch <= self._boot[1]:
+            epoch = self._boot[1] + 1
+        self._boot = (current, epoch)
+        return epoch
+
     def state(self) -> dict[str, Any]:
-        return {"epoch": self._constant}
+        out: dict[str, Any] = {"epoch": self._constant}
+        if self._boot is not None:
+            out["boot"] = list(self._boot)
+        return out
 
     def restore(self, state: Any) -> None:
         if isinstance(state, dict) and isinstance(state.get("epoch"), int):
             self._constant = state["epoch"]
+        boot = state.get("boot") if isinstance(state, dict) else None
+        if (
+            isinstance(boot, list) and len(boot) == 2 and isinstance(boot[0], str)
+            and isinstance(boot[1], int) and not isinstance(boot[1], bool)
+        ):
+            self._boot = (boot[0], boot[1])
 
 
 class ReadParseCollector:

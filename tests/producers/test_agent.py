@@ -19,8 +19,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import ValidationError
 
+from producers import collectors
 from producers.agent import Agent, AgentConfig, Sender, load_config
-from producers.collectors import CommandConfig, Snapshot, build_collector
+from producers.collectors import CommandConfig, ReadParseCollector, Snapshot, build_collector
 from producers.outbox import Outbox
 from quotaflow.contracts import Counter, CounterReport
 from quotaflow.ledger import BillingPolicy, NodeLedger
@@ -211,6 +212,38 @@ def test_command_collector_json_and_openvpn(tmp_path: Path) -> None:
     again.restore(json.loads(json.dumps(state)))  # type: ignore[attr-defined]
     after = again.collect()  # every session ended: their bytes stay
     assert (after.epoch, after.counters) == (first.epoch, first.counters)
+
+
+def test_boot_epoch_ignores_clock_steps_and_grows_on_reboot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """btime in /proc/stat is wall clock minus uptime: an NTP step moves it. The epoch must
+    not (a larger one re-bills the whole counters, a smaller one makes every report stale);
+    only a reboot starts a new one, and that one is larger even if the clock is behind."""
+    btime, boot = [1_761_000_000_000], ["boot-1"]
+    monkeypatch.setattr(collectors, "boot_time_ms", lambda: btime[0])
+    monkeypatch.setattr(collectors, "boot_id", lambda: boot[0], raising=False)
+
+    def make() -> ReadParseCollector:
+        return ReadParseCollector(lambda: '{"7": [1, 2]}', collectors.parse_counters_json, {},
+                                  "boot")
+
+    collector = make()
+    epoch = collector.collect().epoch
+    btime[0] += 7_000  # chrony stepped the clock forward
+    assert collector.collect().epoch == epoch
+    btime[0] -= 3_600_000  # and back
+    assert collector.collect().epoch == epoch
+    restarted = make()  # an agent restart, same boot
+    restarted.restore(json.loads(json.dumps(collector.state())))
+    assert restarted.collect().epoch == epoch
+    boot[0] = "boot-2"  # a reboot, with the clock still behind
+    rebooted = make()
+    rebooted.restore(json.loads(json.dumps(restarted.state())))
+    new_epoch = rebooted.collect().epoch
+    assert new_epoch > epoch
+    btime[0] += 60_000
+    assert rebooted.collect().epoch == new_epoch
 
 
 # --------------------------------------------------------------------------- integration
