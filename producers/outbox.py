@@ -285,16 +285,20 @@ class Outbox:
 
         `state` is saved in the same transaction. `once = (key, now, window_s)`
         stores nothing and returns None if `key` was recorded within `window_s`
-        seconds before `now` (the push receiver's retry detection); otherwise the
-        key is remembered with the report.
+        seconds of `now` (the push receiver's retry detection); otherwise the key
+        is remembered with the report.
         """
         with self._tx() as db:
             if once is not None:
                 key, now, window = once
                 row = db.execute("SELECT at FROM marks WHERE key = ?", (key,)).fetchone()
-                if row is not None and now - float(row[0]) <= window:
+                # abs: a mark from the future (the wall clock was stepped back) is no
+                # retry unless it is within the window.
+                if row is not None and abs(now - float(row[0])) <= window:
                     return None
-                db.execute("DELETE FROM marks WHERE at < ?", (now - window,))
+                db.execute(
+                    "DELETE FROM marks WHERE at < ? OR at > ?", (now - window, now + window)
+                )
                 db.execute(
                     "INSERT INTO marks (key, at) VALUES (?, ?) "
                     "ON CONFLICT (key) DO UPDATE SET at = excluded.at",

@@ -183,7 +183,9 @@ class PushReceiver:
         if not isinstance(epoch, int):
             epoch = int(now * 1000)
         window = self.config.dedup_window_s
-        once = (f"push:{node}:{_body_digest(traffic)}", now, window) if window > 0 else None
+        # Keyed by the sender, not the billing node: two backends mapped to one node
+        # pushing the same body are two pushes, not a retry.
+        once = (f"push:{key}:{_body_digest(traffic)}", now, window) if window > 0 else None
         report = self.outbox.record(
             node_id=node, epoch=epoch, observed_at=datetime.fromtimestamp(now, UTC),
             counters=counters, kind="delta", state={epoch_key: epoch}, once=once,

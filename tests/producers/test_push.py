@@ -128,3 +128,34 @@ async def test_dedup_disabled(tmp_path: Path) -> None:
         finally:
             await runner.cleanup()
         assert [r.seq for _, r in outbox.pending()] == [0, 1]
+
+
+async def test_identical_push_after_the_clock_went_back_is_stored(receiver: Receiver) -> None:
+    """A mark from the "future" (the wall clock was stepped back an hour) is no retry."""
+    body = {"1": [5, 5]}
+    assert (await receiver.push(body))[0] == 200
+    receiver.clock[0] -= 3600
+    assert (await receiver.push(body))[0] == 200
+    receiver.clock[0] += 5  # and a retry of that one is still recognised
+    assert (await receiver.push(body))[0] == 200
+    assert len(receiver.outbox) == 2
+
+
+async def test_two_backends_billed_as_one_node_are_not_retries(tmp_path: Path) -> None:
+    """Two panel nodes mapped to one billing node push the same body: two pushes, not a retry."""
+    config = PushConfig(port=0, token=SecretStr("x"),
+                        node_map={"vless-7": "fra-1", "vmess-8": "fra-1"})
+    with Outbox(tmp_path / "p.db") as outbox:
+        runner, port = await start_site(make_app(config, outbox), "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                for node_type, node in (("vless", "7"), ("vmess", "8"), ("vless", "7")):
+                    async with session.post(
+                        f"http://127.0.0.1:{port}{PUSH_PATH}",
+                        params={"node_type": node_type, "node_id": node, "token": "x"},
+                        data=b'{"5": [1, 1]}',
+                    ) as answer:
+                        assert answer.status == 200
+        finally:
+            await runner.cleanup()
+        assert [(r.node_id, r.seq) for _, r in outbox.pending()] == [("fra-1", 0), ("fra-1", 1)]
