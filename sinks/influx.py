@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from producers.publisher import MAX_MESSAGE_BYTES
 from quotaflow.contracts import DeadLetter, PeriodKind, TotalsBatch
 from quotaflow.settings import Settings
-from sinks.influxql import InfluxQL
+from sinks.influxql import InfluxQL, InfluxQLError, InfluxUnreachable
 
 log = logging.getLogger("quotaflow.sinks.influx")
 
@@ -111,7 +111,18 @@ class InfluxSink:
         return True
 
     async def _ensure_database(self) -> None:
-        await asyncio.to_thread(InfluxQL.from_settings(self.settings).create_database)
+        """Create the 1.x database; raises only while InfluxDB does not answer.
+
+        InfluxDB 2.x refuses CREATE DATABASE: there the bucket must exist already,
+        and a refusal is logged and otherwise ignored.
+        """
+        try:
+            await asyncio.to_thread(InfluxQL.from_settings(self.settings).create_database)
+        except InfluxUnreachable:
+            raise
+        except InfluxQLError as exc:
+            log.warning("could not create database %r (%s); writing to it as it is",
+                        self.settings.influx_bucket, exc)
 
     async def _write(self, client: InfluxDBClientAsync) -> None:
         """Write all pending points; raises if InfluxDB refuses or is unreachable."""

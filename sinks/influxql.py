@@ -21,6 +21,10 @@ class InfluxQLError(RuntimeError):
     """InfluxDB refused a query or could not be reached."""
 
 
+class InfluxUnreachable(InfluxQLError):
+    """InfluxDB did not answer at all."""
+
+
 @dataclass(frozen=True)
 class Series:
     """One result series: its name, tags and rows as dicts."""
@@ -65,7 +69,7 @@ class InfluxQL:
         except urllib.error.HTTPError as exc:
             raise InfluxQLError(f"InfluxDB answered {exc.code}: {exc.read()[:300]!r}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise InfluxQLError(f"cannot reach InfluxDB at {self.url}: {exc}") from None
+            raise InfluxUnreachable(f"cannot reach InfluxDB at {self.url}: {exc}") from None
         for result in body.get("results", []):
             if "error" in result:
                 raise InfluxQLError(f"InfluxQL error: {result['error']}")
