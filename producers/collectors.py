@@ -307,13 +307,46 @@ class OpenVpnCollector:
                 self._acc = parsers.OpenVpnAccumulator.from_state(state["accumulator"])
 
 
+class _SteadyClock:
+    """Wall-clock ms that clock steps do not move: the monotonic clock (system-wide,
+    so it goes on across agent restarts) plus an offset taken once per boot."""
+
+    def __init__(self) -> None:
+        self._offset: tuple[str, int] | None = None  # (boot id, wall ms - monotonic ms)
+
+    def now_ms(self) -> int:
+        boot = boot_id()
+        if boot is None:
+            return now_ms()
+        mono = time.monotonic_ns() // 1_000_000
+        if self._offset is None or self._offset[0] != boot:
+            self._offset = (boot, now_ms() - mono)
+        return self._offset[1] + mono
+
+    def state(self) -> list[Any] | None:
+        return None if self._offset is None else list(self._offset)
+
+    def restore(self, state: Any) -> None:
+        if (
+            isinstance(state, list) and len(state) == 2 and isinstance(state[0], str)
+            and isinstance(state[1], int) and not isinstance(state[1], bool)
+        ):
+            self._offset = (state[0], state[1])
+
+
 class V2RayCollector:
-    """A V2Ray/Xray/sing-box core's user stats; the epoch is the core's start time."""
+    """A V2Ray/Xray/sing-box core's user stats; the epoch is the core's start time.
+
+    The start time is now - uptime, with "now" from a `_SteadyClock`: with the wall
+    clock, a step of more than `sources.EPOCH_TOLERANCE_MS` (NTP, a VM's time sync)
+    looked like a restart of the core and re-billed every user's whole counter.
+    """
 
     def __init__(self, config: V2RayConfig) -> None:
         self.config = config
         self._client: sources.V2RayStatsClient | None = None
         self._epoch_hint: int | None = None
+        self._clock = _SteadyClock()
 
     def _connect(self) -> sources.V2RayStatsClient:
         if self._client is None:
@@ -326,10 +359,10 @@ class V2RayCollector:
     def collect(self) -> Snapshot:
         client = self._connect()
         try:
-            epoch = client.epoch_ms()
+            epoch = client.epoch_ms(self._clock.now_ms())
             counters = client.query_user_counters()
             # A restart between the two calls would mix epochs: ask again.
-            if client.epoch_ms() != epoch:
+            if client.epoch_ms(self._clock.now_ms()) != epoch:
                 raise sources.SourceError(f"{self.config.address} restarted while being read")
         except Exception:
             client.close()
@@ -339,11 +372,13 @@ class V2RayCollector:
         return Snapshot(epoch, parsers.apply_user_map(counters, self.config.user_map))
 
     def state(self) -> Any:
-        return {"epoch": self._epoch_hint}
+        return {"epoch": self._epoch_hint, "clock": self._clock.state()}
 
     def restore(self, state: Any) -> None:
         if isinstance(state, dict) and isinstance(state.get("epoch"), int):
             self._epoch_hint = state["epoch"]
+        if isinstance(state, dict):
+            self._clock.restore(state.get("clock"))
 
 
 def _run_command(argv: list[str], timeout: float) -> str:

@@ -246,6 +246,46 @@ def test_boot_epoch_ignores_clock_steps_and_grows_on_reboot(
     assert rebooted.collect().epoch == new_epoch
 
 
+def test_v2ray_epoch_ignores_clock_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The core's epoch is now - uptime; a wall-clock step must not make it a new epoch
+    (that re-bills every user's whole counter), during a run or across agent restarts."""
+    from producers import sources
+
+    wall, mono, uptime = [1_761_000_123_456], [5_000_000], [100]
+    monkeypatch.setattr(time, "time_ns", lambda: wall[0] * 1_000_000)
+    monkeypatch.setattr(time, "monotonic_ns", lambda: mono[0] * 1_000_000)
+    monkeypatch.setattr(collectors, "boot_id", lambda: "boot-1", raising=False)
+
+    class FakeCore(sources.V2RayStatsClient):
+        def sys_stats(self) -> dict[str, int]:
+            return {"Uptime": uptime[0]}
+
+        def query_user_counters(self) -> list[Counter]:
+            return [Counter(user_id="a@x", up=1, down=2)]
+
+    monkeypatch.setattr(collectors.sources, "V2RayStatsClient", FakeCore)
+    config = collectors.V2RayConfig(type="v2ray", address="127.0.0.1:1")
+
+    def tick(seconds: int, step_ms: int = 0) -> None:
+        wall[0] += seconds * 1000 + step_ms
+        mono[0] += seconds * 1000
+        uptime[0] += seconds
+
+    collector = collectors.V2RayCollector(config)
+    epoch = collector.collect().epoch
+    tick(60)
+    assert collector.collect().epoch == epoch
+    tick(60, step_ms=30_000)  # NTP stepped the clock 30 s forward
+    assert collector.collect().epoch == epoch
+    restarted = collectors.V2RayCollector(config)  # the agent restarts, same boot
+    restarted.restore(json.loads(json.dumps(collector.state())))
+    tick(60, step_ms=-45_000)
+    assert restarted.collect().epoch == epoch
+    tick(60)
+    uptime[0] = 3  # the core restarted
+    assert restarted.collect().epoch > epoch
+
+
 # --------------------------------------------------------------------------- integration
 
 FAKE_SOURCE = textwrap.dedent('''
