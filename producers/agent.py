@@ -251,7 +251,14 @@ class Agent:
         if isinstance(collector, Stateful):
             saved = self.outbox.get_state(f"collector:{node_id}")
             if saved is not None:
-                collector.restore(saved)
+                try:
+                    collector.restore(saved)
+                except Exception:
+                    # Starting afresh could bill traffic twice (an OpenVPN accumulator
+                    # that forgot its ended sessions), so this collector stops, loudly.
+                    log.exception("%s: cannot restore the collector's saved state; "
+                                  "not collecting from it", node_id)
+                    return
         while not self.stop.is_set():
             started = time.monotonic()
             try:
@@ -271,7 +278,11 @@ class Agent:
         while True:
             if self.stop.is_set() and drain_until is None:
                 drain_until = time.monotonic() + self.config.drain_timeout_s
-            acked, ok = await asyncio.to_thread(self.sender.step)
+            try:
+                acked, ok = await asyncio.to_thread(self.sender.step)
+            except Exception:  # e.g. a full disk under the outbox: keep trying, loudly
+                log.exception("sending failed; the reports stay in the outbox")
+                acked, ok = 0, False
             if drain_until is not None and (
                 len(self.outbox) == 0 or time.monotonic() >= drain_until or not ok
             ):
