@@ -31,7 +31,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from producers import parsers, sources
-from quotaflow.contracts import Counter
+from quotaflow.contracts import Counter, validate_counter
 
 __all__ = [
     "COMMAND_PARSERS",
@@ -196,7 +196,7 @@ def parse_counters_json(text: str) -> list[Counter]:
             pairs.append(Counter(user_id=user, up=value[0], down=value[1]))
         return pairs
     if isinstance(data, list):
-        return [Counter.model_validate(item) for item in data]
+        return [validate_counter(item) for item in data]
     raise parsers.ParseError("expected a JSON object or list of counters")
 
 

@@ -6,6 +6,7 @@ so `quotaflow --help` and the pure commands start fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -219,7 +220,7 @@ def parse_cmd(
         console.print(f"[red]cannot parse {file} as {source}:[/red] {exc}")
         raise typer.Exit(1) from None
     for counter in counters:
-        print(counter.model_dump_json())
+        print(orjson.dumps(dataclasses.asdict(counter)).decode())
 
 
 @app.command("agent")

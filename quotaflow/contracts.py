@@ -19,24 +19,52 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
 
 MAX_COUNTER = 2**63 - 1  # InfluxDB integers are signed 64-bit.
 
 ByteCount = Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)]
-Identifier = Annotated[str, Field(min_length=1, max_length=256)]
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
 class _Contract(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-class Counter(_Contract):
-    """One user's byte counters on one node: `up` is what the user sent, `down` what it got."""
+# Not strict as a whole, so that it can be built from a dict; its fields are strict.
+@dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
+class Counter:
+    """One user's byte counters on one node: `up` is what the user sent, `down` what it got.
+
+    A slotted pydantic dataclass rather than a model: reports carry thousands of
+    them, and validating into slots is half again as fast (the worker's hot path).
+    """
 
     user_id: Identifier
     up: ByteCount
     down: ByteCount
+
+
+_COUNTER = TypeAdapter(Counter)
+
+
+def validate_counter(data: object) -> Counter:
+    """A `Counter` from plain data (a dict), validated like inside a report.
+
+    >>> validate_counter({"user_id": "alice", "up": 1, "down": 2})
+    Counter(user_id='alice', up=1, down=2)
+    """
+    return _COUNTER.validate_python(data)
 
 
 ReportKind = Literal["cumulative", "delta"]
