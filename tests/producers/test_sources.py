@@ -798,17 +798,22 @@ sys.stdout.buffer.write(data.partition(b"\\r\\n\\r\\n")[2])
 """
 
 
-@pytest.mark.integration
-def test_v2ray_traffic_is_billed_by_the_pipeline(
-    v2ray: V2RayNode, http_port: int, settings: Settings, pipeline: Any, tmp_path: Path
-) -> None:
-    """Real bytes through a real V2Ray, read by the agent, billed into InfluxDB exactly."""
+def billed_through_agent(
+    tmp_path: Path, settings: Settings, pipeline: Any, collector: str,
+    traffic: Callable[[], None], settle_s: float = 3.0,
+) -> dict[str, tuple[int, int]]:
+    """Run the real agent with one collector while `traffic` moves bytes; InfluxDB's totals.
+
+    The agent takes a first look at the idle node, the traffic runs, the agent keeps
+    polling for `settle_s`, then stops (draining its outbox) and the pipeline bills it.
+    Returns (up, down) per user, summed over days, for the node `node`.
+    """
     from sinks.ledger_check import read_daily_totals
 
     config = tmp_path / "agent.toml"
     config.write_text(
-        f'node_id = "v2ray-node"\noutbox = "{tmp_path / "outbox.db"}"\ndrain_timeout_s = 20\n'
-        f'[[collectors]]\ntype = "v2ray"\naddress = "{LOCAL}:{v2ray.api}"\ninterval_s = 0.5\n'
+        f'node_id = "node"\noutbox = "{tmp_path / "outbox.db"}"\ndrain_timeout_s = 20\n'
+        f"[[collectors]]\ninterval_s = 0.5\n{collector}\n"
     )
     with (tmp_path / "agent.log").open("wb") as log:
         agent = subprocess.Popen(
@@ -817,17 +822,59 @@ def test_v2ray_traffic_is_billed_by_the_pipeline(
         )
     try:
         time.sleep(2.0)  # the agent's first, empty look at the node
-        push_known_bytes(v2ray.ss_local(ALICE_PASSWORD), http_port)
-        with V2RayStatsClient(f"{LOCAL}:{v2ray.api}") as client:
-            alice = by_user(client.query_user_counters())["alice@test"]
-        time.sleep(3.0)  # a few more polls: the last one shows the final counters
+        traffic()
+        time.sleep(settle_s)  # more polls: the last one shows the final counters
     finally:
         agent.send_signal(signal.SIGTERM)  # drains the outbox before it exits
         agent.wait(timeout=60)
     pipeline.wait()
-    billed = [(up, down) for (user, node, _), (up, down) in read_daily_totals(settings).items()
-              if user == "alice@test" and node == "v2ray-node"]
-    assert alice.down >= DOWNLOAD and alice.up >= UPLOAD
-    assert [(sum(u for u, _ in billed), sum(d for _, d in billed))] == [(alice.up, alice.down)], (
-        (tmp_path / "agent.log").read_text()[-3000:]
+    billed: dict[str, tuple[int, int]] = {}
+    for (user, node, _), (up, down) in read_daily_totals(settings).items():
+        if node == "node":
+            before = billed.get(user, (0, 0))
+            billed[user] = (before[0] + up, before[1] + down)
+    return billed
+
+
+@pytest.mark.integration
+def test_v2ray_traffic_is_billed_by_the_pipeline(
+    v2ray: V2RayNode, http_port: int, settings: Settings, pipeline: Any, tmp_path: Path
+) -> None:
+    """Real bytes through a real V2Ray, read by the agent, billed into InfluxDB exactly."""
+    billed = billed_through_agent(
+        tmp_path, settings, pipeline, f'type = "v2ray"\naddress = "{LOCAL}:{v2ray.api}"',
+        lambda: push_known_bytes(v2ray.ss_local(ALICE_PASSWORD), http_port),
     )
+    with V2RayStatsClient(f"{LOCAL}:{v2ray.api}") as client:
+        alice = by_user(client.query_user_counters())["alice@test"]
+    assert alice.down >= DOWNLOAD and alice.up >= UPLOAD
+    assert billed == {"alice@test": (alice.up, alice.down)}, (tmp_path / "agent.log").read_text()
+
+
+@pytest.mark.integration
+def test_ss_manager_traffic_is_billed_by_the_pipeline(
+    ss_manager: SsManagerClient, processes: Processes, http_port: int, settings: Settings,
+    pipeline: Any, tmp_path: Path,
+) -> None:
+    """Real bytes through a real ss-server, read from ss-manager by the agent, billed exactly."""
+    port = free_port()
+    ss_manager.add(port, "port-secret", METHOD)
+    wait_until("ss-server", lambda: listening(port))
+
+    def traffic() -> None:
+        push_known_bytes(start_ss_local(processes, "port-secret", port), http_port)
+        wait_until(
+            "ss-server's stat push (every 5 s)",
+            lambda: by_user(ss_manager.query_port_counters())[str(port)].down
+            >= DOWNLOAD + UPLOAD,
+            timeout=20,
+        )
+
+    billed = billed_through_agent(
+        tmp_path, settings, pipeline,
+        f'type = "ss-manager"\naddress = "{ss_manager.address}"', traffic,
+        settle_s=7.0,  # past ss-server's next stat push, which has the final figure
+    )
+    final = by_user(ss_manager.query_port_counters())[str(port)]
+    assert final.down >= DOWNLOAD + UPLOAD
+    assert billed == {str(port): (0, final.down)}, (tmp_path / "agent.log").read_text()
