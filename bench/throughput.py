@@ -78,10 +78,10 @@ def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str,
     worker_done = None
     try:
         while True:
-            raw = probe._lag(topic, group)
+            raw = probe.behind(topic, group)
             if raw == 0 and worker_done is None:
                 worker_done = time.time()
-            if raw == 0 and probe._lag(settings.topic("totals"), settings.sink_group) == 0:
+            if raw == 0 and probe.behind(settings.topic("totals"), settings.sink_group) == 0:
                 break
             if time.time() - started > 1800:
                 raise SystemExit(f"{group}: did not finish in 30 minutes")
@@ -134,7 +134,7 @@ def main() -> None:
         publisher.flush()
     publish_s = time.monotonic() - t
     end = LagProbe(batched)
-    raw_messages = end._lag(batched.topic("raw"), batched.app_id)
+    raw_messages = end.behind(batched.topic("raw"), batched.app_id)
     end.close()
     seconds, startup, rss = _drain(
         batched, [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"],

@@ -71,6 +71,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter as PromCounter
 
+from producers.publisher import encode_report
 from quotaflow.contracts import Counter, CounterReport, ReportKind
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,6 @@ class _Row:
 
     def report(self) -> CounterReport:
         return CounterReport.model_validate_json(self.body)
-
-
-def _encode(report: CounterReport) -> bytes:
-    return orjson.dumps(report.model_dump(mode="json"))
 
 
 class Outbox:
@@ -320,7 +317,7 @@ class Outbox:
             "INSERT INTO reports (node_id, epoch, seq, kind, baseline, observed, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (report.node_id, report.epoch, report.seq, report.kind, int(report.baseline),
-             report.observed_at.timestamp(), _encode(report)),
+             report.observed_at.timestamp(), encode_report(report)),
         )
         self._count += 1
         assert cursor.lastrowid is not None

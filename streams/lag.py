@@ -45,7 +45,8 @@ class LagProbe:
             bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-lag"
         )
 
-    def _lag(self, topic: str, group: str) -> int:
+    def behind(self, topic: str, group: str) -> int:
+        """Messages of `topic` that `group` has not committed yet."""
         partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
         ends = self._consumer.end_offsets(partitions)
         committed = self._admin.list_group_offsets({group: partitions}).get(group, {})
@@ -59,8 +60,8 @@ class LagProbe:
     def lag(self) -> Lag:
         """The current lag of both stages."""
         s = self.settings
-        raw = self._lag(s.topic("raw"), s.app_id)
-        return Lag(raw=raw, totals=self._lag(s.topic("totals"), s.sink_group))
+        raw = self.behind(s.topic("raw"), s.app_id)
+        return Lag(raw=raw, totals=self.behind(s.topic("totals"), s.sink_group))
 
     def wait_until_done(self, timeout_s: float, poll_s: float = 0.5) -> Lag:
         """Poll until everything published is in InfluxDB, or the timeout passes.

@@ -52,7 +52,13 @@ LOCAL = "127.0.0.1"
 DOWNLOAD = 1_000_000  # bytes the user fetches
 UPLOAD = 300_000  # bytes the user posts
 SLACK = 4_096  # HTTP headers and the SOCKS handshake, never more
-ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def root() -> None:
+    """iptables, network namespaces and TUN devices need root; CI runs as root."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (iptables, network namespaces, TUN devices)")
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 
@@ -556,8 +562,7 @@ def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not ROOT, reason="iptables needs root")
-def test_iptables_counts_port_bytes(node_software: None, http_port: int) -> None:
+def test_iptables_counts_port_bytes(root: None, node_software: None, http_port: int) -> None:
     chain = f"QFTEST{os.getpid()}"
     _iptables("-N", chain)
     _iptables("-I", "OUTPUT", "-o", "lo", "-j", chain)
@@ -605,9 +610,8 @@ def _ip(*args: str, check: bool = True) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not ROOT, reason="network namespaces and TUN devices need root")
 def test_wireguard_counts_peer_bytes(
-    node_software: None, processes: Processes, tmp_path: Path
+    root: None, node_software: None, processes: Processes, tmp_path: Path
 ) -> None:
     tag = f"{os.getpid() % 100_000}"
     ns_client, ns_server = f"qf{tag}c", f"qf{tag}s"
@@ -695,9 +699,8 @@ def _pki(folder: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not ROOT, reason="network namespaces and TUN devices need root")
 def test_openvpn_status_counts_client_bytes(
-    node_software: None, processes: Processes, tmp_path: Path
+    root: None, node_software: None, processes: Processes, tmp_path: Path
 ) -> None:
     _pki(tmp_path)
     tag = f"{os.getpid() % 100_000}"
