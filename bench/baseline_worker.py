@@ -13,10 +13,10 @@ import time
 
 import faust
 
-from quotaflow.contracts import CounterReport, TotalsBatch
-from quotaflow.ledger import NodeLedger
-from quotaflow.settings import Settings
-from streams.app import faust_app
+from quotaflow.core.contracts import CounterReport, TotalsBatch
+from quotaflow.core.ledger import NodeLedger
+from quotaflow.core.settings import Settings
+from quotaflow.streams.app import faust_app
 
 log = logging.getLogger("quotaflow.bench.baseline")
 
@@ -25,7 +25,7 @@ def create_baseline_app(settings: Settings) -> faust.App:
     """A per-reading Faust app reading `<prefix>.readings`."""
     app = faust_app(settings, f"{settings.topic_prefix}-baseline")
     readings = app.topic(settings.topic("readings"), partitions=settings.partitions)
-    totals = app.topic(settings.topic("totals"), partitions=settings.partitions)
+    totals = app.topic(settings.topics.totals, partitions=settings.partitions)
     table = app.Table("per-reading-ledgers", default=None, partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
     policy = settings.billing_policy
@@ -37,7 +37,7 @@ def create_baseline_app(settings: Settings) -> faust.App:
             if first:
                 first = False
                 log.info("first message at %.3f", time.time())  # read by throughput.py
-            report = CounterReport.model_validate_json(event.value)
+            report = CounterReport.decode(event.value)
             key = f"{report.node_id}|{report.counters[0].user_id}".encode()
             stored = table.get(key)
             ledger = NodeLedger.from_bytes(stored) if stored else NodeLedger(report.node_id)

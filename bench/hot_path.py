@@ -13,11 +13,10 @@ import time
 
 from workload import workload, workload_parser
 
-from producers.publisher import encode_report
-from quotaflow.contracts import CounterReport, TotalsBatch
-from quotaflow.ledger import NodeLedger
-from quotaflow.partitioning import split_report
-from quotaflow.settings import Settings
+from quotaflow.core.contracts import CounterReport, TotalsBatch
+from quotaflow.core.ledger import NodeLedger
+from quotaflow.core.partitioning import split_report
+from quotaflow.core.settings import Settings
 
 
 def main() -> None:
@@ -26,9 +25,9 @@ def main() -> None:
     args = parser.parse_args()
     sim = workload(args)
     messages = [
-        (p, encode_report(fragment))
+        (p, fragment.encode())
         for line in sim.lines
-        for p, fragment in split_report(CounterReport.model_validate_json(line),
+        for p, fragment in split_report(CounterReport.decode(line),
                                         args.partitions).items()
     ]
     policy = Settings().billing_policy
@@ -39,7 +38,7 @@ def main() -> None:
         out = 0
         start = time.perf_counter()
         for partition, value in messages:
-            report = CounterReport.model_validate_json(value)
+            report = CounterReport.decode(value)
             key = (report.node_id, partition)
             ledger = ledgers.get(key)
             if ledger is None:

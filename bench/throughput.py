@@ -7,7 +7,7 @@ InfluxDB holds every total, and each is checked against the ground truth.
     python bench/throughput.py [--nodes 10 --users 3000 --days 1 --interval 600]
 
 Uses the servers in QUOTAFLOW_KAFKA_BOOTSTRAP / QUOTAFLOW_INFLUX_URL when set,
-otherwise starts local ones with `quotaflow.local`.
+otherwise starts local ones with `quotaflow.dev.local`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from zoneinfo import ZoneInfo
 from kafka import KafkaProducer
 from workload import workload, workload_parser
 
-from producers.publisher import ReportPublisher, encode_report, ensure_topics
-from quotaflow.contracts import CounterReport
-from quotaflow.partitioning import partition_of
-from quotaflow.periods import Calendar
-from quotaflow.settings import Settings
-from quotaflow.simulation import Simulation
-from sinks.ledger_check import compare, read_daily_totals
-from streams.lag import LagProbe
+from quotaflow.admin import ensure_topics
+from quotaflow.core.contracts import CounterReport
+from quotaflow.core.partitioning import partition_of
+from quotaflow.core.periods import Calendar
+from quotaflow.core.settings import Settings
+from quotaflow.dev.ledger_check import compare, read_daily_totals
+from quotaflow.dev.simulation import Simulation
+from quotaflow.producers.publisher import ReportPublisher
+from quotaflow.streams.lag import LagProbe
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,7 +82,8 @@ def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str,
             raw = probe.behind(topic, group)
             if raw == 0 and worker_done is None:
                 worker_done = time.time()
-            if raw == 0 and probe.behind(settings.topic("totals"), settings.sink_group) == 0:
+            totals = probe.behind(settings.topics.totals, settings.topics.influx_sink_group)
+            if raw == 0 and totals == 0:
                 break
             if time.time() - started > 1800:
                 raise SystemExit(f"{group}: did not finish in 30 minutes")
@@ -114,7 +116,7 @@ def main() -> None:
     bootstrap = os.environ.get("QUOTAFLOW_KAFKA_BOOTSTRAP")
     influx = os.environ.get("QUOTAFLOW_INFLUX_URL")
     if not (bootstrap and influx):
-        from quotaflow import local
+        from quotaflow.dev import local
 
         services = local.up()
         bootstrap, influx = services.kafka_bootstrap, services.influx_url
@@ -134,11 +136,11 @@ def main() -> None:
         publisher.flush()
     publish_s = time.monotonic() - t
     end = LagProbe(batched)
-    raw_messages = end.behind(batched.topic("raw"), batched.app_id)
+    raw_messages = end.behind(batched.topics.raw, batched.topics.worker_group)
     end.close()
     seconds, startup, rss = _drain(
         batched, [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"],
-        batched.app_id, batched.topic("raw"), workdir,
+        batched.topics.worker_group, batched.topics.raw, workdir,
     )
     rate = sim.readings / seconds
     print(f"batched worker:  {seconds:7.2f} s  {rate:12,.0f} readings/s end to end "
@@ -155,10 +157,10 @@ def main() -> None:
                              linger_ms=20, batch_size=1 << 20)
     t = time.monotonic()
     for line in sim.lines:
-        report = CounterReport.model_validate_json(line)
+        report = CounterReport.decode(line)
         for counter in report.counters:
             single = report.model_copy(update={"counters": (counter,)})
-            producer.send(base.topic("readings"), value=encode_report(single),
+            producer.send(base.topic("readings"), value=single.encode(),
                           partition=partition_of(counter.user_id, base.partitions))
     producer.flush()
     producer.close()

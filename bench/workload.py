@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from quotaflow.simulation import FleetSpec, Simulation, simulate
+from quotaflow.dev.simulation import FleetSpec, Simulation, simulate
 
 
 def workload_parser(description: str) -> argparse.ArgumentParser:

@@ -29,10 +29,10 @@ from typing import Any
 from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from producers.collectors import Collector, CollectorConfig, Stateful, build_collector
-from producers.outbox import Outbox
-from producers.push import PushConfig, make_app, start_site
-from quotaflow.settings import Settings
+from quotaflow.core.settings import Settings
+from quotaflow.producers.outbox import Outbox
+from quotaflow.producers.push import PushConfig, make_app, start_site
+from quotaflow.producers.sources import Collector, SourceConfig, Stateful, build_collector
 
 log = logging.getLogger("quotaflow.agent")
 
@@ -75,7 +75,7 @@ class AgentConfig(BaseModel):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     log_level: str = "INFO"
     kafka: KafkaOverrides = Field(default_factory=KafkaOverrides)
-    collectors: list[CollectorConfig] = Field(default_factory=list)
+    collectors: list[SourceConfig] = Field(default_factory=list)
     push: PushConfig | None = None
 
     @model_validator(mode="after")
@@ -123,7 +123,8 @@ class Sender:
 
     def _connect(self) -> Any:
         if self._publisher is None:
-            from producers.publisher import ReportPublisher, ensure_topics
+            from quotaflow.admin import ensure_topics
+            from quotaflow.producers.publisher import ReportPublisher
 
             if self.ensure_topics:
                 ensure_topics(self.settings)
@@ -374,7 +375,7 @@ def run_push_receiver(config_path: Path) -> None:
     _serve(config, collect=False)
 
 
-if __name__ == "__main__":  # python -m producers.agent agent.toml
+if __name__ == "__main__":  # python -m quotaflow.producers.agent agent.toml
     import sys
 
     run_agent(Path(sys.argv[1]))

@@ -71,8 +71,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter as PromCounter
 
-from producers.publisher import encode_report
-from quotaflow.contracts import Counter, CounterReport, ReportKind
+from quotaflow.core.contracts import Counter, CounterReport, ReportKind
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ class _Row:
     body: bytes
 
     def report(self) -> CounterReport:
-        return CounterReport.model_validate_json(self.body)
+        return CounterReport.decode(self.body)
 
 
 class Outbox:
@@ -317,7 +316,7 @@ class Outbox:
             "INSERT INTO reports (node_id, epoch, seq, kind, baseline, observed, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (report.node_id, report.epoch, report.seq, report.kind, int(report.baseline),
-             report.observed_at.timestamp(), encode_report(report)),
+             report.observed_at.timestamp(), report.encode()),
         )
         self._count += 1
         assert cursor.lastrowid is not None
@@ -349,7 +348,7 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT body, id FROM reports ORDER BY id LIMIT ?", (limit or -1,)
             ).fetchall()
-        return [(int(i), CounterReport.model_validate_json(b)) for b, i in rows]
+        return [(int(i), CounterReport.decode(b)) for b, i in rows]
 
     def heads(self, limit: int | None = None) -> list[tuple[int, CounterReport]]:
         """The oldest pending report of each node, oldest first.
@@ -363,7 +362,7 @@ class Outbox:
                 "(SELECT MIN(id) FROM reports GROUP BY node_id) ORDER BY id LIMIT ?",
                 (limit or -1,),
             ).fetchall()
-        return [(int(i), CounterReport.model_validate_json(b)) for b, i in rows]
+        return [(int(i), CounterReport.decode(b)) for b, i in rows]
 
     def claim_heads(self, limit: int | None = None) -> list[tuple[int, CounterReport]]:
         """`heads()` marked in flight in the same transaction; what a sender sends.
@@ -379,7 +378,7 @@ class Outbox:
                 (limit or -1,),
             ).fetchall()
             db.executemany("UPDATE reports SET in_flight = 1 WHERE id = ?", [(i,) for _, i in rows])
-        return [(int(i), CounterReport.model_validate_json(b)) for b, i in rows]
+        return [(int(i), CounterReport.decode(b)) for b, i in rows]
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         """Record, durably, that these reports are about to be handed to Kafka.

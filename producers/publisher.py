@@ -1,70 +1,31 @@
 """Publishing counter reports to `<prefix>.raw`, one message per partition fragment.
 
 The only place producers talk to Kafka. Reports are cut with
-`quotaflow.partitioning.split_report` so that every reading reaches the partition
+`quotaflow.core.partitioning.split_report` so that every reading reaches the partition
 that owns its user, many readings per message.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
 
-from quotaflow.contracts import CounterReport
-from quotaflow.partitioning import partition_of, split_report
-from quotaflow.settings import Settings
+from quotaflow.core.contracts import CounterReport
+from quotaflow.core.partitioning import partition_of, split_report
+from quotaflow.core.settings import Settings
+from quotaflow.core.topics import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-def encode_report(report: CounterReport) -> bytes:
-    """The wire form of a report: compact JSON, defaults left out."""
-    return orjson.dumps(report.model_dump(mode="json", exclude_defaults=True))
-
-
-def ensure_topics(settings: Settings) -> None:
-    """Create quotaflow's topics if they are missing, with the configured partitions.
-
-    raw, totals and dead are partitioned alike so that a user's data stays in one
-    partition number end to end.
-    """
-    admin = KafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-admin"
-    )
-    try:
-        wanted = [
-            NewTopic(
-                settings.topic(name),
-                settings.partitions,
-                settings.replication_factor,
-                topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
-            )
-            for name in ("raw", "totals", "dead")
-        ]
-        existing = set(admin.list_topics())
-        missing = [t for t in wanted if t.name not in existing]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another process was quicker
-                admin.create_topics(missing)
-    finally:
-        admin.close()
-
 
 class ReportPublisher:
     """Sends reports (or raw lines) to the raw topic with acks=all and idempotence."""
 
     def __init__(self, settings: Settings, **producer_options: Any) -> None:
         self.settings = settings
-        self.topic = settings.topic("raw")
+        self.topic = settings.topics.raw
         options: dict[str, Any] = {
             "bootstrap_servers": settings.kafka_bootstrap,
             "acks": "all",
@@ -82,7 +43,7 @@ class ReportPublisher:
         """Queue one report, cut per partition; returns the send futures."""
         return [
             self._producer.send(
-                self.topic, value=encode_report(fragment), key=report.node_id.encode(), partition=p
+                self.topic, value=fragment.encode(), key=report.node_id.encode(), partition=p
             )
             for p, fragment in split_report(report, self._partitions).items()
         ]
@@ -100,7 +61,7 @@ class ReportPublisher:
             if not line:
                 continue
             try:
-                report = CounterReport.model_validate_json(line)
+                report = CounterReport.decode(line)
             except ValueError:
                 self.publish_raw(line)
                 raw += 1

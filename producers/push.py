@@ -37,8 +37,9 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from producers.outbox import Outbox
-from quotaflow.contracts import MAX_COUNTER, Counter
+from quotaflow.core.contracts import Counter
+from quotaflow.producers.outbox import Outbox
+from quotaflow.producers.sources import ParseError, parse_counters_json
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +77,18 @@ class PushError(Exception):
 
 
 def parse_push_body(body: bytes) -> dict[str, tuple[int, int]]:
-    """The `{"uid": [up, down]}` body as a dict; raises PushError(400) on anything else."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise PushError(400, f"body is not JSON: {exc}") from None
-    if not isinstance(data, dict):
+    """The `{"uid": [up, down]}` body as a dict; raises PushError(400) on anything else.
+
+    >>> parse_push_body(b'{"7": [10, 20]}')
+    {'7': (10, 20)}
+    """
+    if not body.lstrip().startswith(b"{"):
         raise PushError(400, 'body must be a JSON object {"<user id>": [up, down], ...}')
-    out: dict[str, tuple[int, int]] = {}
-    for user, value in data.items():
-        if not 0 < len(user) <= _MAX_ID:
-            raise PushError(400, f"user id {user[:40]!r} must have 1 to {_MAX_ID} characters")
-        if (
-            not isinstance(value, list) or len(value) != 2
-            or not all(type(v) is int and 0 <= v <= MAX_COUNTER for v in value)
-        ):
-            raise PushError(400, f"traffic of user {user[:40]!r} must be [up, down], "
-                                 "whole numbers >= 0")
-        out[user] = (value[0], value[1])
-    return out
+    try:
+        counters = parse_counters_json(body)
+    except ParseError as exc:
+        raise PushError(400, str(exc)) from None
+    return {c.user_id: (c.up, c.down) for c in counters}
 
 
 def _body_digest(traffic: dict[str, tuple[int, int]]) -> str:

@@ -1,14 +1,14 @@
 """quotaflow: exact traffic accounting and quota enforcement for proxy and VPN fleets."""
 
-from quotaflow.contracts import (
+from quotaflow.core.contracts import (
     Counter,
     CounterReport,
     DeadLetter,
     TotalsBatch,
 )
-from quotaflow.ledger import Billing, BillingPolicy, NodeLedger
-from quotaflow.partitioning import partition_of, split_report
-from quotaflow.periods import Calendar
+from quotaflow.core.ledger import Billing, BillingPolicy, NodeLedger
+from quotaflow.core.partitioning import partition_of, split_report
+from quotaflow.core.periods import Calendar
 
 __all__ = [
     "Billing",

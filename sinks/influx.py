@@ -22,10 +22,10 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.domain.write_precision import WritePrecision
 from pydantic import ValidationError
 
-from producers.publisher import MAX_MESSAGE_BYTES
-from quotaflow.contracts import DeadLetter, PeriodKind, TotalsBatch
-from quotaflow.settings import Settings
-from sinks.influxql import InfluxQL, InfluxQLError, InfluxUnreachable
+from quotaflow.core.contracts import DeadLetter, PeriodKind, TotalsBatch
+from quotaflow.core.settings import Settings
+from quotaflow.core.topics import MAX_MESSAGE_BYTES
+from quotaflow.sinks.influxql import InfluxQL, InfluxQLError, InfluxUnreachable
 
 log = logging.getLogger("quotaflow.sinks.influx")
 
@@ -99,7 +99,7 @@ class InfluxSink:
     def absorb(self, value: bytes) -> bool:
         """Coalesce one totals record into the pending points; False if it is malformed."""
         try:
-            batch = TotalsBatch.model_validate_json(value)
+            batch = TotalsBatch.decode(value)
         except ValidationError:
             return False
         pending = self._pending
@@ -168,9 +168,9 @@ class InfluxSink:
         """Consume and write until `stop()`; commits only what InfluxDB has accepted."""
         settings = self.settings
         consumer = AIOKafkaConsumer(
-            settings.topic("totals"),
+            settings.topics.totals,
             bootstrap_servers=settings.kafka_bootstrap,
-            group_id=settings.sink_group,
+            group_id=settings.topics.influx_sink_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 2,
@@ -205,7 +205,7 @@ class InfluxSink:
                         if record.value is None or not self.absorb(record.value):
                             self.stats.invalid += 1
                             await dead.send_and_wait(
-                                settings.topic("dead"),
+                                settings.topics.dead,
                                 value=DeadLetter.encode(
                                     "invalid", "not a TotalsBatch record", topic=tp.topic,
                                     partition=tp.partition, offset=record.offset,

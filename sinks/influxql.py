@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from quotaflow.settings import Settings
+from quotaflow.core.settings import Settings
 
 
 class InfluxQLError(RuntimeError):

@@ -1,7 +1,7 @@
 """The Faust application: bills counter reports from `<prefix>.raw`.
 
 The agent only moves batches: each message is one node's report fragment for the
-partition it arrived on; `quotaflow.ledger.NodeLedger` decides what to bill. The
+partition it arrived on; `quotaflow.core.ledger.NodeLedger` decides what to bill. The
 node's whole state in that partition is one Faust table entry, so the changelog
 record of a message carries all of its effects at once. Faust commits an offset
 only after the producer has flushed everything sent before it (at-least-once),
@@ -22,11 +22,12 @@ import faust
 from faust.types import TP
 from pydantic import ValidationError
 
-from producers.publisher import MAX_MESSAGE_BYTES, encode_report, ensure_topics
-from quotaflow.contracts import CounterReport, DeadLetter, DeadReason, TotalsBatch
-from quotaflow.ledger import Billing, NodeLedger, Refusal
-from quotaflow.partitioning import partition_of, split_report
-from quotaflow.settings import Settings
+from quotaflow.admin import ensure_topics
+from quotaflow.core.contracts import CounterReport, DeadLetter, DeadReason, TotalsBatch
+from quotaflow.core.ledger import Billing, NodeLedger, Refusal
+from quotaflow.core.partitioning import partition_of, split_report
+from quotaflow.core.settings import Settings
+from quotaflow.core.topics import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("quotaflow.streams")
 
@@ -183,10 +184,10 @@ def faust_app(settings: Settings, app_id: str) -> faust.App:
 
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app for these settings (the app id derives from the topic prefix)."""
-    app = faust_app(settings, settings.app_id)
-    raw = app.topic(settings.topic("raw"), partitions=settings.partitions)
-    totals = app.topic(settings.topic("totals"), partitions=settings.partitions)
-    dead = app.topic(settings.topic("dead"), partitions=settings.partitions)
+    app = faust_app(settings, settings.topics.worker_group)
+    raw = app.topic(settings.topics.raw, partitions=settings.partitions)
+    totals = app.topic(settings.topics.totals, partitions=settings.partitions)
+    dead = app.topic(settings.topics.dead, partitions=settings.partitions)
     table = app.Table(
         "ledgers",
         default=None,
@@ -197,7 +198,7 @@ def create_app(settings: Settings) -> faust.App:
     )
     biller = Biller(settings, table)
     app.biller = biller  # type: ignore[attr-defined]
-    raw_topic = settings.topic("raw")
+    raw_topic = settings.topics.raw
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _forget(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
@@ -219,7 +220,7 @@ def create_app(settings: Settings) -> faust.App:
             partition, offset, value = message.partition, message.offset, event.value
             biller.processed[partition] = offset
             try:
-                report = CounterReport.model_validate_json(value)
+                report = CounterReport.decode(value)
             except ValidationError as exc:
                 await send_dead(value, partition, offset, "invalid", _validation_reason(exc))
                 continue
@@ -234,7 +235,7 @@ def create_app(settings: Settings) -> faust.App:
                 report = fragments.pop(partition, report.model_copy(update={"counters": ()}))
                 for other, fragment in fragments.items():
                     biller.stats.rerouted += 1
-                    await raw.send(key=message.key, value=encode_report(fragment), partition=other)
+                    await raw.send(key=message.key, value=fragment.encode(), partition=other)
                 if not report.counters and report.kind == "cumulative":
                     continue
             try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from quotaflow.settings import Settings
+from quotaflow.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class LagProbe:
     def lag(self) -> Lag:
         """The current lag of both stages."""
         s = self.settings
-        raw = self.behind(s.topic("raw"), s.app_id)
-        return Lag(raw=raw, totals=self.behind(s.topic("totals"), s.sink_group))
+        raw = self.behind(s.topics.raw, s.topics.worker_group)
+        return Lag(raw=raw, totals=self.behind(s.topics.totals, s.topics.influx_sink_group))
 
     def wait_until_done(self, timeout_s: float, poll_s: float = 0.5) -> Lag:
         """Poll until everything published is in InfluxDB, or the timeout passes.

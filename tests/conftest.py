@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from quotaflow.settings import Settings
+from quotaflow.core.settings import Settings
 
 
 @dataclass
@@ -52,7 +52,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             os.environ["QUOTAFLOW_KAFKA_BOOTSTRAP"], os.environ["QUOTAFLOW_INFLUX_URL"]
         )
         return
-    from quotaflow import local
+    from quotaflow.dev import local
 
     state = tmp_path_factory.mktemp("local-services")
     running = local.up(state_dir=state)
@@ -126,7 +126,7 @@ class Pipeline:
         """Block until everything published is in InfluxDB; fail with the logs if not."""
         import time
 
-        from streams.lag import LagProbe
+        from quotaflow.streams.lag import LagProbe
 
         probe = LagProbe(self.settings)
         deadline = time.monotonic() + timeout_s
@@ -148,7 +148,7 @@ class Pipeline:
 @pytest.fixture
 def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
     """A running worker and InfluxDB sink for this test's settings."""
-    from producers.publisher import ensure_topics
+    from quotaflow.admin import ensure_topics
 
     ensure_topics(settings)
     running = Pipeline(settings, tmp_path)

@@ -12,14 +12,14 @@ import orjson
 import pytest
 from kafka import KafkaConsumer
 
-from producers.publisher import ReportPublisher
-from quotaflow.contracts import DeadLetter
-from quotaflow.periods import Calendar
-from quotaflow.settings import Settings
-from quotaflow.simulation import FleetSpec, Simulation, simulate
-from sinks.influxql import InfluxQL
-from sinks.ledger_check import compare, read_daily_totals
-from streams.lag import LagProbe
+from quotaflow.core.contracts import DeadLetter
+from quotaflow.core.periods import Calendar
+from quotaflow.core.settings import Settings
+from quotaflow.dev.ledger_check import compare, read_daily_totals
+from quotaflow.dev.simulation import FleetSpec, Simulation, simulate
+from quotaflow.producers.publisher import ReportPublisher
+from quotaflow.sinks.influxql import InfluxQL
+from quotaflow.streams.lag import LagProbe
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def test_fleet_totals_equal_ground_truth(fleet: Simulation, settings: Settings,
     _assert_exact(settings, fleet)
 
     dead = KafkaConsumer(
-        settings.topic("dead"), bootstrap_servers=settings.kafka_bootstrap,
+        settings.topics.dead, bootstrap_servers=settings.kafka_bootstrap,
         auto_offset_reset="earliest", consumer_timeout_ms=5000,
     )
     letters = [DeadLetter.model_validate_json(m.value) for m in dead]
@@ -133,7 +133,7 @@ def test_whole_reports_are_rerouted_and_future_clocks_refused(
     day = {(u, n): t for (u, n, _), t in read_daily_totals(settings).items()}
     assert day == {(u, "odd-node"): (1500, 9000) for u in users}
     dead = KafkaConsumer(
-        settings.topic("dead"), bootstrap_servers=settings.kafka_bootstrap,
+        settings.topics.dead, bootstrap_servers=settings.kafka_bootstrap,
         auto_offset_reset="earliest", consumer_timeout_ms=5000,
     )
     letters = [DeadLetter.model_validate_json(m.value) for m in dead]

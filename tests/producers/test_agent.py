@@ -19,16 +19,18 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import ValidationError
 
-from producers import collectors
-from producers.agent import Agent, AgentConfig, Sender, load_config
-from producers.collectors import CommandConfig, ReadParseCollector, Snapshot, build_collector
-from producers.outbox import Outbox
-from quotaflow.contracts import Counter, CounterReport
-from quotaflow.ledger import BillingPolicy, NodeLedger
-from quotaflow.settings import Settings
+from quotaflow.core.contracts import Counter, CounterReport
+from quotaflow.core.ledger import BillingPolicy, NodeLedger
+from quotaflow.core.settings import Settings
+from quotaflow.producers.agent import Agent, AgentConfig, Sender, load_config
+from quotaflow.producers.outbox import Outbox
+from quotaflow.producers.sources import Snapshot, build_collector, parse_counters_json, v2ray
+from quotaflow.producers.sources import _runtime as runtime
+from quotaflow.producers.sources._runtime import ReadParseCollector
+from quotaflow.producers.sources.command import CommandConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = Path(__file__).parent / "samples"
+SAMPLES = Path(__file__).parent / "sources" / "samples"
 
 
 class FakeCollector:
@@ -221,11 +223,11 @@ def test_boot_epoch_ignores_clock_steps_and_grows_on_reboot(
     not (a larger one re-bills the whole counters, a smaller one makes every report stale);
     only a reboot starts a new one, and that one is larger even if the clock is behind."""
     btime, boot = [1_761_000_000_000], ["boot-1"]
-    monkeypatch.setattr(collectors, "boot_time_ms", lambda: btime[0])
-    monkeypatch.setattr(collectors, "boot_id", lambda: boot[0], raising=False)
+    monkeypatch.setattr(runtime, "boot_time_ms", lambda: btime[0])
+    monkeypatch.setattr(runtime, "boot_id", lambda: boot[0])
 
     def make() -> ReadParseCollector:
-        return ReadParseCollector(lambda: '{"7": [1, 2]}', collectors.parse_counters_json, {},
+        return ReadParseCollector(lambda: '{"7": [1, 2]}', parse_counters_json, {},
                                   "boot")
 
     collector = make()
@@ -249,35 +251,33 @@ def test_boot_epoch_ignores_clock_steps_and_grows_on_reboot(
 def test_v2ray_epoch_ignores_clock_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """The core's epoch is now - uptime; a wall-clock step must not make it a new epoch
     (that re-bills every user's whole counter), during a run or across agent restarts."""
-    from producers import sources
-
     wall, mono, uptime = [1_761_000_123_456], [5_000_000], [100]
     monkeypatch.setattr(time, "time_ns", lambda: wall[0] * 1_000_000)
     monkeypatch.setattr(time, "monotonic_ns", lambda: mono[0] * 1_000_000)
-    monkeypatch.setattr(collectors, "boot_id", lambda: "boot-1", raising=False)
+    monkeypatch.setattr(v2ray, "boot_id", lambda: "boot-1")
 
-    class FakeCore(sources.V2RayStatsClient):
+    class FakeCore(v2ray.V2RayStatsClient):
         def sys_stats(self) -> dict[str, int]:
             return {"Uptime": uptime[0]}
 
         def query_user_counters(self) -> list[Counter]:
             return [Counter(user_id="a@x", up=1, down=2)]
 
-    monkeypatch.setattr(collectors.sources, "V2RayStatsClient", FakeCore)
-    config = collectors.V2RayConfig(type="v2ray", address="127.0.0.1:1")
+    monkeypatch.setattr(v2ray, "V2RayStatsClient", FakeCore)
+    config = v2ray.V2RayConfig(type="v2ray", address="127.0.0.1:1")
 
     def tick(seconds: int, step_ms: int = 0) -> None:
         wall[0] += seconds * 1000 + step_ms
         mono[0] += seconds * 1000
         uptime[0] += seconds
 
-    collector = collectors.V2RayCollector(config)
+    collector = v2ray.V2RayCollector(config)
     epoch = collector.collect().epoch
     tick(60)
     assert collector.collect().epoch == epoch
     tick(60, step_ms=30_000)  # NTP stepped the clock 30 s forward
     assert collector.collect().epoch == epoch
-    restarted = collectors.V2RayCollector(config)  # the agent restarts, same boot
+    restarted = v2ray.V2RayCollector(config)  # the agent restarts, same boot
     restarted.restore(json.loads(json.dumps(collector.state())))
     tick(60, step_ms=-45_000)
     assert restarted.collect().epoch == epoch
@@ -307,7 +307,7 @@ FAKE_SOURCE = textwrap.dedent('''
 
 
 class AgentProcess:
-    """`python -m producers.agent` with a fake command source, as a real subprocess."""
+    """`python -m quotaflow.producers.agent` with a fake command source, as a real subprocess."""
 
     def __init__(self, tmp: Path, settings: Settings, users: int, interval_s: float) -> None:
         self.tmp, self.users = tmp, users
@@ -337,7 +337,7 @@ class AgentProcess:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "producers.agent", str(self.config)],
+                [sys.executable, "-m", "quotaflow.producers.agent", str(self.config)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )
 
@@ -377,7 +377,7 @@ class AgentProcess:
 
 
 def _billed(settings: Settings, node: str) -> dict[str, tuple[int, int]]:
-    from sinks.ledger_check import read_daily_totals
+    from quotaflow.dev.ledger_check import read_daily_totals
 
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for (user, node_id, _day), (up, down) in read_daily_totals(settings).items():

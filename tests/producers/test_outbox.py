@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers.outbox import Outbox, OutboxLocked
-from quotaflow.contracts import Counter, CounterReport
-from quotaflow.ledger import BillingPolicy, NodeLedger
+from quotaflow.core.contracts import Counter, CounterReport
+from quotaflow.core.ledger import BillingPolicy, NodeLedger
+from quotaflow.producers.outbox import Outbox, OutboxLocked
 
 POLICY = BillingPolicy(timezone=ZoneInfo("UTC"))
 T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from producers.outbox import Outbox
-from producers.push import PUSH_PATH, PushConfig, make_app, start_site
+from quotaflow.producers.outbox import Outbox
+from quotaflow.producers.push import PUSH_PATH, PushConfig, make_app, start_site
 
 
 @dataclass

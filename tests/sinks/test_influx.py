@@ -8,14 +8,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from producers.publisher import ReportPublisher
-from quotaflow.contracts import TotalsBatch
-from quotaflow.periods import Calendar
-from quotaflow.settings import Settings
-from quotaflow.simulation import FleetSpec, simulate
-from sinks.influx import InfluxSink, line_protocol
-from sinks.ledger_check import compare, read_daily_totals
-from streams.lag import LagProbe
+from quotaflow.core.contracts import TotalsBatch
+from quotaflow.core.periods import Calendar
+from quotaflow.core.settings import Settings
+from quotaflow.dev.ledger_check import compare, read_daily_totals
+from quotaflow.dev.simulation import FleetSpec, simulate
+from quotaflow.producers.publisher import ReportPublisher
+from quotaflow.sinks.influx import InfluxSink, line_protocol
+from quotaflow.streams.lag import LagProbe
 
 
 def test_absorb_keeps_the_latest_total_of_each_series() -> None:

@@ -1,0 +1,177 @@
+"""shadowsocks-libev's `ss-manager`: per-port byte counts over its datagram protocol.
+
+The source named `ss-manager`; users are server ports (rename them with `user_map`).
+
+>>> parse_ss_manager_stat('stat: {"8388": 500, "8389": 70}')
+[Counter(user_id='8388', up=0, down=500), Counter(user_id='8389', up=0, down=70)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from quotaflow.core.contracts import Counter
+from quotaflow.producers.sources._parsing import (
+    ParseError,
+    counters_of,
+    json_uint,
+    reject_duplicate_keys,
+)
+from quotaflow.producers.sources._runtime import (
+    ReadParseCollector,
+    Source,
+    SourceConfigBase,
+    SourceError,
+)
+
+
+def parse_ss_manager_stat(text: str) -> list[Counter]:
+    """Per-port counters from ss-manager's answer to `ping`: `stat: {"8388": 12345, ...}`.
+
+    The bare JSON object is accepted too. ss-manager reports one combined figure
+    per port (both directions together), so it goes in `down` and `up` is 0; the
+    port (as a string) is the user id, to be renamed with `apply_user_map`.
+    With very many ports ss-manager splits its answer over several datagrams, and
+    the later ones lack the `stat: {` prefix; pass them joined by newlines and they
+    are read as one answer.
+    """
+    decoder = json.JSONDecoder(object_pairs_hook=reject_duplicate_keys)
+    rest = text.strip().strip("\x00").strip()
+    totals: dict[str, tuple[int, int]] = {}
+    chunks = 0
+    while rest:
+        if rest.startswith("stat:"):
+            rest = rest[len("stat:") :].lstrip()
+        elif chunks and rest.startswith('"'):
+            rest = "{" + rest  # a continuation datagram
+        try:
+            obj, end = decoder.raw_decode(rest)
+        except ParseError:
+            raise
+        except (ValueError, RecursionError) as exc:
+            raise ParseError(f"ss-manager stat: not a JSON object: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise ParseError("ss-manager stat: expected a JSON object of port -> bytes")
+        for port, value in obj.items():
+            if not re.fullmatch(r"[1-9][0-9]{0,4}", port) or int(port) > 65535:
+                raise ParseError(f"ss-manager stat: {port[:20]!r} is not a port number")
+            if port in totals:
+                raise ParseError(f"ss-manager stat: port {port} appears twice")
+            totals[port] = (0, json_uint(value, f"ss-manager stat port {port}"))
+        chunks += 1
+        rest = rest[end:].strip().strip("\x00").strip()
+    if not chunks:
+        raise ParseError("ss-manager stat: empty input")
+    return counters_of(totals)
+
+
+class SsManagerClient:
+    """shadowsocks-libev `ss-manager`'s control protocol, one datagram per command.
+
+    `address` is `host:port` (UDP; `[v6]:port` too) or the path of ss-manager's unix
+    datagram socket. Each call uses a fresh socket so a late answer to an earlier
+    command can never be read as this one's.
+    """
+
+    def __init__(self, address: str, *, timeout: float = 2.0, settle: float = 0.2) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.settle = settle
+
+    @contextlib.contextmanager
+    def _socket(self) -> Iterator[socket.socket]:
+        if self.address.startswith("/") or ":" not in self.address:
+            with tempfile.TemporaryDirectory(prefix="qf-ssm-") as folder:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    sock.bind(os.path.join(folder, "client.sock"))  # to receive answers
+                    sock.connect(self.address)
+                    yield sock
+                finally:
+                    sock.close()
+            return
+        host, _, port = self.address.rpartition(":")
+        host = host.strip("[]")
+        info = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_DGRAM)
+        try:
+            sock.connect(info[4])
+            yield sock
+        finally:
+            sock.close()
+
+    def command(self, text: str) -> list[str]:
+        """Send one command; return the answer datagrams (several for a long `ping`).
+
+        The first datagram is awaited up to `timeout`; later ones while they keep
+        coming within `settle` seconds, as ss-manager marks no last datagram.
+        """
+        with self._socket() as sock:
+            try:
+                sock.send(text.encode())
+                sock.settimeout(self.timeout)
+                answers = [sock.recv(65536).decode()]
+                sock.settimeout(self.settle)
+                while True:
+                    try:
+                        answers.append(sock.recv(65536).decode())
+                    except TimeoutError:
+                        return answers
+            except OSError as exc:
+                raise SourceError(
+                    f"ss-manager {self.address}: {text.split(':')[0]}: {exc}"
+                ) from exc
+
+    def ping(self) -> str:
+        """The `stat: {"PORT": BYTES, ...}` answer (datagrams joined by newlines).
+
+        ss-manager 3.3.x answers `ping` with the stat itself (no `pong`). BYTES is
+        both directions together, as each ss-server last pushed it to ss-manager
+        (every 5 s), so a figure lags traffic by up to that long.
+        """
+        return "\n".join(self.command("ping"))
+
+    def query_port_counters(self) -> list[Counter]:
+        """Per-port counters: the port is the user id, its figure goes in `down`."""
+        return parse_ss_manager_stat(self.ping())
+
+    def _ok(self, text: str) -> None:
+        answers = self.command(text)
+        if answers[:1] != ["ok"]:
+            raise SourceError(f"ss-manager {self.address} refused {text.split(':')[0]}: {answers}")
+
+    def add(self, port: int, password: str, method: str | None = None, **extra: Any) -> None:
+        """Start an ss-server for `port` (`add: {"server_port": ..., "password": ...}`)."""
+        spec: dict[str, Any] = {"server_port": port, "password": password, **extra}
+        if method is not None:
+            spec["method"] = method
+        self._ok("add: " + json.dumps(spec))
+
+    def remove(self, port: int) -> None:
+        """Stop the ss-server of `port`; ss-manager forgets its figure."""
+        self._ok("remove: " + json.dumps({"server_port": port}))
+
+
+class SsManagerConfig(SourceConfigBase):
+    """shadowsocks-libev ss-manager (UDP host:port or unix socket path); users are ports."""
+
+    type: Literal["ss-manager"]
+    address: str
+    timeout_s: float = 2.0
+
+
+def _collector(config: SsManagerConfig) -> ReadParseCollector:
+    client = SsManagerClient(config.address, timeout=config.timeout_s)
+    return ReadParseCollector(client.ping, parse_ss_manager_stat, config.user_map, config.epoch)
+
+
+SOURCE = Source(
+    name="ss-manager", config=SsManagerConfig, collector=_collector, parse=parse_ss_manager_stat
+)

@@ -1,0 +1,102 @@
+"""Reading totals back from InfluxDB."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+from zoneinfo import ZoneInfo
+
+import typer
+from rich.console import Console
+
+from quotaflow.cli._common import console, load_settings
+from quotaflow.core.periods import Calendar
+
+app = typer.Typer()
+
+
+@app.command("usage")
+def usage_cmd(
+    user: Annotated[str, typer.Option(help="The user id.")],
+    node: Annotated[str | None, typer.Option(help="Only this node.")] = None,
+    period: Annotated[str, typer.Option(help="day or month.")] = "day",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+) -> None:
+    """Read a user's totals back from InfluxDB."""
+    from rich.table import Table
+
+    from quotaflow.sinks.influx import MEASUREMENTS
+    from quotaflow.sinks.influxql import InfluxQL, InfluxQLError, quote_string
+
+    if period not in MEASUREMENTS:
+        raise typer.BadParameter("period must be day or month")
+    settings = load_settings()
+    where = f"user_id = {quote_string(user)}"
+    if node:
+        where += f" AND node_id = {quote_string(node)}"
+    statement = (
+        f"SELECT up_bytes, down_bytes, total_bytes FROM {MEASUREMENTS[period]} "
+        f"WHERE {where} GROUP BY node_id"
+    )
+    try:
+        series = InfluxQL.from_settings(settings).query(statement)
+    except InfluxQLError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    calendar = Calendar(ZoneInfo(settings.timezone))
+    rows = [
+        {
+            "user_id": user, "node_id": s.tags.get("node_id", ""),
+            period: calendar.label(int(r["time"]), period),
+            "up": r["up_bytes"], "down": r["down_bytes"], "total": r["total_bytes"],
+        }
+        for s in series for r in s.rows
+    ]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title=f"{user}: traffic per {period} ({settings.timezone})")
+    for column in ("node_id", period, "up", "down", "total"):
+        table.add_column(column, justify="right" if column in ("up", "down", "total") else "left")
+    for row in rows:
+        table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c])
+                        for c in ("node_id", period, "up", "down", "total")))
+    Console().print(table)
+
+
+@app.command("top")
+def top_cmd(
+    limit: Annotated[int, typer.Option(min=1, help="How many users.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+) -> None:
+    """The heaviest users over everything in InfluxDB, all nodes together."""
+    from rich.table import Table
+
+    from quotaflow.sinks.influxql import InfluxQL, InfluxQLError
+
+    settings = load_settings()
+    statement = (
+        "SELECT sum(up_bytes) AS up, sum(down_bytes) AS down, sum(total_bytes) AS total "
+        "FROM traffic_daily GROUP BY user_id"
+    )
+    try:
+        series = InfluxQL.from_settings(settings).query(statement)
+    except InfluxQLError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    rows = sorted(
+        ({"user_id": s.tags["user_id"], **{k: s.rows[0][k] for k in ("up", "down", "total")}}
+         for s in series if s.rows),
+        key=lambda row: -int(row["total"]),
+    )[:limit]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title=f"top {limit} users, all nodes and days")
+    for column in ("user_id", "up", "down", "total"):
+        table.add_column(column, justify="left" if column == "user_id" else "right")
+    for row in rows:
+        table.add_row(row["user_id"], *(f"{row[c]:,}" for c in ("up", "down", "total")))
+    Console().print(table)

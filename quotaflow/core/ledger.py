@@ -1,0 +1,326 @@
+"""The billing rules: counter reports in, exact byte deltas and running period totals out.
+
+A `NodeLedger` holds everything quotaflow remembers about one node within one
+partition: each user's last counters, the (epoch, seq) pairs of delta reports
+already billed, and the user's running day and month totals. `update()` applies a
+report (one partition's fragment of it) and says what to bill, what totals changed
+and what was refused. Because a fragment touches exactly one ledger and the ledger
+serialises to one record, the stream worker can persist all effects of a message
+atomically, which is what makes redelivery after a crash harmless.
+
+>>> from datetime import datetime, UTC
+>>> from zoneinfo import ZoneInfo
+>>> from quotaflow.core.contracts import Counter, CounterReport
+>>> policy = BillingPolicy(timezone=ZoneInfo("UTC"))
+>>> ledger = NodeLedger("node-a")
+>>> def report(seq, up, down, epoch=1):
+...     return CounterReport(node_id="node-a", epoch=epoch, seq=seq,
+...         observed_at=datetime(2026, 11, 21, 12, seq, tzinfo=UTC),
+...         counters=(Counter(user_id="alice", up=up, down=down),))
+>>> ledger.update(report(1, 100, 1000), policy).billed
+[('alice', 100, 1000)]
+>>> ledger.update(report(2, 150, 1000), policy).billed
+[('alice', 50, 0)]
+>>> ledger.update(report(2, 150, 1000), policy).billed   # a duplicate bills nothing
+[]
+>>> ledger.update(report(1, 30, 40, epoch=2), policy).billed   # the node restarted
+[('alice', 30, 40)]
+>>> ledger.update(report(3, 30, 40, epoch=2), policy).totals  # (user, day up/down, month up/down)
+[('alice', 180, 1040, 180, 1040)]
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from quotaflow.core.contracts import CounterReport, DeadReason, PeriodKind
+from quotaflow.core.periods import Calendar
+
+# An epoch that reads as milliseconds since 2000 is taken to be the counters' start time.
+_PLAUSIBLE_EPOCH_MS = 946_684_800_000
+# How many epochs of delta reports keep their billed-seq records.
+_DELTA_EPOCHS_KEPT = 4
+# Above this many out-of-order seqs in one epoch, the oldest gap is given up as billed.
+_DELTA_SEQS_KEPT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class BillingPolicy:
+    """The configurable parts of the billing rules."""
+
+    timezone: ZoneInfo
+    max_rate_bytes_per_s: int = 1_250_000_000
+    min_interval_s: float = 60.0
+    lateness_days: int = 3
+
+    def allowance(self, interval_s: float | None) -> float:
+        """The most bytes one direction may plausibly move in `interval_s` seconds."""
+        return self.max_rate_bytes_per_s * max(interval_s or 0.0, self.min_interval_s)
+
+
+@dataclass(slots=True)
+class Refusal:
+    """A user's traffic that was not billed, and why."""
+
+    reason: DeadReason
+    detail: str
+    user_id: str
+    up: int
+    down: int
+
+
+@dataclass(slots=True)
+class Billing:
+    """What one `update()` decided."""
+
+    billed: list[tuple[str, int, int]] = field(default_factory=list)
+    # the report's day and month, and (user, day up, day down, month up, month down)
+    # rows: a `TotalsBatch`'s fields, as plain values because this is the hot path
+    day: int = 0
+    month: int = 0
+    totals: list[tuple[str, int, int, int, int]] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    duplicate: bool = False
+
+    @property
+    def billed_bytes(self) -> int:
+        """Up plus down bytes billed."""
+        return sum(up + down for _, up, down in self.billed)
+
+
+@dataclass(slots=True)
+class _SeqSet:
+    """The seqs of one epoch billed so far: all up to `low`, plus the sparse ones above."""
+
+    low: int = -1
+    above: list[int] = field(default_factory=list)
+
+    def add(self, seq: int) -> bool:
+        """Record `seq`; False if it was already recorded."""
+        if seq <= self.low:
+            return False
+        if self.above and seq in self.above:
+            return False
+        insort(self.above, seq)
+        while self.above and self.above[0] == self.low + 1:
+            self.low = self.above.pop(0)
+        if len(self.above) > _DELTA_SEQS_KEPT:
+            self.low = self.above.pop(0)
+        return True
+
+
+class NodeLedger:
+    """One node's billing state within one partition; see the module docstring."""
+
+    __slots__ = ("_deltas", "_kept_from", "_totals", "node_id", "users", "watermark")
+
+    _totals: dict[PeriodKind, dict[int, dict[str, tuple[int, int]]]]
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        # Tuples of ints only, never lists: the garbage collector stops tracking
+        # them, so a large state costs no time in collections.
+        # user -> (epoch, seq, up, down, observed_s) of the last cumulative counters
+        self.users: dict[str, tuple[int, int, int, int, int]] = {}
+        # period -> period start -> user -> (up, down); nested so that the whole
+        # state serialises without a Python loop
+        self._totals = {"day": {}, "month": {}}
+        self._deltas: dict[int, _SeqSet] = {}
+        self._kept_from = 0  # the oldest day start whose totals are kept
+        self.watermark = 0  # the latest observed_at seen, Unix seconds
+
+    def update(self, report: CounterReport, policy: BillingPolicy) -> Billing:
+        """Apply one report (or fragment) of this node; see docs/contracts.md for the rules."""
+        observed = int(report.observed_at.timestamp())
+        calendar = _calendar(policy.timezone)
+        day, month = calendar.starts(observed)
+        self.watermark = max(self.watermark, observed)
+        oldest_day = calendar.days_back(self.watermark, policy.lateness_days)
+        late = day < oldest_day
+        billing = Billing(day=day, month=month)
+        if report.kind == "delta":
+            self._apply_delta(report, observed, policy, billing)
+        else:
+            self._apply_cumulative(report, observed, policy, billing)
+        if late:
+            for user_id, up, down in billing.billed:
+                billing.refused.append(
+                    Refusal("late", f"observed before the lateness window (day {day})",
+                            user_id, up, down)
+                )
+        elif billing.billed:
+            for totals in (self._period("day", day), self._period("month", month)):
+                for user_id, up, down in billing.billed:
+                    total = totals.get(user_id)
+                    totals[user_id] = (up, down) if total is None else (
+                        total[0] + up, total[1] + down
+                    )
+        if late:
+            billing.billed = []
+        else:
+            billing.totals = self._current_totals(report, day, month)
+        if oldest_day > self._kept_from:
+            self._kept_from = oldest_day
+            oldest_month = calendar.month_start(calendar.days_back(oldest_day, 31))
+            self._forget_before(oldest_day, oldest_month)
+        return billing
+
+    def _apply_cumulative(
+        self, report: CounterReport, observed: int, policy: BillingPolicy, billing: Billing
+    ) -> None:
+        epoch, seq = report.epoch, report.seq
+        since_epoch = (
+            observed - epoch / 1000 if _PLAUSIBLE_EPOCH_MS <= epoch <= observed * 1000 else None
+        )
+        users = self.users
+        billed = billing.billed
+        surely_fine = policy.allowance(None)  # no interval allows less than this
+        baseline = report.baseline
+        for counter in report.counters:
+            up, down = counter.up, counter.down
+            state = users.get(counter.user_id)
+            if state is None or epoch > state[0]:
+                bill_up, bill_down, interval = up, down, since_epoch
+            elif epoch < state[0] or seq <= state[1]:
+                continue  # a duplicate or stale report
+            else:
+                bill_up = up - state[2] if up >= state[2] else up
+                bill_down = down - state[3] if down >= state[3] else down
+                interval = observed - state[4]
+            users[counter.user_id] = (epoch, seq, up, down, observed)
+            if baseline or not (bill_up or bill_down):
+                continue
+            if bill_up <= surely_fine and bill_down <= surely_fine:
+                billed.append((counter.user_id, bill_up, bill_down))
+            else:
+                self._bill(billing, policy, counter.user_id, bill_up, bill_down, interval)
+
+    def _apply_delta(
+        self, report: CounterReport, observed: int, policy: BillingPolicy, billing: Billing
+    ) -> None:
+        seqs = self._deltas.get(report.epoch)
+        if seqs is None:
+            if self._deltas and report.epoch < min(self._deltas) and (
+                len(self._deltas) >= _DELTA_EPOCHS_KEPT
+            ):
+                for counter in report.counters:
+                    billing.refused.append(
+                        Refusal("stale-epoch", "delta report of an epoch no longer tracked",
+                                counter.user_id, counter.up, counter.down)
+                    )
+                return
+            seqs = self._deltas[report.epoch] = _SeqSet()
+            while len(self._deltas) > _DELTA_EPOCHS_KEPT:
+                del self._deltas[min(self._deltas)]
+        if not seqs.add(report.seq):
+            billing.duplicate = True
+            return
+        if report.baseline:
+            return
+        for counter in report.counters:
+            if counter.up or counter.down:
+                self._bill(billing, policy, counter.user_id, counter.up, counter.down, None)
+
+    @staticmethod
+    def _bill(
+        billing: Billing,
+        policy: BillingPolicy,
+        user_id: str,
+        up: int,
+        down: int,
+        interval: float | None,
+    ) -> None:
+        allowed = policy.allowance(interval)
+        if up > allowed or down > allowed:
+            billing.refused.append(
+                Refusal("anomaly", f"more than {allowed:.0f} bytes in one direction "
+                        f"for an interval of {interval or policy.min_interval_s:.0f}s",
+                        user_id, up, down)
+            )
+        else:
+            billing.billed.append((user_id, up, down))
+
+    def _period(self, period: PeriodKind, start: int) -> dict[str, tuple[int, int]]:
+        """The user totals of one period, created empty when missing."""
+        starts = self._totals[period]
+        found = starts.get(start)
+        if found is None:
+            found = starts[start] = {}
+        return found
+
+    def _current_totals(
+        self, report: CounterReport, day: int, month: int
+    ) -> list[tuple[str, int, int, int, int]]:
+        """The day and month totals of every user the report names who has a day total.
+
+        Sent even when nothing changed: after a crash the worker handles the message
+        again, and these re-sent totals are what reaches the sinks then. A user
+        without a day total was billed nothing today, so nothing of theirs is owed.
+        """
+        today = self._totals["day"].get(day)
+        if not today:
+            return []
+        this_month = self._totals["month"][month]
+        out: list[tuple[str, int, int, int, int]] = []
+        for counter in report.counters:
+            user_id = counter.user_id
+            total = today.get(user_id)
+            if total is not None:
+                monthly = this_month[user_id]
+                out.append((user_id, total[0], total[1], monthly[0], monthly[1]))
+        return out
+
+    def _forget_before(self, oldest_day: int, oldest_month: int) -> None:
+        for period, oldest in (("day", oldest_day), ("month", oldest_month)):
+            starts = self._totals[period]  # type: ignore[index]
+            for start in [s for s in starts if s < oldest]:
+                del starts[start]
+
+    def total(self, user_id: str, period: PeriodKind, start: int) -> tuple[int, int] | None:
+        """The running (up, down) total of a user for the period starting at `start`."""
+        return self._totals[period].get(start, {}).get(user_id)
+
+    def to_bytes(self) -> bytes:
+        """The whole state as one record, for the changelog."""
+        return orjson.dumps(
+            {
+                "v": 1,
+                "node": self.node_id,
+                "wm": self.watermark,
+                "users": self.users,
+                "totals": self._totals,
+                "deltas": {e: [s.low, s.above] for e, s in self._deltas.items()},
+            },
+            option=orjson.OPT_NON_STR_KEYS,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> NodeLedger:
+        """Rebuild a ledger from `to_bytes()` output."""
+        raw = orjson.loads(data)
+        ledger = cls(raw["node"])
+        ledger.watermark = raw["wm"]
+        ledger.users = {user: tuple(state) for user, state in raw["users"].items()}
+        ledger._totals = {
+            period: {
+                int(start): {user: (t[0], t[1]) for user, t in users.items()}
+                for start, users in raw["totals"][period].items()
+            }
+            for period in ("day", "month")
+        }
+        ledger._deltas = {int(e): _SeqSet(low, above) for e, (low, above) in raw["deltas"].items()}
+        return ledger
+
+
+_calendars: dict[ZoneInfo, Calendar] = {}
+
+
+def _calendar(tz: ZoneInfo) -> Calendar:
+    found = _calendars.get(tz)
+    if found is None:
+        found = _calendars[tz] = Calendar(tz)
+    return found

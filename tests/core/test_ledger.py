@@ -1,0 +1,648 @@
+"""The billing rules of `NodeLedger`: one small test per rule, then property tests
+against an independent reference implementation of the rules."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quotaflow.core.contracts import Counter, CounterReport, TotalsBatch
+from quotaflow.core.ledger import Billing, BillingPolicy, NodeLedger
+from quotaflow.core.partitioning import split_report
+from quotaflow.core.periods import Calendar
+
+BERLIN = ZoneInfo("Europe/Berlin")
+POLICY = BillingPolicy(timezone=BERLIN)
+T0 = datetime(2026, 5, 12, 10, 0, tzinfo=UTC)  # 12:00 in Berlin
+
+
+def report(
+    seq: int,
+    *counters: tuple[str, int, int],
+    epoch: int = 1,
+    at: datetime | None = None,
+    kind: str = "cumulative",
+    baseline: bool = False,
+    node: str = "node-a",
+) -> CounterReport:
+    return CounterReport(
+        node_id=node, epoch=epoch, seq=seq, kind=kind, baseline=baseline,  # type: ignore[arg-type]
+        observed_at=at if at is not None else T0 + timedelta(minutes=seq),
+        counters=tuple(Counter(user_id=u, up=up, down=down) for u, up, down in counters),
+    )
+
+
+def delta(seq: int, *counters: tuple[str, int, int], epoch: int = 1, **kw: object) -> CounterReport:
+    return report(seq, *counters, epoch=epoch, kind="delta", **kw)  # type: ignore[arg-type]
+
+
+def unix(at: datetime) -> int:
+    return int(at.timestamp())
+
+
+def emitted(billing: Billing) -> list[tuple[str, str, int, int, int]]:
+    """The totals an update emitted, as (user, period, start, up, down) rows."""
+    out: list[tuple[str, str, int, int, int]] = []
+    for user, day_up, day_down, month_up, month_down in billing.totals:
+        out.append((user, "day", billing.day, day_up, day_down))
+        out.append((user, "month", billing.month, month_up, month_down))
+    return out
+
+
+# --- cumulative rules ---------------------------------------------------------------------
+
+
+def test_first_report_bills_counters_as_they_are() -> None:
+    ledger = NodeLedger("node-a")
+    billing = ledger.update(report(5, ("alice", 100, 1000), ("bob", 0, 7)), POLICY)
+    assert billing.billed == [("alice", 100, 1000), ("bob", 0, 7)]
+    assert not billing.refused and not billing.duplicate
+
+
+def test_baseline_records_then_growth_is_billed() -> None:
+    ledger = NodeLedger("node-a")
+    first = ledger.update(report(1, ("alice", 5000, 90000), baseline=True), POLICY)
+    assert first.billed == [] and first.refused == []
+    assert ledger.update(report(2, ("alice", 5100, 90050)), POLICY).billed == [("alice", 100, 50)]
+    # A user the baseline did not name is billed from zero.
+    assert ledger.update(report(3, ("alice", 5100, 90050), ("bob", 3, 4)), POLICY).billed == [
+        ("bob", 3, 4)
+    ]
+
+
+def test_duplicate_report_is_ignored() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(1, ("alice", 100, 200)), POLICY)
+    again = ledger.update(report(1, ("alice", 100, 200)), POLICY)
+    assert again.billed == [] and again.refused == []
+    assert ledger.total("alice", "day", Calendar(BERLIN).day_start(unix(T0))) == (100, 200)
+    # The same (epoch, seq) is a duplicate even if its counters differ.
+    assert ledger.update(report(1, ("alice", 150, 900)), POLICY).billed == []
+    assert ledger.update(report(2, ("alice", 160, 210)), POLICY).billed == [("alice", 60, 10)]
+
+
+def test_stale_seq_is_ignored() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(1, ("alice", 100, 100)), POLICY)
+    ledger.update(report(3, ("alice", 300, 300)), POLICY)
+    # seq 2 arrives late, even with different numbers: ignored.
+    assert ledger.update(report(2, ("alice", 250, 999)), POLICY).billed == []
+    # The next one is billed against seq 3, not seq 2.
+    assert ledger.update(report(4, ("alice", 310, 320)), POLICY).billed == [("alice", 10, 20)]
+
+
+def test_older_epoch_after_newer_is_ignored() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(9, ("alice", 100, 100), epoch=1), POLICY)
+    ledger.update(report(1, ("alice", 10, 10), epoch=2), POLICY)
+    # epoch 1, even with a higher seq and bigger counters, is from before the restart.
+    assert ledger.update(report(10, ("alice", 500, 500), epoch=1), POLICY).billed == []
+    assert ledger.update(report(2, ("alice", 15, 11), epoch=2), POLICY).billed == [("alice", 5, 1)]
+
+
+def test_restart_newer_epoch_bills_as_is() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(7, ("alice", 1000, 2000), epoch=1), POLICY)
+    # Counters restarted: smaller or bigger, they are billed as they are; seq may restart.
+    assert ledger.update(report(0, ("alice", 30, 4000), epoch=2), POLICY).billed == [
+        ("alice", 30, 4000)
+    ]
+    assert ledger.update(report(1, ("alice", 40, 4000), epoch=2), POLICY).billed == [
+        ("alice", 10, 0)
+    ]
+
+
+def test_counter_went_down_in_one_direction_only() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(1, ("alice", 100, 1000)), POLICY)
+    # up restarted (100 -> 30: bill 30), down kept counting (1000 -> 1500: bill 500).
+    assert ledger.update(report(2, ("alice", 30, 1500)), POLICY).billed == [("alice", 30, 500)]
+    assert ledger.update(report(3, ("alice", 35, 20)), POLICY).billed == [("alice", 5, 20)]
+
+
+def test_unchanged_counters_bill_nothing() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(1, ("alice", 100, 1000)), POLICY)
+    billing = ledger.update(report(2, ("alice", 100, 1000)), POLICY)
+    assert billing.billed == [] and billing.refused == []
+    assert [(period, up, down) for _, period, _, up, down in emitted(billing)] == [
+        ("day", 100, 1000), ("month", 100, 1000)
+    ]
+
+
+def test_users_have_independent_state() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(1, ("alice", 100, 100)), POLICY)
+    ledger.update(report(2, ("bob", 50, 50)), POLICY)
+    # alice's last state is seq 1, bob's is seq 2: a seq-2 duplicate still carries alice news.
+    billing = ledger.update(report(2, ("alice", 150, 100), ("bob", 50, 50)), POLICY)
+    assert billing.billed == [("alice", 50, 0)]
+
+
+# --- delta reports ------------------------------------------------------------------------
+
+
+def test_delta_duplicate_is_ignored() -> None:
+    ledger = NodeLedger("node-a")
+    assert ledger.update(delta(1, ("alice", 10, 20)), POLICY).billed == [("alice", 10, 20)]
+    again = ledger.update(delta(1, ("alice", 10, 20)), POLICY)
+    assert again.billed == [] and again.duplicate
+
+
+def test_delta_out_of_order_each_billed_once() -> None:
+    ledger = NodeLedger("node-a")
+    billed = []
+    for seq in (3, 1, 5, 2, 1, 4, 3, 0, 5):
+        billed += ledger.update(delta(seq, ("alice", seq + 1, 10 * (seq + 1))), POLICY).billed
+    assert sorted(billed) == [("alice", s + 1, 10 * (s + 1)) for s in range(6)]
+
+
+def test_delta_across_epochs() -> None:
+    ledger = NodeLedger("node-a")
+    assert ledger.update(delta(1, ("alice", 1, 1), epoch=1), POLICY).billed == [("alice", 1, 1)]
+    # The same seq in another epoch is another report.
+    assert ledger.update(delta(1, ("alice", 2, 2), epoch=2), POLICY).billed == [("alice", 2, 2)]
+    # An older epoch's new seq still counts; its repeat does not.
+    assert ledger.update(delta(2, ("alice", 3, 3), epoch=1), POLICY).billed == [("alice", 3, 3)]
+    assert ledger.update(delta(1, ("alice", 1, 1), epoch=1), POLICY).duplicate
+
+
+def test_delta_baseline_is_recorded_not_billed() -> None:
+    ledger = NodeLedger("node-a")
+    assert ledger.update(delta(1, ("alice", 10, 10), baseline=True), POLICY).billed == []
+    assert ledger.update(delta(1, ("alice", 10, 10)), POLICY).duplicate
+
+
+def test_delta_epochs_no_longer_tracked_are_refused() -> None:
+    ledger = NodeLedger("node-a")
+    for epoch in range(1, 6):
+        ledger.update(delta(1, ("alice", 1, 1), epoch=epoch), POLICY)
+    billing = ledger.update(delta(1, ("alice", 1, 1), epoch=1), POLICY)
+    assert billing.billed == []
+    assert [(r.reason, r.user_id) for r in billing.refused] == [("stale-epoch", "alice")]
+
+
+# --- anomalies and late data --------------------------------------------------------------
+
+SMALL = BillingPolicy(timezone=BERLIN, max_rate_bytes_per_s=1000, min_interval_s=60)
+
+
+def test_anomaly_refused_and_next_reading_billed_normally() -> None:
+    ledger = NodeLedger("node-a")
+    t = T0
+    assert ledger.update(report(1, ("alice", 1000, 1000), at=t), SMALL).billed == [
+        ("alice", 1000, 1000)
+    ]
+    # 60 s later, 60_001 bytes down: above 1000 B/s * 60 s.
+    spike = ledger.update(report(2, ("alice", 1500, 61_001), at=t + timedelta(seconds=60)), SMALL)
+    assert spike.billed == []
+    assert [(r.reason, r.user_id, r.up, r.down) for r in spike.refused] == [
+        ("anomaly", "alice", 500, 60_001)
+    ]
+    # State advanced: the next reading is billed against the refused one.
+    after = ledger.update(report(3, ("alice", 1600, 61_101), at=t + timedelta(seconds=120)), SMALL)
+    assert after.billed == [("alice", 100, 100)] and after.refused == []
+    day = Calendar(BERLIN).day_start(unix(t))
+    assert ledger.total("alice", "day", day) == (1100, 1100)
+
+
+def test_anomaly_allowance_grows_with_interval() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(1, ("alice", 0, 0), at=T0), SMALL)
+    # 120 s allows 120_000 bytes; the minimum interval does not apply.
+    ok = ledger.update(report(2, ("alice", 120_000, 0), at=T0 + timedelta(seconds=120)), SMALL)
+    assert ok.billed == [("alice", 120_000, 0)]
+    # 10 s still allows the minimum interval's 60_000, not more.
+    ledger.update(report(3, ("alice", 180_000, 0), at=T0 + timedelta(seconds=130)), SMALL)
+    bad = ledger.update(report(4, ("alice", 240_001, 0), at=T0 + timedelta(seconds=140)), SMALL)
+    assert [r.reason for r in bad.refused] == ["anomaly"] and bad.billed == []
+
+
+def test_first_report_of_plausible_epoch_uses_time_since_epoch() -> None:
+    ledger = NodeLedger("node-a")
+    epoch_ms = unix(T0) * 1000 - 1000 * 1000  # the counters started 1000 s before
+    ok = ledger.update(report(1, ("alice", 1_000_000, 0), epoch=epoch_ms, at=T0), SMALL)
+    assert ok.billed == [("alice", 1_000_000, 0)]
+    ledger2 = NodeLedger("node-a")
+    bad = ledger2.update(report(1, ("alice", 1_000_001, 0), epoch=epoch_ms, at=T0), SMALL)
+    assert [r.reason for r in bad.refused] == ["anomaly"]
+
+
+def test_delta_anomaly_refused() -> None:
+    ledger = NodeLedger("node-a")
+    billing = ledger.update(delta(1, ("alice", 60_001, 0), ("bob", 60_000, 0)), SMALL)
+    assert billing.billed == [("bob", 60_000, 0)]
+    assert [(r.reason, r.user_id) for r in billing.refused] == [("anomaly", "alice")]
+
+
+def test_late_reading_is_refused() -> None:
+    ledger = NodeLedger("node-a")
+    now = datetime(2026, 5, 20, 12, tzinfo=UTC)
+    ledger.update(report(10, ("alice", 100, 100), at=now, node="node-a"), POLICY)
+    cal = Calendar(BERLIN)
+    # lateness_days=3: the 17th (local) is still in, the 16th is out.
+    old = datetime(2026, 5, 16, 21, 59, 59, tzinfo=UTC)  # 23:59:59 on the 16th in Berlin
+    late = ledger.update(delta(1, ("bob", 5, 6), at=old), POLICY)
+    assert late.billed == [] and late.totals == []
+    assert [(r.reason, r.user_id, r.up, r.down) for r in late.refused] == [("late", "bob", 5, 6)]
+    assert ledger.total("bob", "day", cal.day_start(unix(old))) is None
+    assert ledger.total("bob", "month", cal.month_start(unix(old))) is None
+    in_time = old + timedelta(seconds=1)  # 00:00:00 on the 17th
+    ok = ledger.update(delta(2, ("bob", 5, 6), at=in_time), POLICY)
+    assert ok.billed == [("bob", 5, 6)] and ok.refused == []
+    assert ledger.total("bob", "month", cal.month_start(unix(in_time))) == (5, 6)
+
+
+# --- period totals ------------------------------------------------------------------------
+
+
+def test_totals_of_day_and_month() -> None:
+    cal = Calendar(BERLIN)
+    ledger = NodeLedger("node-a")
+    moments = [
+        datetime(2026, 5, 30, 12, tzinfo=BERLIN),
+        datetime(2026, 5, 31, 23, 59, 59, tzinfo=BERLIN),
+        datetime(2026, 6, 1, 0, 0, 0, tzinfo=BERLIN),
+        datetime(2026, 6, 1, 9, tzinfo=BERLIN),
+    ]
+    counters = [(10, 100), (30, 300), (60, 600), (100, 1000)]
+    seen = []
+    for seq, (at, (up, down)) in enumerate(zip(moments, counters, strict=True), start=1):
+        billing = ledger.update(report(seq, ("alice", up, down), at=at), POLICY)
+        assert all(t[0] == "alice" for t in emitted(billing))
+        seen.append([t[1:] for t in emitted(billing)])
+        batch = TotalsBatch.model_validate_json(
+            TotalsBatch.encode("node-a", billing.day, billing.month, billing.totals)
+        )
+        assert (batch.day, batch.month) == cal.starts(unix(at))
+    may30, may31, jun1 = (cal.day_start(unix(m)) for m in moments[:3])
+    may, june = cal.month_start(unix(moments[0])), cal.month_start(unix(moments[2]))
+    assert may31 - may30 == 86400 and jun1 == june
+    assert seen == [
+        [("day", may30, 10, 100), ("month", may, 10, 100)],
+        [("day", may31, 20, 200), ("month", may, 30, 300)],
+        [("day", jun1, 30, 300), ("month", june, 30, 300)],
+        [("day", jun1, 70, 700), ("month", june, 70, 700)],
+    ]
+    assert ledger.total("alice", "day", may30) == (10, 100)
+    assert ledger.total("alice", "month", may) == (30, 300)
+    assert ledger.total("alice", "month", june) == (70, 700)
+
+
+def test_totals_follow_local_day_not_utc() -> None:
+    cal = Calendar(BERLIN)
+    ledger = NodeLedger("node-a")
+    at = datetime(2026, 5, 12, 22, 30, tzinfo=UTC)  # 00:30 on the 13th in Berlin
+    billing = ledger.update(report(1, ("alice", 1, 2), at=at), POLICY)
+    day = emitted(billing)[0][2]
+    assert day == unix(datetime(2026, 5, 13, tzinfo=BERLIN)) == cal.day_start(unix(at))
+
+
+def test_totals_on_a_25_hour_day() -> None:
+    ledger = NodeLedger("node-a")
+    first = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST
+    second = datetime(2026, 10, 25, 1, 30, tzinfo=UTC)  # 02:30 CET, the second time
+    ledger.update(report(1, ("alice", 1, 1), at=first), POLICY)
+    ledger.update(report(2, ("alice", 3, 3), at=second), POLICY)
+    start = unix(datetime(2026, 10, 25, tzinfo=BERLIN))
+    assert ledger.total("alice", "day", start) == (3, 3)
+
+
+def test_old_totals_are_forgotten_but_recent_months_kept() -> None:
+    ledger = NodeLedger("node-a")
+    cal = Calendar(BERLIN)
+    early = datetime(2026, 5, 2, 12, tzinfo=UTC)
+    ledger.update(delta(1, ("alice", 1, 1), at=early), POLICY)
+    ledger.update(delta(2, ("alice", 1, 1), at=early + timedelta(days=10)), POLICY)
+    assert ledger.total("alice", "day", cal.day_start(unix(early))) is None
+    assert ledger.total("alice", "month", cal.month_start(unix(early))) == (2, 2)
+
+
+# --- persistence --------------------------------------------------------------------------
+
+
+def mixed_stream() -> list[CounterReport]:
+    out = [report(1, ("alice", 10, 10), ("bob", 5, 5), baseline=True)]
+    for seq in range(2, 12):
+        out.append(report(seq, ("alice", 10 + seq * 7, 10 + seq * 3), ("bob", 5 + seq, 5)))
+    out.append(report(3, ("alice", 1, 1)))  # stale
+    out.append(report(0, ("alice", 4, 4), ("bob", 1, 0), epoch=2))  # restart
+    out.append(report(1, ("alice", 2, 9), ("bob", 2, 0), epoch=2))  # alice's up went down
+    out += [delta(s, ("carol", s, 2 * s), epoch=e) for e, s in [(1, 3), (1, 1), (2, 1), (1, 3)]]
+    return out
+
+
+def outcome(billing: Billing) -> tuple[object, ...]:
+    return (billing.billed, emitted(billing), billing.refused, billing.duplicate)
+
+
+def test_serialise_mid_stream_and_continue_identically() -> None:
+    stream = mixed_stream()
+    for cut in range(len(stream) + 1):
+        straight, resumed = NodeLedger("node-a"), NodeLedger("node-a")
+        expected = [outcome(straight.update(r, POLICY)) for r in stream]
+        got = [outcome(resumed.update(r, POLICY)) for r in stream[:cut]]
+        data = resumed.to_bytes()
+        resumed = NodeLedger.from_bytes(data)
+        assert resumed.to_bytes() == data
+        got += [outcome(resumed.update(r, POLICY)) for r in stream[cut:]]
+        assert got == expected
+        assert resumed.to_bytes() == straight.to_bytes()
+        assert resumed.watermark == straight.watermark and resumed.node_id == "node-a"
+
+
+# --- property tests -----------------------------------------------------------------------
+
+USERS = ["alice", "bob", "carol", "dave"]
+START = datetime(2026, 3, 28, 21, 0, tzinfo=BERLIN)  # crosses midnight and the DST switch
+
+
+def reference_billing(stream: list[CounterReport]) -> dict[str, list[int]]:
+    """The rules of the product issue, literally, per (node, user), each direction apart."""
+    state: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+    billed: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for rep in stream:
+        for c in rep.counters:
+            key = (rep.node_id, c.user_id)
+            last = state.get(key)
+            if last is None:
+                bill = (0, 0) if rep.baseline else (c.up, c.down)
+            else:
+                epoch, seq, up, down = last
+                if rep.epoch < epoch or (rep.epoch == epoch and rep.seq <= seq):
+                    continue
+                if rep.epoch > epoch:
+                    bill = (c.up, c.down)
+                else:
+                    bill = (
+                        c.up - up if c.up >= up else c.up,
+                        c.down - down if c.down >= down else c.down,
+                    )
+            state[key] = (rep.epoch, rep.seq, c.up, c.down)
+            billed[c.user_id][0] += bill[0]
+            billed[c.user_id][1] += bill[1]
+    return billed
+
+
+class Fleet:
+    """Generates cumulative reports of a few nodes, and the traffic they really carried."""
+
+    def __init__(self, draw: st.DrawFn, lossless: bool) -> None:
+        self.draw = draw
+        self.lossless = lossless
+        self.reports: list[CounterReport] = []
+        self.truth: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.clock = START
+        n_nodes = draw(st.integers(1, 3))
+        self.nodes = [f"node-{i}" for i in range(n_nodes)]
+        self.users = USERS[: draw(st.integers(1, len(USERS)))]
+        self.epoch = {n: draw(st.integers(0, 3)) for n in self.nodes}
+        self.seq = dict.fromkeys(self.nodes, 0)
+        self.counters = {(n, u): [0, 0] for n in self.nodes for u in self.users}
+        self.reported: dict[tuple[str, str], list[int]] = {}
+        self.after_reset: dict[tuple[str, str], list[int]] = {}
+        for node in self.nodes:
+            if draw(st.booleans()):  # a busy node the agent sees first: its traffic is not ours
+                for user in self.users:
+                    self.counters[node, user] = [draw(st.integers(0, 10**9)) for _ in "ud"]
+                self.emit(node, self.users, baseline=True)
+
+    def emit(self, node: str, users: list[str], baseline: bool = False) -> None:
+        self.clock += timedelta(minutes=7)
+        self.seq[node] += 1
+        counters = []
+        for user in users:
+            up, down = self.counters[node, user]
+            counters.append(Counter(user_id=user, up=up, down=down))
+            self.reported[node, user] = [up, down]
+            self.after_reset.pop((node, user), None)
+        self.reports.append(
+            CounterReport(
+                node_id=node, epoch=self.epoch[node], seq=self.seq[node], baseline=baseline,
+                observed_at=self.clock.astimezone(UTC), counters=tuple(counters),
+            )
+        )
+
+    def traffic(self, node: str, user: str, up: int, down: int) -> None:
+        key = (node, user)
+        counter = self.counters[key]
+        amounts = [up, down]
+        if self.lossless and key in self.after_reset:
+            # After a user reset, the next report must show each restarted direction lower
+            # than the last report did, or the restart is invisible (and the rules say so).
+            for i, before in enumerate(self.after_reset[key]):
+                if before:
+                    amounts[i] = min(amounts[i], before - 1 - counter[i])
+        for i in (0, 1):
+            counter[i] += amounts[i]
+            self.truth[user][i] += amounts[i]
+
+    def restart(self, node: str) -> None:
+        if self.lossless:
+            self.emit(node, self.users)
+        self.epoch[node] += self.draw(st.integers(1, 2))
+        self.seq[node] = self.draw(st.integers(-1, 2))
+        for user in self.users:
+            self.counters[node, user] = [0, 0]
+            self.after_reset.pop((node, user), None)
+            self.reported.pop((node, user), None)
+
+    def reset_user(self, node: str, user: str) -> None:
+        if self.lossless:
+            self.emit(node, [user])
+        self.counters[node, user] = [0, 0]
+        if (node, user) in self.reported:
+            self.after_reset[node, user] = list(self.reported[node, user])
+
+    def run(self) -> None:
+        draw = self.draw
+        for _ in range(draw(st.integers(1, 30))):
+            node = draw(st.sampled_from(self.nodes))
+            op = draw(st.sampled_from(["traffic", "traffic", "traffic", "report", "report",
+                                       "restart", "reset"]))
+            if op == "traffic":
+                user = draw(st.sampled_from(self.users))
+                self.traffic(node, user, draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6)))
+            elif op == "report":
+                users = draw(st.lists(st.sampled_from(self.users), unique=True, min_size=1))
+                self.emit(node, sorted(users))
+            elif op == "restart":
+                self.restart(node)
+            else:
+                self.reset_user(node, draw(st.sampled_from(self.users)))
+        if self.lossless:
+            for node in self.nodes:
+                self.emit(node, self.users)
+
+
+@st.composite
+def fleets(draw: st.DrawFn, lossless: bool = False) -> Fleet:
+    fleet = Fleet(draw, lossless)
+    fleet.run()
+    return fleet
+
+
+@st.composite
+def perturbed(draw: st.DrawFn, reports: list[CounterReport]) -> list[CounterReport]:
+    """The reports with random duplicates and random reorderings."""
+    stream = list(reports)
+    if not stream:
+        return stream
+    for _ in range(draw(st.integers(0, 6))):
+        i = draw(st.integers(0, len(stream) - 1))
+        j = draw(st.integers(i, min(len(stream), i + 8)))
+        stream.insert(j, stream[i])
+    for _ in range(draw(st.integers(0, 6))):
+        i = draw(st.integers(0, len(stream) - 1))
+        moved = stream.pop(i)
+        stream.insert(draw(st.integers(0, len(stream))), moved)
+    return stream
+
+
+class Fleetledgers:
+    """What the stream worker does: one ledger per (node, partition), fragments routed."""
+
+    def __init__(self, partitions: int, policy: BillingPolicy = POLICY) -> None:
+        self.partitions = partitions
+        self.policy = policy
+        self.ledgers: dict[tuple[str, int], NodeLedger] = {}
+        self.billed: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.outcomes: list[tuple[object, ...]] = []
+
+    def apply(self, rep: CounterReport, round_trip: bool = False) -> int:
+        billed = 0
+        for p, fragment in split_report(rep, self.partitions).items():
+            key = (rep.node_id, p)
+            ledger = self.ledgers.setdefault(key, NodeLedger(rep.node_id))
+            if round_trip:
+                ledger = self.ledgers[key] = NodeLedger.from_bytes(ledger.to_bytes())
+            billing = ledger.update(fragment, self.policy)
+            assert billing.refused == []
+            self.outcomes.append(outcome(billing))
+            for user, up, down in billing.billed:
+                self.billed[user][0] += up
+                self.billed[user][1] += down
+                billed += up + down
+        return billed
+
+    def period_totals(self, stream: list[CounterReport], period: str) -> dict[str, list[int]]:
+        cal = Calendar(self.policy.timezone)
+        index = 0 if period == "day" else 1
+        starts = {cal.starts(int(r.observed_at.timestamp()))[index] for r in stream}
+        out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for ledger in self.ledgers.values():
+            for user in USERS:
+                for start in starts:
+                    found = ledger.total(user, period, start)  # type: ignore[arg-type]
+                    if found:
+                        out[user][0] += found[0]
+                        out[user][1] += found[1]
+        return out
+
+
+def nonzero(billed: dict[str, list[int]]) -> dict[str, list[int]]:
+    return {user: v for user, v in billed.items() if v != [0, 0]}
+
+
+PROPERTY = settings(max_examples=100, deadline=None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), fleets(), st.integers(1, 3))
+def test_property_ledger_follows_reference(
+    data: st.DataObject, fleet: Fleet, partitions: int
+) -> None:
+    stream = data.draw(perturbed(fleet.reports))
+    fleet_ledgers = Fleetledgers(partitions)
+    for rep in stream:
+        fleet_ledgers.apply(rep)
+    expected = nonzero(reference_billing(stream))
+    assert nonzero(fleet_ledgers.billed) == expected
+    assert nonzero(fleet_ledgers.period_totals(stream, "day")) == expected
+    assert nonzero(fleet_ledgers.period_totals(stream, "month")) == expected
+
+    # Full redelivery bills nothing more.
+    for rep in stream:
+        assert fleet_ledgers.apply(rep) == 0
+    assert nonzero(fleet_ledgers.billed) == expected
+
+    # Persisting and restoring the ledgers at random points changes nothing.
+    cuts = data.draw(st.lists(st.booleans(), min_size=len(stream), max_size=len(stream)))
+    straight, resumed = Fleetledgers(partitions), Fleetledgers(partitions)
+    for rep, cut in zip(stream, cuts, strict=True):
+        straight.apply(rep)
+        resumed.apply(rep, round_trip=cut)
+    assert resumed.outcomes == straight.outcomes
+    assert {k: v.to_bytes() for k, v in resumed.ledgers.items()} == {
+        k: v.to_bytes() for k, v in straight.ledgers.items()
+    }
+
+
+@PROPERTY
+@given(st.data(), fleets(lossless=True), st.integers(1, 3))
+def test_property_in_order_lossless_stream_bills_true_traffic(
+    data: st.DataObject, fleet: Fleet, partitions: int
+) -> None:
+    # Immediate redeliveries are allowed: they do not reorder anything.
+    repeats = data.draw(st.lists(st.integers(1, 3), min_size=len(fleet.reports),
+                                 max_size=len(fleet.reports)))
+    stream = [rep for rep, n in zip(fleet.reports, repeats, strict=True) for _ in range(n)]
+    fleet_ledgers = Fleetledgers(partitions)
+    for rep in stream:
+        fleet_ledgers.apply(rep)
+    assert nonzero(fleet_ledgers.billed) == nonzero(fleet.truth)
+    assert nonzero(reference_billing(stream)) == nonzero(fleet.truth)
+
+
+@st.composite
+def delta_reports(draw: st.DrawFn) -> list[CounterReport]:
+    keys = draw(
+        st.lists(
+            st.tuples(st.sampled_from(["node-a", "node-b"]), st.integers(0, 3), st.integers(0, 40)),
+            unique=True, min_size=1, max_size=25,
+        )
+    )
+    out = []
+    for node, epoch, seq in keys:
+        users = draw(st.lists(st.sampled_from(USERS), unique=True, max_size=4))
+        out.append(
+            CounterReport(
+                node_id=node, epoch=epoch, seq=seq, kind="delta",
+                baseline=draw(st.booleans()) and draw(st.booleans()),
+                observed_at=(START + timedelta(minutes=draw(st.integers(0, 600)))).astimezone(UTC),
+                counters=tuple(
+                    Counter(user_id=u, up=draw(st.integers(0, 10**6)),
+                            down=draw(st.integers(0, 10**6)))
+                    for u in users
+                ),
+            )
+        )
+    return out
+
+
+@PROPERTY
+@given(st.data(), delta_reports(), st.integers(1, 3))
+def test_property_delta_reports_billed_exactly_once(
+    data: st.DataObject, reports: list[CounterReport], partitions: int
+) -> None:
+    arrival = data.draw(st.permutations(reports))
+    repeats = data.draw(st.lists(st.sampled_from(reports), max_size=20))
+    for rep in repeats:
+        arrival.insert(data.draw(st.integers(0, len(arrival))), rep)
+    expected: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for rep in reports:
+        if not rep.baseline:
+            for c in rep.counters:
+                expected[c.user_id][0] += c.up
+                expected[c.user_id][1] += c.down
+    fleet_ledgers = Fleetledgers(partitions)
+    for rep in arrival:
+        fleet_ledgers.apply(rep, round_trip=data.draw(st.booleans()))
+    assert nonzero(fleet_ledgers.billed) == nonzero(expected)
+    assert nonzero(fleet_ledgers.period_totals(reports, "day")) == nonzero(expected)
+    for rep in reports:
+        assert fleet_ledgers.apply(rep) == 0
