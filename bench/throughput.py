@@ -29,8 +29,8 @@ from quotaflow.core.contracts import CounterReport
 from quotaflow.core.partitioning import partition_of
 from quotaflow.core.periods import Calendar
 from quotaflow.core.settings import Settings
-from quotaflow.dev.ledger_check import compare, read_daily_totals
 from quotaflow.dev.simulation import Simulation
+from quotaflow.dev.truth_check import compare, read_daily_totals
 from quotaflow.producers.publisher import ReportPublisher
 from quotaflow.streams.lag import LagProbe
 

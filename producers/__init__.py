@@ -1,1 +1,1 @@
-"""Node producers: collectors reading proxy counters, and the publisher sending reports."""
+"""Producers: the node agent, one module per proxy source, the panel push receiver, the publisher."""

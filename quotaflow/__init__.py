@@ -1,4 +1,19 @@
-"""quotaflow: exact traffic accounting and quota enforcement for proxy and VPN fleets."""
+"""quotaflow: exact per-user traffic accounting for fleets of proxy and VPN nodes.
+
+The package is layered; each layer imports only those above it in this list:
+
+* `quotaflow.core`: the pure core (contracts and their wire forms, topic names,
+  the billing rules of `NodeLedger`, calendar periods, partitioning, settings).
+  No I/O, no edge imports.
+* the edges, in the order data flows: `quotaflow.producers` (node agent, proxy
+  sources, push receiver, Kafka publisher), `quotaflow.streams` (the Faust
+  worker), `quotaflow.sinks` (InfluxDB); plus `quotaflow.admin` (topic creation).
+* `quotaflow.dev`: development tooling (local Kafka and InfluxDB, the fleet
+  simulator, the check against ground truth).
+* `quotaflow.cli`: the `quotaflow` command, a leaf on top.
+
+The names below are the core's public API.
+"""
 
 from quotaflow.core.contracts import (
     Counter,
@@ -9,6 +24,8 @@ from quotaflow.core.contracts import (
 from quotaflow.core.ledger import Billing, BillingPolicy, NodeLedger
 from quotaflow.core.partitioning import partition_of, split_report
 from quotaflow.core.periods import Calendar
+from quotaflow.core.settings import Settings
+from quotaflow.core.topics import Topics
 
 __all__ = [
     "Billing",
@@ -18,6 +35,8 @@ __all__ = [
     "CounterReport",
     "DeadLetter",
     "NodeLedger",
+    "Settings",
+    "Topics",
     "TotalsBatch",
     "partition_of",
     "split_report",

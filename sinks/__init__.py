@@ -1,1 +1,1 @@
-"""Sinks: the InfluxDB writer, the InfluxQL reader, the control topic and enforcement consumers."""
+"""Sinks: running totals from Kafka into InfluxDB, and the InfluxQL reader."""

@@ -1,1 +1,1 @@
-"""The Faust stream worker: counter reports in, exact totals, dead letters and quota events out."""
+"""The Faust stream worker: counter reports in, running totals and dead letters out."""

@@ -15,8 +15,8 @@ from kafka import KafkaConsumer
 from quotaflow.core.contracts import DeadLetter
 from quotaflow.core.periods import Calendar
 from quotaflow.core.settings import Settings
-from quotaflow.dev.ledger_check import compare, read_daily_totals
 from quotaflow.dev.simulation import FleetSpec, Simulation, simulate
+from quotaflow.dev.truth_check import compare, read_daily_totals
 from quotaflow.producers.publisher import ReportPublisher
 from quotaflow.sinks.influxql import InfluxQL
 from quotaflow.streams.lag import LagProbe

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end demo: local Kafka and InfluxDB, a simulated fleet through the
-# pipeline, per-user totals from InfluxDB and the ledger check against the
+# pipeline, per-user totals from InfluxDB and the truth check against the
 # simulator's ground truth. Run through `make demo`.
 set -euo pipefail
 
@@ -28,7 +28,7 @@ quotaflow top --limit 10
 quotaflow usage --user user-00007 --period day
 quotaflow usage --user user-00042 --period month
 
-echo "== ledger check against the simulator's ground truth"
+echo "== truth check against the simulator's ground truth"
 quotaflow check --truth "$work/truth.jsonl"
 
 echo

@@ -107,7 +107,7 @@ def check_cmd(
     truth: Annotated[Path, typer.Option(help="Ground truth from `simulate --truth`.")],
 ) -> None:
     """Compare every (user, node, day) total in InfluxDB with a ground-truth file."""
-    from quotaflow.dev.ledger_check import compare_with_truth
+    from quotaflow.dev.truth_check import compare_with_truth
 
     settings = load_settings()
     result = compare_with_truth(settings, truth)

@@ -1,7 +1,7 @@
 """Which partition owns a user, and how a report is cut into per-partition fragments.
 
 Every reading of a user lands in the partition that owns the user, so the user's
-ledger state, totals and quota state live in one place. The owner is chosen exactly
+ledger state and totals live in one place. The owner is chosen exactly
 as Kafka's default partitioner places a record keyed by the user id (murmur2), so
 any Kafka tool agrees with quotaflow about it.
 

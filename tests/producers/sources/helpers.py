@@ -266,7 +266,7 @@ def billed_through_agent(
     polling for `settle_s`, then stops (draining its outbox) and the pipeline bills it.
     Returns (up, down) per user, summed over days, for the node `node`.
     """
-    from quotaflow.dev.ledger_check import read_daily_totals
+    from quotaflow.dev.truth_check import read_daily_totals
 
     config = tmp_path / "agent.toml"
     config.write_text(

@@ -1,4 +1,4 @@
-"""The ledger check: do InfluxDB's daily totals equal a ground truth, to the byte?"""
+"""The truth check: do InfluxDB's daily totals equal a ground truth, to the byte?"""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class CheckResult:
     def summary(self) -> str:
         """A readable verdict with the first few differences."""
         head = (
-            f"ledger check: {self.expected} expected (user, node, day) totals, "
+            f"truth check: {self.expected} expected (user, node, day) totals, "
             f"{self.found} in InfluxDB, {len(self.mismatched)} differ; "
             f"bytes expected {self.expected_bytes:,}, found {self.found_bytes:,}: "
             + ("EXACT" if self.exact else "MISMATCH")
@@ -88,5 +88,5 @@ def compare(
 
 
 def compare_with_truth(settings: Settings, truth_file: Path) -> CheckResult:
-    """The ledger check of InfluxDB against a truth file."""
+    """The truth check of InfluxDB against a truth file."""
     return compare(read_truth(truth_file), read_daily_totals(settings))
