@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import Annotated
 
 import typer
 
-from quotaflow.cli._common import console
+from quotaflow.cli._common import console, needs
 
 app = typer.Typer(no_args_is_help=True, help="Run Kafka and InfluxDB on loopback.")
+
+
+def _need_kafka_client() -> None:
+    """`up` and `status` ask the broker for metadata with kafka-python (in either extra)."""
+    if importlib.util.find_spec("kafka") is None:
+        missing = ModuleNotFoundError("No module named 'kafka' (kafka-python)", name="kafka")
+        raise needs("agent", missing)
 
 
 @app.command("up")
@@ -19,6 +27,7 @@ def local_up(
     """Install (first time) and start Kafka and InfluxDB on loopback."""
     from quotaflow.dev import local
 
+    _need_kafka_client()
     services = local.up()
     if env:
         for key, value in services.env().items():
@@ -41,4 +50,5 @@ def local_status() -> None:
     """Say what runs where."""
     from quotaflow.dev import local
 
+    _need_kafka_client()
     print(json.dumps(local.status(), indent=2, default=str))

@@ -12,7 +12,7 @@ from typing import Annotated
 import orjson
 import typer
 
-from quotaflow.cli._common import console
+from quotaflow.cli._common import console, needs
 from quotaflow.core.contracts import Counter
 
 app = typer.Typer()
@@ -35,7 +35,10 @@ def parse_cmd(
     ] = None,
 ) -> None:
     """Print the readings a source's raw output yields, as JSON lines, to check a mapping."""
-    from quotaflow.producers.sources import SOURCES, ParseError, apply_user_map
+    try:
+        from quotaflow.producers.sources import SOURCES, ParseError, apply_user_map
+    except ImportError as exc:
+        raise needs("agent", exc) from None
 
     found = SOURCES.get(source)
     text_sources = sorted(name for name, s in SOURCES.items() if s.parse is not None)
@@ -90,7 +93,10 @@ def agent_cmd(
     config: Annotated[Path, typer.Option("--config", help="The agent's TOML file.")],
 ) -> None:
     """Run the node agent: collectors, the durable outbox and the sender."""
-    from quotaflow.producers.agent import run_agent
+    try:
+        from quotaflow.producers.agent import run_agent
+    except ImportError as exc:
+        raise needs("agent", exc) from None
 
     run_agent(config)
 
@@ -100,6 +106,9 @@ def push_receiver_cmd(
     config: Annotated[Path, typer.Option("--config", help="The agent's TOML file.")],
 ) -> None:
     """Run the panel push endpoint (Xboard/V2Board UniProxy push) with its outbox."""
-    from quotaflow.producers.agent import run_push_receiver
+    try:
+        from quotaflow.producers.agent import run_push_receiver
+    except ImportError as exc:
+        raise needs("agent", exc) from None
 
     run_push_receiver(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from quotaflow.cli._common import console, load_settings
+from quotaflow.cli._common import console, load_settings, needs
 
 app = typer.Typer()
 sink_app = typer.Typer(no_args_is_help=True, help="Run one sink in the foreground.")
@@ -20,7 +21,10 @@ app.add_typer(sink_app, name="sink")
 @app.command("worker")
 def worker_cmd(loglevel: str = "WARNING") -> None:
     """Run the Faust stream worker in the foreground."""
-    from quotaflow.streams.app import run_worker
+    try:
+        from quotaflow.streams.app import run_worker
+    except ImportError as exc:
+        raise needs("pipeline", exc) from None
 
     run_worker(load_settings(), loglevel=loglevel)
 
@@ -28,7 +32,10 @@ def worker_cmd(loglevel: str = "WARNING") -> None:
 @sink_app.command("influx")
 def sink_influx_cmd() -> None:
     """Run the InfluxDB sink in the foreground."""
-    from quotaflow.sinks.influx import run_sink
+    try:
+        from quotaflow.sinks.influx import run_sink
+    except ImportError as exc:
+        raise needs("pipeline", exc) from None
 
     run_sink(load_settings())
 
@@ -40,8 +47,15 @@ def run_cmd(
     """Run the whole single-machine pipeline (worker and sinks) until SIGINT/SIGTERM."""
     from rich.live import Live
 
-    from quotaflow.admin import ensure_topics
-    from quotaflow.streams.lag import LagProbe
+    try:
+        from quotaflow.admin import ensure_topics
+        from quotaflow.streams.lag import LagProbe
+
+        for module in ("faust", "aiokafka", "influxdb_client"):  # what the children import
+            if importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+    except ImportError as exc:
+        raise needs("pipeline", exc) from None
 
     settings = load_settings()
     ensure_topics(settings)

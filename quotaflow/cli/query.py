@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import typer
 from rich.console import Console
 
-from quotaflow.cli._common import console, load_settings
+from quotaflow.cli._common import console, load_settings, needs
 from quotaflow.core.periods import Calendar
 
 app = typer.Typer()
@@ -25,7 +25,10 @@ def usage_cmd(
     """Read a user's totals back from InfluxDB."""
     from rich.table import Table
 
-    from quotaflow.sinks.influx import MEASUREMENTS
+    try:
+        from quotaflow.sinks.influx import MEASUREMENTS
+    except ImportError as exc:
+        raise needs("pipeline", exc) from None
     from quotaflow.sinks.influxql import InfluxQL, InfluxQLError, quote_string
 
     if period not in MEASUREMENTS:
