@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench proto clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install lint
 
 bench: install
 	$(PY) bench/throughput.py
+
+# Regenerate producers/sources/_pb/ from producers/sources/proto/*.proto (grpcio-tools).
+proto: install
+	$(PY) producers/sources/proto/generate.py
 
 clean:
 	rm -rf $(VENV) .quotaflow-state *.egg-info

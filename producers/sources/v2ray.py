@@ -16,12 +16,14 @@ derives the epoch from the core's uptime (`derive_epoch_ms`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Literal, Self
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType, TracebackType
+from typing import Any, Final, Literal, Protocol, Self, TypeVar
 
 import grpc
+from google.protobuf.descriptor import FileDescriptor
+from google.protobuf.message import Message
 
 from quotaflow.core.contracts import Counter
 from quotaflow.producers.sources._parsing import (
@@ -32,6 +34,38 @@ from quotaflow.producers.sources._parsing import (
     json_uint,
     loads_strict,
 )
+from quotaflow.producers.sources._pb.singbox.experimental.v2rayapi import (
+    stats_pb2 as singbox_stats,
+)
+from quotaflow.producers.sources._pb.v2ray.core.app.proxyman.command import (
+    command_pb2 as v2ray_handler,
+)
+from quotaflow.producers.sources._pb.v2ray.core.app.stats.command import (
+    command_pb2 as v2ray_stats,
+)
+from quotaflow.producers.sources._pb.v2ray.core.common.protocol import user_pb2 as v2ray_protocol
+from quotaflow.producers.sources._pb.v2ray.core.common.serial import (
+    typed_message_pb2 as v2ray_serial,
+)
+from quotaflow.producers.sources._pb.v2ray.core.proxy.shadowsocks import (
+    account_pb2 as v2ray_shadowsocks,
+)
+from quotaflow.producers.sources._pb.v2ray.core.proxy.trojan import account_pb2 as v2ray_trojan
+from quotaflow.producers.sources._pb.v2ray.core.proxy.vless import account_pb2 as v2ray_vless
+from quotaflow.producers.sources._pb.v2ray.core.proxy.vmess import account_pb2 as v2ray_vmess
+from quotaflow.producers.sources._pb.xray.app.proxyman.command import command_pb2 as xray_handler
+from quotaflow.producers.sources._pb.xray.app.stats.command import command_pb2 as xray_stats
+from quotaflow.producers.sources._pb.xray.common.protocol import user_pb2 as xray_protocol
+from quotaflow.producers.sources._pb.xray.common.serial import typed_message_pb2 as xray_serial
+from quotaflow.producers.sources._pb.xray.proxy.shadowsocks import (
+    account_pb2 as xray_shadowsocks,
+)
+from quotaflow.producers.sources._pb.xray.proxy.shadowsocks_2022 import (
+    account_pb2 as xray_shadowsocks_2022,
+)
+from quotaflow.producers.sources._pb.xray.proxy.trojan import account_pb2 as xray_trojan
+from quotaflow.producers.sources._pb.xray.proxy.vless import account_pb2 as xray_vless
+from quotaflow.producers.sources._pb.xray.proxy.vmess import account_pb2 as xray_vmess
 from quotaflow.producers.sources._runtime import (
     Snapshot,
     Source,
@@ -42,6 +76,7 @@ from quotaflow.producers.sources._runtime import (
 )
 
 _V2RAY_USER_PREFIX: Final = "user>>>"
+_Response = TypeVar("_Response")
 _V2RAY_TRAFFIC: Final = ">>>traffic>>>"
 
 
@@ -113,170 +148,241 @@ def parse_v2ray_stats_json(text: str) -> list[Counter]:
 
 # --------------------------------------------------------------------------- protobuf
 
-_VARINT: Final = 0
-_I64: Final = 1
-_LEN: Final = 2
-_I32: Final = 5
+# The messages come from quotaflow's own .proto files (producers/sources/proto/, built
+# into _pb/ by `make proto`), one set per server family: V2Ray's `v2ray.core.*`
+# packages, Xray's `xray.*` and sing-box's `experimental.v2rayapi` (stats only).
 
 
-def _varint(value: int) -> bytes:
-    """Protobuf base-128 varint; negative int64 values take their 64-bit two's complement."""
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+class _Stat(Protocol):
+    """`Stat{string name = 1; int64 value = 2}`, whichever family's."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
 
 
-def _field_uint(number: int, value: int) -> bytes:
-    """A varint field; proto3 leaves zero out."""
-    return _varint(number << 3 | _VARINT) + _varint(value) if value else b""
+class _QueryStatsResponse(Protocol):
+    """`QueryStatsResponse{repeated Stat stat = 1}`, whichever family's."""
+
+    @property
+    def stat(self) -> Sequence[_Stat]: ...
 
 
-def _field_bytes(number: int, value: bytes | str) -> bytes:
-    """A length-delimited field (string, bytes or sub-message); proto3 leaves empty out."""
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | _LEN) + _varint(len(data)) + data if data else b""
+@dataclass(frozen=True, slots=True)
+class _Flavour:
+    """One server family's StatsService (and HandlerService) messages.
+
+    `prefix` is the family's package prefix, put before the short type names of
+    `TypedMessage` ("" for sing-box, which has no HandlerService). Constructors are
+    typed loosely (generated messages take keyword arguments only); what they build
+    is checked by protobuf at run time.
+    """
+
+    name: str
+    stats_service: str
+    prefix: str
+    query_stats_request: Callable[..., Message]
+    query_stats_response: Callable[[bytes], _QueryStatsResponse]
+    sys_stats_request: Callable[[], Message]
+    sys_stats_response: Callable[[bytes], Message]
+    handler_service: str = ""
+    alter_inbound_request: Callable[..., Message] | None = None
+    alter_inbound_response: Callable[[bytes], Message] | None = None
+    typed_message: Callable[..., Message] | None = None
+    user: Callable[..., Message] | None = None
+    add_user_operation: Callable[..., Message] | None = None
+    remove_user_operation: Callable[..., Message] | None = None
+    # account messages by short type name (`proxy.vless.Account`)
+    accounts: Mapping[str, Callable[..., Message]] = field(default_factory=dict)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise SourceError("protobuf: truncated or oversized varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
+def _service_name(module: ModuleType, service: str) -> str:
+    descriptor: FileDescriptor = module.DESCRIPTOR
+    return descriptor.services_by_name[service].full_name
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of each field; varints as int, length-delimited as bytes."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            value, pos = _read_varint(data, pos)
-            yield number, value
-        elif wire == _LEN:
-            size, pos = _read_varint(data, pos)
-            if pos + size > len(data):
-                raise SourceError("protobuf: truncated length-delimited field")
-            yield number, data[pos : pos + size]
-            pos += size
-        elif wire in (_I64, _I32):
-            width = 8 if wire == _I64 else 4
-            if pos + width > len(data):
-                raise SourceError("protobuf: truncated fixed-width field")
-            yield number, int.from_bytes(data[pos : pos + width], "little")
-            pos += width
-        else:
-            raise SourceError(f"protobuf: unsupported wire type {wire}")
+def _short_names(prefix: str, *classes: type[Message]) -> dict[str, Callable[..., Message]]:
+    names: dict[str, Callable[..., Message]] = {}
+    for cls in classes:
+        full_name = cls.DESCRIPTOR.full_name
+        assert full_name.startswith(prefix), full_name
+        names[full_name[len(prefix) :]] = cls
+    return names
 
 
-def _int64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
+_V2RAY: Final = _Flavour(
+    name="V2Ray",
+    stats_service=_service_name(v2ray_stats, "StatsService"),
+    prefix="v2ray.core.",
+    query_stats_request=v2ray_stats.QueryStatsRequest,
+    query_stats_response=v2ray_stats.QueryStatsResponse.FromString,
+    sys_stats_request=v2ray_stats.SysStatsRequest,
+    sys_stats_response=v2ray_stats.SysStatsResponse.FromString,
+    handler_service=_service_name(v2ray_handler, "HandlerService"),
+    alter_inbound_request=v2ray_handler.AlterInboundRequest,
+    alter_inbound_response=v2ray_handler.AlterInboundResponse.FromString,
+    typed_message=v2ray_serial.TypedMessage,
+    user=v2ray_protocol.User,
+    add_user_operation=v2ray_handler.AddUserOperation,
+    remove_user_operation=v2ray_handler.RemoveUserOperation,
+    accounts=_short_names(
+        "v2ray.core.",
+        v2ray_vmess.Account,
+        v2ray_vless.Account,
+        v2ray_trojan.Account,
+        v2ray_shadowsocks.Account,
+    ),
+)
+_XRAY: Final = _Flavour(
+    name="Xray",
+    stats_service=_service_name(xray_stats, "StatsService"),
+    prefix="xray.",
+    query_stats_request=xray_stats.QueryStatsRequest,
+    query_stats_response=xray_stats.QueryStatsResponse.FromString,
+    sys_stats_request=xray_stats.SysStatsRequest,
+    sys_stats_response=xray_stats.SysStatsResponse.FromString,
+    handler_service=_service_name(xray_handler, "HandlerService"),
+    alter_inbound_request=xray_handler.AlterInboundRequest,
+    alter_inbound_response=xray_handler.AlterInboundResponse.FromString,
+    typed_message=xray_serial.TypedMessage,
+    user=xray_protocol.User,
+    add_user_operation=xray_handler.AddUserOperation,
+    remove_user_operation=xray_handler.RemoveUserOperation,
+    accounts=_short_names(
+        "xray.",
+        xray_vmess.Account,
+        xray_vless.Account,
+        xray_trojan.Account,
+        xray_shadowsocks.Account,
+        xray_shadowsocks_2022.Account,
+    ),
+)
+_SING_BOX: Final = _Flavour(
+    name="sing-box",
+    stats_service=_service_name(singbox_stats, "StatsService"),
+    prefix="",
+    query_stats_request=singbox_stats.QueryStatsRequest,
+    query_stats_response=singbox_stats.QueryStatsResponse.FromString,
+    sys_stats_request=singbox_stats.SysStatsRequest,
+    sys_stats_response=singbox_stats.SysStatsResponse.FromString,
+)
+# Tried in this order when no StatsService is named.
+_FLAVOURS: Final = (_V2RAY, _XRAY, _SING_BOX)
 
 
-def _encode_query_stats(pattern: str, reset: bool) -> bytes:
-    """QueryStatsRequest{string pattern = 1; bool reset = 2}."""
-    return _field_bytes(1, pattern) + _field_uint(2, int(reset))
+def _flavour_of_prefix(prefix: str) -> _Flavour:
+    for flavour in _FLAVOURS:
+        if flavour.prefix == prefix and flavour.typed_message is not None:
+            return flavour
+    raise ValueError(f"no V2Ray/Xray package prefix: {prefix!r}")
 
 
-def _decode_query_stats(data: bytes) -> list[tuple[str, int]]:
-    """QueryStatsResponse{repeated Stat stat = 1}, Stat{string name = 1; int64 value = 2}."""
-    pairs: list[tuple[str, int]] = []
-    for number, value in _fields(data):
-        if number != 1 or not isinstance(value, bytes):
-            continue
-        name, amount = "", 0
-        for sub, item in _fields(value):
-            if sub == 1 and isinstance(item, bytes):
-                name = item.decode("utf-8", "replace")
-            elif sub == 2 and isinstance(item, int):
-                amount = _int64(item)
-        pairs.append((name, amount))
-    return pairs
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
 
 
-# SysStatsResponse's fields, by number (app/stats/command/command.proto).
-_SYS_STATS_FIELDS: Final = {
-    1: "NumGoroutine",
-    2: "NumGC",
-    3: "Alloc",
-    4: "TotalAlloc",
-    5: "Sys",
-    6: "Mallocs",
-    7: "Frees",
-    8: "LiveObjects",
-    9: "PauseTotalNs",
-    10: "Uptime",
+def _sys_stats_of(message: Message) -> dict[str, int]:
+    """SysStatsResponse as {field name: value}; protobuf reads an absent field as 0."""
+    return {item.name: int(getattr(message, item.name)) for item in message.DESCRIPTOR.fields}
+
+
+# Shadowsocks methods, as the servers' JSON configs spell them, and their CipherType.
+_SS_CIPHERS: Final = {
+    "aes-128-gcm": "AES_128_GCM",
+    "aes-256-gcm": "AES_256_GCM",
+    "chacha20-poly1305": "CHACHA20_POLY1305",
+    "chacha20-ietf-poly1305": "CHACHA20_POLY1305",
+    "xchacha20-poly1305": "XCHACHA20_POLY1305",
+    "xchacha20-ietf-poly1305": "XCHACHA20_POLY1305",
+    "none": "NONE",
+    "plain": "NONE",
 }
-
-
-def _decode_sys_stats(data: bytes) -> dict[str, int]:
-    stats = dict.fromkeys(_SYS_STATS_FIELDS.values(), 0)
-    for number, value in _fields(data):
-        name = _SYS_STATS_FIELDS.get(number)
-        if name is not None and isinstance(value, int):
-            stats[name] = value
-    return stats
+_SS_2022: Final = (
+    "2022-blake3-aes-128-gcm",
+    "2022-blake3-aes-256-gcm",
+    "2022-blake3-chacha20-poly1305",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class TypedMessage:
-    """`common.serial.TypedMessage{string type = 1; bytes value = 2}`: a message and its name.
+    """A proxy's `Account` message for `add_user`: its short type name and field values.
 
     `type_name` is written without the V2Ray/Xray package prefix (`proxy.vmess.Account`);
-    the client adds `v2ray.core.` or `xray.` to match the server it talks to.
+    the client builds the account with the generated message of the server it talks
+    to (`v2ray.core.proxy.vmess.Account` or `xray.proxy.vmess.Account`) and wraps it
+    in that server's `common.serial.TypedMessage{string type = 1; bytes value = 2}`,
+    whose `type` is the message's full name. Enum fields may be given by value name.
     """
 
     type_name: str
-    value: bytes
+    fields: Mapping[str, str | int]
+
+    def message(self, prefix: str) -> Message:
+        """The account message of the server whose packages start with `prefix`."""
+        flavour = _flavour_of_prefix(prefix)
+        make = flavour.accounts.get(self.type_name)
+        if make is None:
+            raise SourceError(f"{flavour.name} has no {self.type_name} message")
+        try:
+            return make(**self.fields)
+        except (ValueError, TypeError) as exc:  # a field or an enum value it lacks
+            raise SourceError(f"{flavour.name} {self.type_name}: {exc}") from exc
+
+    def typed(self, prefix: str) -> Message:
+        """The `common.serial.TypedMessage` carrying `message(prefix)`."""
+        account = self.message(prefix)
+        typed_message = _flavour_of_prefix(prefix).typed_message
+        assert typed_message is not None
+        return typed_message(type=account.DESCRIPTOR.full_name, value=account.SerializeToString())
 
     def encode(self, prefix: str) -> bytes:
-        """The message bytes, with `prefix` put before the type name."""
-        return _field_bytes(1, prefix + self.type_name) + _field_bytes(2, self.value)
+        """The `common.serial.TypedMessage` bytes for the server whose packages start so."""
+        return self.typed(prefix).SerializeToString()
 
     @staticmethod
     def vmess_account(user_uuid: str, alter_id: int = 0) -> TypedMessage:
-        """`proxy.vmess.Account{string id = 1; uint32 alter_id = 2}`."""
-        return TypedMessage(
-            "proxy.vmess.Account", _field_bytes(1, user_uuid) + _field_uint(2, alter_id)
-        )
+        """`proxy.vmess.Account{string id = 1; uint32 alter_id = 2}` (Xray has no alter_id)."""
+        fields: dict[str, str | int] = {"id": user_uuid}
+        if alter_id:
+            fields["alter_id"] = alter_id
+        return TypedMessage("proxy.vmess.Account", fields)
 
     @staticmethod
     def vless_account(user_uuid: str, flow: str = "") -> TypedMessage:
-        """`proxy.vless.Account{string id = 1; string flow = 2}` (not tested live here)."""
-        return TypedMessage(
-            "proxy.vless.Account", _field_bytes(1, user_uuid) + _field_bytes(2, flow)
-        )
+        """`proxy.vless.Account{string id = 1; string flow = 2}`."""
+        return TypedMessage("proxy.vless.Account", {"id": user_uuid, "flow": flow})
 
     @staticmethod
     def trojan_account(password: str) -> TypedMessage:
         """`proxy.trojan.Account{string password = 1}` (not tested live here)."""
-        return TypedMessage("proxy.trojan.Account", _field_bytes(1, password))
+        return TypedMessage("proxy.trojan.Account", {"password": password})
+
+    @staticmethod
+    def shadowsocks_account(password: str, method: str) -> TypedMessage:
+        """A Shadowsocks user: `proxy.shadowsocks.Account{password = 1; cipher_type = 2}`.
+
+        A `2022-blake3-*` method gives Xray's `proxy.shadowsocks_2022.Account{key = 1}`
+        instead, for a multi-user Shadowsocks 2022 inbound (`password` is the user's key).
+        V2Ray and Xray number the ciphers differently: the client picks the right enum.
+
+        >>> account = TypedMessage.shadowsocks_account("secret", "aes-256-gcm")
+        >>> account.message("v2ray.core.").cipher_type, account.message("xray.").cipher_type
+        (2, 6)
+        """
+        name = method.lower()
+        if name in _SS_2022:
+            return TypedMessage("proxy.shadowsocks_2022.Account", {"key": password})
+        cipher = _SS_CIPHERS.get(name)
+        if cipher is None:
+            raise ValueError(f"unknown Shadowsocks method {method!r}")
+        fields: dict[str, str | int] = {"password": password, "cipher_type": cipher}
+        return TypedMessage("proxy.shadowsocks.Account", fields)
 
 
 # --------------------------------------------------------------------------- V2Ray / Xray
 
-# StatsService names, tried in this order when none is given, with the package prefix
-# of the same server's HandlerService and account messages ("" where there is none:
-# sing-box's V2Ray API has stats only).
-_FLAVOURS: Final = (
-    ("v2ray.core.app.stats.command.StatsService", "v2ray.core."),
-    ("xray.app.stats.command.StatsService", "xray."),
-    ("experimental.v2rayapi.StatsService", ""),
-)
 EPOCH_ROUNDING_MS: Final = 10_000
 EPOCH_TOLERANCE_MS: Final = 10_000
 
@@ -321,7 +427,10 @@ class V2RayStatsClient:
     name; left out, `v2ray.core.app.stats.command.StatsService` (V2Ray) is tried
     first, then on UNIMPLEMENTED `xray.app.stats.command.StatsService` (Xray) and
     `experimental.v2rayapi.StatsService` (sing-box, stats only), and the one that
-    answers is kept. Counters are always read with reset=false.
+    answers is kept. Xray answers to V2Ray's names as well, but its HandlerService
+    only knows `xray.*` messages: a server that answers to both is taken for Xray.
+    Each family is spoken to with its own generated messages. Counters are always
+    read with reset=false.
     """
 
     def __init__(
@@ -336,11 +445,10 @@ class V2RayStatsClient:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address)
         self._service = service
-        self._prefix: str | None = None
+        self._flavour: _Flavour | None = None
         if service is not None:
-            self._prefix = next(
-                (prefix for name, prefix in _FLAVOURS if name == service), "v2ray.core."
-            )
+            # a StatsService of another name speaks V2Ray's messages (as before)
+            self._flavour = next((f for f in _FLAVOURS if f.stats_service == service), _V2RAY)
         self._epoch = epoch_hint
         self._uptime: int | None = None
 
@@ -361,39 +469,61 @@ class V2RayStatsClient:
     ) -> None:
         self.close()
 
-    def _unary(self, path: str, request: bytes) -> bytes:
-        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(path)
-        response: bytes = call(request, timeout=self.timeout)
-        return response
+    def _unary(
+        self, path: str, request: Message, response: Callable[[bytes], _Response]
+    ) -> _Response:
+        call = self._channel.unary_unary(
+            path, request_serializer=_serialize, response_deserializer=response
+        )
+        return call(request, timeout=self.timeout)
 
-    def _stats_call(self, method: str, request: bytes) -> bytes:
-        if self._service is not None:
-            return self._guarded(f"/{self._service}/{method}", request)
+    def _guarded(
+        self, path: str, request: Message, response: Callable[[bytes], _Response]
+    ) -> _Response:
+        try:
+            return self._unary(path, request, response)
+        except grpc.RpcError as exc:
+            raise SourceError(f"{self.address} {path}: {_rpc_text(exc)}") from exc
+
+    def _stats_call(
+        self, method: str, call: Callable[[_Flavour], tuple[Message, Callable[[bytes], _Response]]]
+    ) -> _Response:
+        """Call a StatsService method; `call` gives the request and the response parser
+        for a family, so each family is spoken to with its own messages."""
+        if self._flavour is not None:
+            return self._guarded(f"/{self._service}/{method}", *call(self._flavour))
         last: grpc.RpcError | None = None
-        for service, prefix in _FLAVOURS:
+        for flavour in _FLAVOURS:
             try:
-                response = self._unary(f"/{service}/{method}", request)
+                answer = self._unary(f"/{flavour.stats_service}/{method}", *call(flavour))
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise SourceError(f"{self.address} {method}: {_rpc_text(exc)}") from exc
                 last = exc
                 continue
-            self._service, self._prefix = service, prefix
-            return response
+            if flavour is _V2RAY and self._answers_as(_XRAY):
+                flavour = _XRAY  # Xray serves V2Ray's names too, but wants its own accounts
+            self._service, self._flavour = flavour.stats_service, flavour
+            return answer
         detail = _rpc_text(last) if last is not None else "no service"
         raise SourceError(f"{self.address}: no StatsService answered ({detail})")
 
-    def _guarded(self, path: str, request: bytes) -> bytes:
+    def _answers_as(self, flavour: _Flavour) -> bool:
+        """Whether the server also answers to `flavour`'s StatsService name."""
         try:
-            return self._unary(path, request)
-        except grpc.RpcError as exc:
-            raise SourceError(f"{self.address} {path}: {_rpc_text(exc)}") from exc
+            path = f"/{flavour.stats_service}/GetSysStats"
+            self._unary(path, flavour.sys_stats_request(), flavour.sys_stats_response)
+        except grpc.RpcError:
+            return False
+        return True
 
     def query_stats(self, pattern: str = "user>>>") -> list[tuple[str, int]]:
         """(name, value) of every stat whose name contains `pattern`; never resets."""
-        return _decode_query_stats(
-            self._stats_call("QueryStats", _encode_query_stats(pattern, reset=False))
+        response = self._stats_call(
+            "QueryStats",
+            lambda f: (f.query_stats_request(pattern=pattern, reset=False), f.query_stats_response),
         )
+        return [(stat.name, stat.value) for stat in response.stat]
 
     def query_user_counters(self) -> list[Counter]:
         """Per-user cumulative counters (`user>>>EMAIL>>>traffic>>>uplink|downlink`)."""
@@ -401,7 +531,10 @@ class V2RayStatsClient:
 
     def sys_stats(self) -> dict[str, int]:
         """GetSysStats: `Uptime` (seconds), `NumGoroutine`, `Alloc`, ... (0 when absent)."""
-        return _decode_sys_stats(self._stats_call("GetSysStats", b""))
+        response = self._stats_call(
+            "GetSysStats", lambda f: (f.sys_stats_request(), f.sys_stats_response)
+        )
+        return _sys_stats_of(response)
 
     def epoch_ms(self, now_ms: int | None = None) -> int:
         """The counters' epoch from the server's uptime, kept stable as `derive_epoch_ms` says.
@@ -416,31 +549,37 @@ class V2RayStatsClient:
 
     # ------------------------------------------------------------------ HandlerService
 
-    def _flavour_prefix(self) -> str:
-        """`v2ray.core.` or `xray.`, learning which one answers if not known yet."""
-        if self._prefix is None:
+    def _handler_flavour(self) -> _Flavour:
+        """V2Ray's or Xray's messages, learning which server answers if not known yet."""
+        if self._flavour is None:
             self.sys_stats()
-        if not self._prefix:
+        assert self._flavour is not None
+        if not self._flavour.handler_service:
             raise SourceError(f"{self.address}: {self._service} comes with no HandlerService")
-        return self._prefix
+        return self._flavour
 
-    def _alter_inbound(self, tag: str, operation: TypedMessage) -> None:
-        prefix = self._flavour_prefix()
-        request = _field_bytes(1, tag) + _field_bytes(2, operation.encode(prefix))
-        self._guarded(f"/{prefix}app.proxyman.command.HandlerService/AlterInbound", request)
+    def _alter_inbound(self, flavour: _Flavour, tag: str, operation: Message) -> None:
+        assert flavour.typed_message and flavour.alter_inbound_request
+        assert flavour.alter_inbound_response
+        typed = flavour.typed_message(
+            type=operation.DESCRIPTOR.full_name, value=operation.SerializeToString()
+        )
+        request = flavour.alter_inbound_request(tag=tag, operation=typed)
+        path = f"/{flavour.handler_service}/AlterInbound"
+        self._guarded(path, request, flavour.alter_inbound_response)
 
     def add_user(self, inbound_tag: str, email: str, account: TypedMessage, level: int = 0) -> None:
         """Add a user to an inbound (AlterInbound + AddUserOperation); the email names its stats."""
-        prefix = self._flavour_prefix()
-        user = _field_uint(1, level) + _field_bytes(2, email)
-        user += _field_bytes(3, account.encode(prefix))
-        operation = TypedMessage("app.proxyman.command.AddUserOperation", _field_bytes(1, user))
-        self._alter_inbound(inbound_tag, operation)
+        flavour = self._handler_flavour()
+        assert flavour.user and flavour.add_user_operation
+        user = flavour.user(level=level, email=email, account=account.typed(flavour.prefix))
+        self._alter_inbound(flavour, inbound_tag, flavour.add_user_operation(user=user))
 
     def remove_user(self, inbound_tag: str, email: str) -> None:
         """Remove a user from an inbound by email (AlterInbound + RemoveUserOperation)."""
-        operation = TypedMessage("app.proxyman.command.RemoveUserOperation", _field_bytes(1, email))
-        self._alter_inbound(inbound_tag, operation)
+        flavour = self._handler_flavour()
+        assert flavour.remove_user_operation
+        self._alter_inbound(flavour, inbound_tag, flavour.remove_user_operation(email=email))
 
 
 def _rpc_text(exc: grpc.RpcError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import uuid
 from concurrent import futures
@@ -13,10 +14,34 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from quotaflow.core.contracts import MAX_COUNTER, Counter
 from quotaflow.core.settings import Settings
 from quotaflow.producers.sources import ParseError, SourceError
+from quotaflow.producers.sources._pb.singbox.experimental.v2rayapi import (
+    stats_pb2 as singbox_stats,
+)
+from quotaflow.producers.sources._pb.v2ray.core.common.serial.typed_message_pb2 import (
+    TypedMessage as V2RayTypedMessage,
+)
+from quotaflow.producers.sources._pb.v2ray.core.proxy.vless.account_pb2 import (
+    Account as V2RayVlessAccount,
+)
+from quotaflow.producers.sources._pb.xray.app.proxyman.command.command_pb2 import (
+    AddUserOperation,
+    AlterInboundRequest,
+    AlterInboundResponse,
+    RemoveUserOperation,
+)
+from quotaflow.producers.sources._pb.xray.app.stats.command import command_pb2 as xray_stats
+from quotaflow.producers.sources._pb.xray.common.serial.typed_message_pb2 import (
+    TypedMessage as XrayTypedMessage,
+)
+from quotaflow.producers.sources._pb.xray.proxy.shadowsocks.account_pb2 import (
+    Account as XrayShadowsocksAccount,
+)
+from quotaflow.producers.sources._pb.xray.proxy.vless.account_pb2 import Account as VlessAccount
 from quotaflow.producers.sources.v2ray import (
     TypedMessage,
     V2RayStatsClient,
@@ -43,6 +68,10 @@ from tests.producers.sources.helpers import (
     start_ss_local,
     wait_until,
 )
+
+SOURCES = Path(__file__).resolve().parents[3] / "producers" / "sources"
+PB = SOURCES / "_pb"
+GENERATE = SOURCES / "proto" / "generate.py"
 
 
 def test_v2ray_pairs_keep_only_user_traffic() -> None:
@@ -276,16 +305,23 @@ def test_v2ray_handler_adds_and_removes_users(v2ray: V2RayNode, http_port: int) 
 
 
 class _FakeXray:
-    """An in-process gRPC server answering only to Xray's (or the given) service names."""
+    """An in-process gRPC server answering only to Xray's (or the given) service names.
+
+    It speaks with the generated messages (Xray's, or sing-box's for its service name)
+    and keeps each request's bytes as they came, to be checked against the messages.
+    """
 
     def __init__(self, stats_service: str = "xray.app.stats.command.StatsService") -> None:
         self.requests: list[tuple[str, bytes]] = []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        messages = singbox_stats if stats_service.startswith("experimental.") else xray_stats
         stats = {
-            "QueryStats": self._handler("QueryStats", _xray_query_answer()),
-            "GetSysStats": self._handler("GetSysStats", b"\x08\x07" + b"\x50\x2a"),
+            "QueryStats": self._handler("QueryStats", _xray_query_answer(messages)),
+            "GetSysStats": self._handler(
+                "GetSysStats", messages.SysStatsResponse(NumGoroutine=7, Uptime=42)
+            ),
         }
-        handler = {"AlterInbound": self._handler("AlterInbound", b"")}
+        handler = {"AlterInbound": self._handler("AlterInbound", AlterInboundResponse())}
         self.server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(stats_service, stats),
@@ -297,23 +333,28 @@ class _FakeXray:
         self.port = self.server.add_insecure_port(f"{LOCAL}:0")
         self.server.start()
 
-    def _handler(self, name: str, answer: bytes) -> grpc.RpcMethodHandler[bytes, bytes]:
+    def _handler(self, name: str, answer: Message) -> grpc.RpcMethodHandler[bytes, bytes]:
         def call(request: bytes, context: grpc.ServicerContext) -> bytes:
             self.requests.append((name, request))
-            return answer
+            return answer.SerializeToString()
 
         return grpc.unary_unary_rpc_method_handler(call)
 
 
-def _pb_len(number: int, data: bytes) -> bytes:
-    assert len(data) < 128
-    return bytes([number << 3 | 2, len(data)]) + data
+def _xray_query_answer(messages: Any = xray_stats) -> Message:
+    answer: Message = messages.QueryStatsResponse(
+        stat=[
+            messages.Stat(name="user>>>x@test>>>traffic>>>uplink", value=150),
+            messages.Stat(name="user>>>x@test>>>traffic>>>downlink", value=300),
+        ]
+    )
+    return answer
 
 
-def _xray_query_answer() -> bytes:
-    up = _pb_len(1, b"user>>>x@test>>>traffic>>>uplink") + b"\x10\x96\x01"  # 150
-    down = _pb_len(1, b"user>>>x@test>>>traffic>>>downlink") + b"\x10\xac\x02"  # 300
-    return _pb_len(1, up) + _pb_len(1, down)
+def _alter_inbound(request: bytes) -> tuple[str, str, bytes]:
+    """An Xray AlterInboundRequest's tag, operation type and operation bytes."""
+    message = AlterInboundRequest.FromString(request)
+    return message.tag, message.operation.type, message.operation.value
 
 
 def test_falls_back_to_xray_service_names() -> None:
@@ -324,13 +365,118 @@ def test_falls_back_to_xray_service_names() -> None:
             assert client.service == "xray.app.stats.command.StatsService"
             assert client.sys_stats()["Uptime"] == 42
             client.remove_user("in", "x@test")
-        assert fake.requests[0] == ("QueryStats", _pb_len(1, b"user>>>"))  # reset=false: absent
+        name, request = fake.requests[0]
+        assert name == "QueryStats"
+        query = xray_stats.QueryStatsRequest.FromString(request)
+        assert (query.pattern, query.reset) == ("user>>>", False)
+        assert request == b"\n\x07user>>>"  # reset=false is left out on the wire
         name, request = fake.requests[-1]
-        operation = _pb_len(1, b"x@test")
-        typed = _pb_len(1, b"xray.app.proxyman.command.RemoveUserOperation") + _pb_len(2, operation)
-        assert (name, request) == ("AlterInbound", _pb_len(1, b"in") + _pb_len(2, typed))
+        assert name == "AlterInbound"
+        tag, kind, operation = _alter_inbound(request)
+        assert (tag, kind) == ("in", "xray.app.proxyman.command.RemoveUserOperation")
+        assert RemoveUserOperation.FromString(operation) == RemoveUserOperation(email="x@test")
     finally:
         fake.server.stop(None)
+
+
+def _wire(number: int, data: bytes | str) -> bytes:
+    """A length-delimited protobuf field, written by hand: an oracle for the generated code."""
+    raw = data.encode() if isinstance(data, str) else data
+    size, length = len(raw), bytearray()
+    while size >= 0x80:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    return bytes([number << 3 | 2]) + bytes(length) + raw
+
+
+def test_add_user_sends_an_add_user_operation_with_a_vless_account() -> None:
+    user_uuid = str(uuid.UUID(int=0xE1))
+    fake = _FakeXray()
+    try:
+        with V2RayStatsClient(f"{LOCAL}:{fake.port}") as client:
+            account = TypedMessage.vless_account(user_uuid, "xtls-rprx-vision")
+            client.add_user("vless-in", "v@test", account, level=1)
+        name, request = fake.requests[-1]
+    finally:
+        fake.server.stop(None)
+    assert name == "AlterInbound"
+    tag, kind, operation = _alter_inbound(request)
+    assert (tag, kind) == ("vless-in", "xray.app.proxyman.command.AddUserOperation")
+    user = AddUserOperation.FromString(operation).user
+    assert (user.level, user.email) == (1, "v@test")
+    assert user.account.type == "xray.proxy.vless.Account"  # the bare full name, no type URL
+    assert VlessAccount.FromString(user.account.value) == VlessAccount(
+        id=user_uuid, flow="xtls-rprx-vision"
+    )
+    assert user.account == XrayTypedMessage.FromString(account.encode("xray."))
+    # The same bytes, written field by field as the wire format says.
+    vless = _wire(1, user_uuid) + _wire(2, "xtls-rprx-vision")
+    typed_account = _wire(1, "xray.proxy.vless.Account") + _wire(2, vless)
+    user_bytes = b"\x08\x01" + _wire(2, "v@test") + _wire(3, typed_account)
+    typed_operation = _wire(1, "xray.app.proxyman.command.AddUserOperation")
+    typed_operation += _wire(2, _wire(1, user_bytes))
+    assert request == _wire(1, "vless-in") + _wire(2, typed_operation)
+
+
+def test_accounts_follow_the_server_family() -> None:
+    user_uuid = str(uuid.UUID(int=0xF00))
+    vless = TypedMessage.vless_account(user_uuid)
+    assert XrayTypedMessage.FromString(vless.encode("xray.")).type == "xray.proxy.vless.Account"
+    v2ray_typed = V2RayTypedMessage.FromString(vless.encode("v2ray.core."))
+    assert v2ray_typed.type == "v2ray.core.proxy.vless.Account"
+    assert v2ray_typed.value == V2RayVlessAccount(id=user_uuid).SerializeToString()
+
+    # V2Ray and Xray number Shadowsocks ciphers differently.
+    ss = TypedMessage.shadowsocks_account("secret", "chacha20-ietf-poly1305")
+    assert XrayShadowsocksAccount.FromString(ss.typed("xray.").value) == XrayShadowsocksAccount(
+        password="secret", cipher_type="CHACHA20_POLY1305"
+    )
+    assert ss.message("xray.").SerializeToString() == b"\n\x06secret\x10\x07"
+    assert ss.message("v2ray.core.").SerializeToString() == b"\n\x06secret\x10\x03"
+    with pytest.raises(SourceError, match="V2Ray"):  # V2Ray has no XChaCha20
+        TypedMessage.shadowsocks_account("s", "xchacha20-ietf-poly1305").encode("v2ray.core.")
+    ss2022 = TypedMessage.shadowsocks_account("a2V5", "2022-blake3-aes-128-gcm")
+    assert XrayTypedMessage.FromString(ss2022.encode("xray.")).type == (
+        "xray.proxy.shadowsocks_2022.Account"
+    )
+    with pytest.raises(SourceError, match="V2Ray has no"):
+        ss2022.encode("v2ray.core.")
+    with pytest.raises(ValueError, match="Shadowsocks method"):
+        TypedMessage.shadowsocks_account("s", "rc4-md5")
+
+    # Xray's VMess has no alter_id: 0 is left out, anything else is refused.
+    assert TypedMessage.vmess_account(user_uuid).message("xray.").SerializeToString() == (
+        _wire(1, user_uuid)
+    )
+    assert TypedMessage.vmess_account(user_uuid, 4).message("v2ray.core.").SerializeToString() == (
+        _wire(1, user_uuid) + b"\x10\x04"
+    )
+    with pytest.raises(SourceError, match="Xray"):
+        TypedMessage.vmess_account(user_uuid, 4).encode("xray.")
+    assert TypedMessage.trojan_account("pw").message("xray.").SerializeToString() == _wire(1, "pw")
+
+
+def test_generated_modules_are_up_to_date(tmp_path: Path) -> None:
+    """producers/sources/_pb/ is what `make proto` makes of the .proto files, byte for byte."""
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev extra) regenerates _pb/")
+    done = subprocess.run(
+        [sys.executable, str(GENERATE), "--out", str(tmp_path / "_pb")],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {
+            path.relative_to(root).as_posix(): path.read_bytes()
+            for path in sorted(root.rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts
+        }
+
+    fresh, committed = tree(tmp_path / "_pb"), tree(PB)
+    assert sorted(fresh) == sorted(committed), "run `make proto`: modules added or removed"
+    stale = [name for name in fresh if fresh[name] != committed[name]]
+    assert not stale, f"run `make proto`: {stale} differ from the .proto files"
 
 
 def test_sing_box_stats_without_handler_service() -> None:
@@ -378,3 +524,125 @@ def test_v2ray_traffic_is_billed_by_the_pipeline(
         alice = by_user(client.query_user_counters())["alice@test"]
     assert alice.down >= DOWNLOAD and alice.up >= UPLOAD
     assert billed == {"alice@test": (alice.up, alice.down)}, (tmp_path / "agent.log").read_text()
+
+
+# --------------------------------------------------------------------------- real Xray
+
+INSTALL_XRAY = Path(__file__).resolve().parents[3] / "deploy" / "local" / "install-xray.sh"
+DAVE_UUID = str(uuid.UUID(int=0xDA7E))
+
+
+@pytest.fixture(scope="module")
+def xray_binary() -> str:
+    """Xray, built with `go install` into the quotaflow cache by deploy/local/install-xray.sh."""
+    done = subprocess.run(
+        ["bash", str(INSTALL_XRAY)], capture_output=True, text=True, timeout=900, check=False
+    )
+    if done.returncode != 0:
+        pytest.fail(f"install-xray.sh failed: {done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _xray_server_config(api: int, vless: int) -> dict[str, Any]:
+    return {
+        "log": {"loglevel": "warning"},
+        "stats": {},
+        "api": {
+            "tag": "api",
+            "listen": f"{LOCAL}:{api}",
+            "services": ["StatsService", "HandlerService"],
+        },
+        "policy": {"levels": {"0": {"statsUserUplink": True, "statsUserDownlink": True}}},
+        "inbounds": [
+            {
+                "tag": "vless-in",
+                "listen": LOCAL,
+                "port": vless,
+                "protocol": "vless",
+                "settings": {
+                    "clients": [{"id": DAVE_UUID, "email": "dave@test", "level": 0}],
+                    "decryption": "none",
+                },
+            }
+        ],
+        "outbounds": [{"tag": "direct", "protocol": "freedom"}],
+    }
+
+
+def _xray_vless_client_config(socks: int, vless: int, user_uuid: str) -> dict[str, Any]:
+    return {
+        "log": {"loglevel": "warning"},
+        "inbounds": [{"listen": LOCAL, "port": socks, "protocol": "socks"}],
+        "outbounds": [
+            {
+                "protocol": "vless",
+                "settings": {
+                    "vnext": [
+                        {
+                            "address": LOCAL,
+                            "port": vless,
+                            "users": [{"id": user_uuid, "encryption": "none"}],
+                        }
+                    ]
+                },
+            }
+        ],
+    }
+
+
+class XrayNode:
+    def __init__(self, processes: Processes, binary: str) -> None:
+        self.processes, self.binary = processes, binary
+        self.api, self.vless = free_port(), free_port()
+        config = processes.folder / "xray-server.json"
+        config.write_text(json.dumps(_xray_server_config(self.api, self.vless)))
+        processes.start("xray-server", [binary, "run", "-c", str(config)])
+        wait_until(
+            "the xray API", lambda: listening(self.api) and listening(self.vless), timeout=30
+        )
+
+    def vless_client(self, user_uuid: str) -> int:
+        port = free_port()
+        config = self.processes.folder / f"xray-client-{port}.json"
+        config.write_text(json.dumps(_xray_vless_client_config(port, self.vless, user_uuid)))
+        self.processes.start(f"xray-client-{port}", [self.binary, "run", "-c", str(config)])
+        wait_until("the xray client", lambda: listening(port), timeout=30)
+        return port
+
+
+@pytest.mark.integration
+def test_xray_counts_and_manages_vless_users(
+    xray_binary: str, processes: Processes, http_port: int
+) -> None:
+    """A real Xray: its StatsService under Xray's names, and VLESS users added and removed."""
+    xray = XrayNode(processes, xray_binary)
+    erin = str(uuid.uuid4())
+    with V2RayStatsClient(f"{LOCAL}:{xray.api}") as client:
+        assert client.query_user_counters() == []
+        assert client.service == "xray.app.stats.command.StatsService", processes.logs()
+        assert client.sys_stats()["NumGoroutine"] > 0
+
+        dave = xray.vless_client(DAVE_UUID)
+        push_known_bytes(dave, http_port)
+        users = by_user(client.query_user_counters())
+        assert DOWNLOAD <= users["dave@test"].down <= DOWNLOAD + SLACK, users
+        assert UPLOAD <= users["dave@test"].up <= UPLOAD + SLACK, users
+
+        client.add_user("vless-in", "erin@test", TypedMessage.vless_account(erin))
+        with pytest.raises(SourceError):  # the same email twice
+            client.add_user("vless-in", "erin@test", TypedMessage.vless_account(erin))
+        with pytest.raises(SourceError):  # no such inbound
+            client.add_user("nope", "frank@test", TypedMessage.vless_account(erin))
+
+        socks = xray.vless_client(erin)
+        assert socks_http(socks, http_port) == _body(DOWNLOAD)
+        users = by_user(client.query_user_counters())
+        assert DOWNLOAD <= users["erin@test"].down <= DOWNLOAD + SLACK, users
+        assert users["erin@test"].up > 0
+
+        client.remove_user("vless-in", "erin@test")
+        with pytest.raises((AssertionError, OSError)):  # Xray drops unknown users
+            socks_http(socks, http_port, timeout=2)
+        after = by_user(client.query_user_counters())
+        assert after["erin@test"] == users["erin@test"]
+        assert after["dave@test"] == users["dave@test"]
