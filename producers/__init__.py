@@ -1,1 +1,1 @@
-"""Producers: the node agent, one module per proxy source, the panel push receiver, the publisher."""
+"""Producers: the node agent, a module per proxy source, the push receiver, the publisher."""

@@ -16,10 +16,11 @@ in a row are rare, but a quiet user with a steady tiny keep-alive could do it:
 shorten the window if that matters more than retries.
 
 Answers follow Xboard: `{"data": true}` on success; errors are `{"message": ...}`
-with 400 (malformed), 403 (bad or missing token, unknown node), 413 (body larger
-than `max_body_bytes`). Nothing is stored on an error. `POST .../alive` is
-accepted and ignored; the panel's GETs (`/config`, `/user`) are not served —
-those need the panel's own data.
+with 400 (malformed, or a user or node id the contracts refuse, see
+`identifier_problem` in quotaflow.core.contracts), 403 (bad or missing token,
+unknown node), 413 (body larger than `max_body_bytes`). Nothing is stored on an
+error. `POST .../alive` is accepted and ignored; the panel's GETs (`/config`,
+`/user`) are not served — those need the panel's own data.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
-from quotaflow.core.contracts import Counter
+from quotaflow.core.contracts import Counter, check_identifier, identifier_problem
 from quotaflow.producers.outbox import Outbox
 from quotaflow.producers.sources import ParseError, parse_counters_json
 
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 PUSH_PATH = "/api/v1/server/UniProxy/push"
 ALIVE_PATH = "/api/v1/server/UniProxy/alive"
-_MAX_ID = 256
 
 
 class PushConfig(BaseModel):
@@ -57,7 +57,10 @@ class PushConfig(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
     token: SecretStr | None = None  # the panel-wide server token, for nodes not in `tokens`
     tokens: dict[str, SecretStr] = Field(default_factory=dict)  # "<node_type>-<node_id>" -> token
-    node_map: dict[str, str] = Field(default_factory=dict)  # "<node_type>-<node_id>" -> node id
+    # "<node_type>-<node_id>" -> node id
+    node_map: dict[str, Annotated[str, AfterValidator(check_identifier)]] = Field(
+        default_factory=dict
+    )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=2)
     dedup_window_s: float = Field(default=120.0, ge=0)
 
@@ -132,8 +135,9 @@ class PushReceiver:
         ):
             raise PushError(403, "token is error")
         node = self.config.node_map.get(key, key)
-        if not 0 < len(node) <= _MAX_ID:
-            raise PushError(400, "node id too long")
+        problem = identifier_problem(node)
+        if problem is not None:
+            raise PushError(400, f"node id {node[:60]!r} {problem}")
         return key, node
 
     async def push(self, request: web.Request) -> web.Response:

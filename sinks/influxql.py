@@ -100,11 +100,31 @@ class InfluxQL:
         self.execute(f'CREATE DATABASE "{self.database}"')
 
 
+def _quoted(value: str, quote: str) -> str:
+    # influxql's ScanString knows the escapes \\ \' \" and \n, ends the literal at a raw
+    # newline, and its reader turns CR and CRLF into a newline first: so a newline is
+    # written as \n, and a carriage return cannot be written at all.
+    if "\r" in value:
+        raise ValueError(f"InfluxQL cannot quote a carriage return: {value[:60]!r}")
+    escaped = value.replace("\\", "\\\\").replace(quote, "\\" + quote).replace("\n", "\\n")
+    return quote + escaped + quote
+
+
 def quote_ident(name: str) -> str:
-    """An InfluxQL identifier in double quotes."""
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    r"""An InfluxQL identifier in double quotes; ValueError if it holds a carriage return.
+
+    >>> print(quote_ident('my "db"'))
+    "my \"db\""
+    """
+    return _quoted(name, '"')
 
 
 def quote_string(value: str) -> str:
-    """An InfluxQL string literal in single quotes."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    r"""An InfluxQL string literal in single quotes; ValueError if it holds a carriage return.
+
+    User and node ids cannot hold one (the contracts refuse control characters).
+
+    >>> print(quote_string("it's C:\\temp\nnext"))
+    'it\'s C:\\temp\nnext'
+    """
+    return _quoted(value, "'")

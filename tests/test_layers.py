@@ -18,7 +18,9 @@ PACKAGE = Path(quotaflow.__file__).parent
 
 # A layer may import the stdlib, these third-party packages, and the layers named.
 LAYERS: dict[str, tuple[set[str], set[str]]] = {
-    "quotaflow.core": ({"pydantic", "pydantic_settings", "orjson"}, {"quotaflow.core"}),
+    "quotaflow.core": (
+        {"pydantic", "pydantic_core", "pydantic_settings", "orjson"}, {"quotaflow.core"}
+    ),
     "quotaflow.producers": (
         {"pydantic", "orjson", "kafka", "grpc", "google", "aiohttp", "prometheus_client"},
         {"quotaflow.core", "quotaflow.producers", "quotaflow.admin"},

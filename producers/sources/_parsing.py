@@ -25,9 +25,14 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from quotaflow.core.contracts import MAX_COUNTER, Counter
+from quotaflow.core.contracts import (
+    MAX_COUNTER,
+    MAX_IDENTIFIER_LENGTH,
+    Counter,
+    identifier_problem,
+)
 
-MAX_USER_ID_LENGTH: Final = 256  # the contracts' Identifier limit
+MAX_USER_ID_LENGTH: Final = MAX_IDENTIFIER_LENGTH  # the contracts' Identifier limit
 MAX_EXACT_FLOAT: Final = 2**53  # larger float values may not be exact byte counts
 DIGITS: Final = re.compile(r"[0-9]{1,19}")
 
@@ -49,13 +54,17 @@ def decimal_uint(text: str, what: str) -> int:
 
 
 def checked_counter(user_id: str, up: int, down: int) -> Counter:
-    """Build a Counter, turning every validation failure into a ParseError."""
-    if not user_id:
-        raise ParseError("empty user id")
-    if len(user_id) > MAX_USER_ID_LENGTH:
-        raise ParseError(
-            f"user id longer than {MAX_USER_ID_LENGTH} characters: {user_id[:60]!r}..."
-        )
+    """Build a Counter, turning every validation failure into a ParseError.
+
+    >>> try:
+    ...     checked_counter("alice\\\\", 1, 2)
+    ... except ParseError as exc:
+    ...     print(exc)
+    user id 'alice\\\\' must not end with a backslash
+    """
+    problem = identifier_problem(user_id)
+    if problem is not None:
+        raise ParseError(f"user id {user_id[:60]!r} {problem}")
     if up > MAX_COUNTER or down > MAX_COUNTER:
         raise ParseError(f"{user_id!r}: counter larger than {MAX_COUNTER} (up={up}, down={down})")
     try:

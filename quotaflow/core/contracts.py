@@ -21,11 +21,14 @@ True
 from __future__ import annotations
 
 import base64
+import json
+import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -33,14 +36,88 @@ from pydantic import (
     StrictInt,
     StrictStr,
     TypeAdapter,
+    ValidationError,
     model_validator,
 )
 from pydantic.dataclasses import dataclass
 
 MAX_COUNTER = 2**63 - 1  # InfluxDB integers are signed 64-bit.
+MAX_SEQ = 2**48  # `epoch` and `seq` are below this (a millisecond clock fits until 10889)
+OBSERVED_AT_FLOOR = datetime(2020, 1, 1, tzinfo=UTC)
+"""Reports observed before this are refused: a node clock at 1970 would be billed on 1970-01-01."""
+MAX_IDENTIFIER_LENGTH = 256
+
+# C0, DEL, C1 and the Unicode line and paragraph separators.
+_CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+# Spaces, and runs of backslashes that end in a character which is neither a space nor a
+# control character: so no control characters, no backslash at the end and none right
+# before a space, the two backslashes InfluxDB 1.x line protocol cannot carry in a tag
+# (see `identifier_problem`). Checked by pydantic-core's Rust regex engine, which is fast
+# enough for the hot path; lone surrogates never reach it (pydantic refuses them).
+_IDENTIFIER_PATTERN = rf"^(?: |\\*[^\\ {_CONTROL}])*$"
+_CONTROL_CHAR = re.compile(f"[{_CONTROL}]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def identifier_problem(value: str) -> str | None:
+    r"""What makes `value` no valid user or node id, or None if it is one.
+
+    An identifier has 1 to 256 characters, none of them a control character (C0,
+    DEL, C1, U+2028, U+2029) or a lone surrogate; it does not end with a backslash
+    and has no backslash right before a space. InfluxDB 1.x line protocol takes a
+    character after a backslash as escaped, whatever precedes the backslash, so a
+    tag value cannot end with one, and its line splitter pairs backslashes, so a
+    backslash before a space can split a batch in the wrong place.
+
+    >>> identifier_problem("DOMAIN\\alice") is None
+    True
+    >>> identifier_problem("alice\\")
+    'must not end with a backslash'
+    """
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_IDENTIFIER_LENGTH:
+        return f"longer than {MAX_IDENTIFIER_LENGTH} characters"
+    found = _CONTROL_CHAR.search(value)
+    if found:
+        return f"contains the control character U+{ord(found.group()):04X}"
+    found = _SURROGATE.search(value)
+    if found:
+        return f"contains the lone surrogate U+{ord(found.group()):04X}"
+    if value.endswith("\\"):
+        return "must not end with a backslash"
+    if "\\ " in value:
+        return "has a backslash right before a space"
+    return None
+
+
+def check_identifier(value: str, what: str = "identifier") -> str:
+    """`value` if it is a valid user or node id; raises ValueError naming the problem."""
+    problem = identifier_problem(value)
+    if problem is not None:
+        raise ValueError(f"{what} {value[:60]!r} {problem}")
+    return value
+
+
+def _below_max_seq(value: int) -> int:
+    if value >= MAX_SEQ:
+        raise ValueError(f"must be below 2**48 ({MAX_SEQ})")
+    return value
+
+
+def _not_before_floor(value: datetime) -> datetime:
+    if value < OBSERVED_AT_FLOOR:
+        raise ValueError("is before 2020-01-01T00:00:00Z, so the node's clock is wrong")
+    return value
+
 
 ByteCount = Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)]
-Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+Identifier = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=MAX_IDENTIFIER_LENGTH, pattern=_IDENTIFIER_PATTERN),
+]
+SeqNumber = Annotated[StrictInt, Field(ge=0), AfterValidator(_below_max_seq)]
+ObservedAt = Annotated[AwareDatetime, AfterValidator(_not_before_floor)]
 
 
 class _Contract(BaseModel):
@@ -86,9 +163,9 @@ class CounterReport(_Contract):
     """
 
     node_id: Identifier
-    epoch: Annotated[StrictInt, Field(ge=0)]
-    seq: Annotated[StrictInt, Field(ge=0)]
-    observed_at: AwareDatetime
+    epoch: SeqNumber
+    seq: SeqNumber
+    observed_at: ObservedAt
     kind: ReportKind = "cumulative"
     baseline: bool = False
     counters: tuple[Counter, ...] = ()
@@ -106,8 +183,89 @@ class CounterReport(_Contract):
 
     @classmethod
     def decode(cls, data: bytes | str) -> CounterReport:
-        """Read and validate the wire form; raises `pydantic.ValidationError`."""
-        return cls.model_validate_json(data)
+        """Read and validate the wire form; raises `pydantic.ValidationError`.
+
+        Stricter than `model_validate_json`: a key given twice in any object is
+        refused rather than the last one winning, and an invalid identifier is
+        reported in words rather than as a regular expression.
+
+        >>> try:
+        ...     CounterReport.decode(b'{"node_id": "a", "node_id": "b", "epoch": 1, "seq": 1,'
+        ...                          b' "observed_at": "2026-01-01T00:00:00Z"}')
+        ... except ValidationError as exc:
+        ...     print(exc.errors()[0]["msg"])
+        Value error, the key 'node_id' is given twice in one JSON object
+        """
+        try:
+            report = cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise _explained(exc) from None
+        # Duplicate keys, without parsing again on the hot path. With no backslash in
+        # the message every `"` delimits a string, so the quotes count the strings: a
+        # valid report has a key per field it names and three per counter, and the
+        # string values node_id, observed_at, kind (when named) and every user_id. A
+        # key given twice adds a key, so any other count, and any message with a
+        # backslash (escaped quotes or keys), is looked at closely.
+        fields = report.__pydantic_fields_set__
+        quotes = 2 * (len(fields) + 4 * len(report.counters) + 2 + ("kind" in fields))
+        if isinstance(data, bytes):
+            if b"\\" in data or data.count(b'"') != quotes:
+                _refuse_duplicate_keys(data)
+        elif "\\" in data or data.count('"') != quotes:
+            _refuse_duplicate_keys(data)
+        return report
+
+
+def _explained(exc: ValidationError) -> ValidationError:
+    """`exc` with identifier pattern mismatches said in words (only on the error path)."""
+    errors = exc.errors(include_url=False)
+    if not any(e["type"] == "string_pattern_mismatch" for e in errors):
+        return exc
+    details: list[Any] = []
+    for error in errors:
+        value = error.get("input")
+        problem = (
+            identifier_problem(value)
+            if error["type"] == "string_pattern_mismatch" and isinstance(value, str)
+            else None
+        )
+        detail = {"type": error["type"], "loc": error["loc"], "input": value}
+        if problem is not None:
+            detail |= {"type": "value_error", "ctx": {"error": problem}}
+        elif "ctx" in error:
+            detail["ctx"] = error["ctx"]
+        details.append(detail)
+    return ValidationError.from_exception_data(exc.title, details, input_type="json")
+
+
+def _refuse_duplicate_keys(data: bytes | str) -> None:
+    """Raise a ValidationError if an object in `data` (valid JSON) has a key twice."""
+    try:
+        json.loads(data, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        problem = f"the key {exc.key[:60]!r} is given twice in one JSON object"
+        raise ValidationError.from_exception_data(
+            "CounterReport",
+            [{"type": "value_error", "loc": (), "input": data, "ctx": {"error": problem}}],
+            input_type="json",
+        ) from None
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
 
 
 PeriodKind = Literal["day", "month"]

@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from quotaflow.core.contracts import CounterReport, DeadReason, PeriodKind
+from quotaflow.core.contracts import MAX_COUNTER, CounterReport, DeadReason, PeriodKind
 from quotaflow.core.periods import Calendar
 
 # An epoch that reads as milliseconds since 2000 is taken to be the counters' start time.
@@ -153,12 +153,7 @@ class NodeLedger:
                             user_id, up, down)
                 )
         elif billing.billed:
-            for totals in (self._period("day", day), self._period("month", month)):
-                for user_id, up, down in billing.billed:
-                    total = totals.get(user_id)
-                    totals[user_id] = (up, down) if total is None else (
-                        total[0] + up, total[1] + down
-                    )
+            self._add_to_totals(billing, day, month)
         if late:
             billing.billed = []
         else:
@@ -243,6 +238,41 @@ class NodeLedger:
             )
         else:
             billing.billed.append((user_id, up, down))
+
+    def _add_to_totals(self, billing: Billing, day: int, month: int) -> None:
+        """Add the billed readings to the day and month totals, refusing any that would overflow.
+
+        InfluxDB stores integers as int64 and the sink writes `total_bytes = up + down`,
+        so a reading that would take a user's month total of up + down past 2**63 - 1
+        is refused as an anomaly, and no total changes. The month total holds every
+        day total of its month (both get the same readings, and a month is kept longer
+        than its days), so checking it bounds the day total too.
+        """
+        months = self._period("month", month)
+        refused: list[tuple[str, int, int]] | None = None
+        for reading in billing.billed:
+            user_id, up, down = reading
+            total = months.get(user_id)
+            if total is not None:
+                up, down = total[0] + up, total[1] + down
+            if up + down > MAX_COUNTER:
+                if refused is None:
+                    refused = []
+                refused.append(reading)
+            else:
+                months[user_id] = (up, down)
+        if refused is not None:
+            for user_id, up, down in refused:
+                billing.refused.append(Refusal(
+                    "anomaly", f"the user's month total of up + down would exceed 2**63-1 "
+                    f"bytes ({MAX_COUNTER}, InfluxDB's largest integer)", user_id, up, down,
+                ))
+            gone = set(refused)  # a user appears once in a report
+            billing.billed = [r for r in billing.billed if r not in gone]
+        days = self._period("day", day)
+        for user_id, up, down in billing.billed:
+            total = days.get(user_id)
+            days[user_id] = (up, down) if total is None else (total[0] + up, total[1] + down)
 
     def _period(self, period: PeriodKind, start: int) -> dict[str, tuple[int, int]]:
         """The user totals of one period, created empty when missing."""

@@ -646,3 +646,116 @@ def test_property_delta_reports_billed_exactly_once(
     assert nonzero(fleet_ledgers.period_totals(reports, "day")) == nonzero(expected)
     for rep in reports:
         assert fleet_ledgers.apply(rep) == 0
+
+
+# --- totals that would overflow int64 -----------------------------------------------------
+
+MAX_TOTAL = 2**63 - 1  # InfluxDB integers; total_bytes = up + down must fit too
+HUGE = BillingPolicy(timezone=BERLIN, max_rate_bytes_per_s=10**17)  # allows 6e18 per reading
+
+
+def test_totals_never_exceed_int64() -> None:
+    """Five restarts of 10**18 each way pass the rate check; the fifth would overflow up+down."""
+    ledger = NodeLedger("node-a")
+    since_2000 = 946_684_800_000  # millisecond epochs: the interval is the time since then
+    billed, refused = [], []
+    for i in range(5):
+        billing = ledger.update(
+            report(1, ("alice", 10**18, 10**18), epoch=since_2000 + i), POLICY
+        )
+        billed += billing.billed
+        refused += billing.refused
+    assert billed == [("alice", 10**18, 10**18)] * 4
+    assert [(r.reason, r.user_id, r.up, r.down) for r in refused] == [
+        ("anomaly", "alice", 10**18, 10**18)
+    ]
+    assert "2**63" in refused[0].detail or str(MAX_TOTAL) in refused[0].detail
+    cal = Calendar(BERLIN)
+    assert ledger.total("alice", "day", cal.day_start(unix(T0))) == (4 * 10**18, 4 * 10**18)
+    assert ledger.total("alice", "month", cal.month_start(unix(T0))) == (4 * 10**18, 4 * 10**18)
+    # The refused counters are still recorded: the next small growth is billed.
+    after = ledger.update(report(2, ("alice", 10**18 + 5, 10**18), epoch=since_2000 + 4), POLICY)
+    assert after.billed == [("alice", 5, 0)] and after.refused == []
+    assert after.totals == [("alice", 4 * 10**18 + 5, 4 * 10**18, 4 * 10**18 + 5, 4 * 10**18)]
+
+
+def test_one_reading_above_int64_in_total_is_refused() -> None:
+    unlimited = BillingPolicy(timezone=BERLIN, max_rate_bytes_per_s=MAX_TOTAL)
+    ledger = NodeLedger("node-a")
+    billing = ledger.update(
+        delta(1, ("alice", MAX_TOTAL, 1), ("bob", MAX_TOTAL - 1, 1)), unlimited
+    )
+    assert billing.billed == [("bob", MAX_TOTAL - 1, 1)]
+    assert [(r.reason, r.user_id, r.up, r.down) for r in billing.refused] == [
+        ("anomaly", "alice", MAX_TOTAL, 1)
+    ]
+    assert billing.totals == [("bob", MAX_TOTAL - 1, 1, MAX_TOTAL - 1, 1)]
+    assert ledger.update(delta(2, ("bob", 0, 1)), unlimited).refused[0].reason == "anomaly"
+    assert ledger.update(delta(3, ("bob", 0, 0), ("alice", 1, 0)), unlimited).billed == [
+        ("alice", 1, 0)
+    ]
+
+
+def test_the_month_total_is_bounded_across_days() -> None:
+    """Each day alone fits, but the month total would not: refused on the day it overflows."""
+    ledger = NodeLedger("node-a")
+    cal = Calendar(BERLIN)
+    days = [datetime(2026, 5, d, 12, tzinfo=UTC) for d in (10, 11, 12)]
+    third = MAX_TOTAL // 3 + 1
+    outcomes = [ledger.update(delta(i, ("alice", third, 0), at=at), HUGE)
+                for i, at in enumerate(days)]
+    assert [len(b.billed) for b in outcomes] == [1, 1, 0]
+    assert [r.reason for r in outcomes[2].refused] == ["anomaly"]
+    assert ledger.total("alice", "month", cal.month_start(unix(days[0]))) == (2 * third, 0)
+    assert ledger.total("alice", "day", cal.day_start(unix(days[2]))) is None
+
+
+@st.composite
+def huge_deltas(draw: st.DrawFn) -> list[CounterReport]:
+    out = []
+    start = datetime(2026, 5, 10, 12, tzinfo=UTC)
+    for seq in range(draw(st.integers(1, 12))):
+        users = draw(st.lists(st.sampled_from(USERS[:2]), unique=True, min_size=1))
+        big = st.one_of(
+            st.sampled_from([0, 10**18, 4 * 10**18, MAX_TOTAL // 2, MAX_TOTAL // 2 + 1]),
+            st.integers(0, 5 * 10**18), st.integers(0, 10**6),
+        )
+        out.append(delta(
+            seq, *((u, draw(big), draw(big)) for u in users),
+            at=start + timedelta(hours=draw(st.integers(0, 3)) * 24 * (seq % 2)),
+        ))
+    return sorted(out, key=lambda r: r.observed_at)
+
+
+@PROPERTY
+@given(huge_deltas())
+def test_property_totals_are_bounded_like_the_reference(stream: list[CounterReport]) -> None:
+    """Reference: a reading is billed only if its user's month total stays <= 2**63-1 up+down."""
+    cal = Calendar(BERLIN)
+    ledger = NodeLedger("node-a")
+    month: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    day: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    for rep in stream:
+        billing = ledger.update(rep, HUGE)
+        assert billing.billed_bytes + sum(r.up + r.down for r in billing.refused) == sum(
+            c.up + c.down for c in rep.counters
+        )
+        expect_billed, expect_refused = [], []
+        d = cal.day_start(unix(rep.observed_at))
+        for c in rep.counters:
+            if not (c.up or c.down):
+                continue
+            too_fast = c.up > HUGE.allowance(None) or c.down > HUGE.allowance(None)
+            if too_fast or sum(month[c.user_id]) + c.up + c.down > MAX_TOTAL:
+                expect_refused.append(c.user_id)
+            else:
+                expect_billed.append((c.user_id, c.up, c.down))
+                for totals in (month[c.user_id], day[c.user_id, d]):
+                    totals[0] += c.up
+                    totals[1] += c.down
+        assert billing.billed == expect_billed
+        assert [r.user_id for r in billing.refused] == expect_refused
+        assert all(r.reason == "anomaly" for r in billing.refused)
+        for user, day_up, day_down, month_up, month_down in billing.totals:
+            assert [day_up, day_down] == day[user, d] and [month_up, month_down] == month[user]
+            assert day_up + day_down <= MAX_TOTAL and month_up + month_down <= MAX_TOTAL

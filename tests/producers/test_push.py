@@ -159,3 +159,39 @@ async def test_two_backends_billed_as_one_node_are_not_retries(tmp_path: Path) -
         finally:
             await runner.cleanup()
         assert [(r.node_id, r.seq) for _, r in outbox.pending()] == [("fra-1", 0), ("fra-1", 1)]
+
+
+@pytest.mark.parametrize(
+    "user_id", ["a\x00b", "tab\there", "a\x7f", "a\x85", "a\u2028b", "trailing\\", "a\\ b",
+                "x" * 257],
+)
+async def test_user_id_outside_the_contract_is_refused(receiver: Receiver, user_id: str) -> None:
+    status, answer = await receiver.push({user_id: [1, 2], "ok": [3, 4]})
+    assert status == 400, answer
+    assert "user id" in answer["message"]  # type: ignore[index]
+    assert len(receiver.outbox) == 0
+
+
+@pytest.mark.parametrize("node", ["7\x00", "8\n", "9\u2029", "10\\", "11\\ x", "n" * 300])
+async def test_node_id_outside_the_contract_is_refused(receiver: Receiver, node: str) -> None:
+    status, answer = await receiver.push({"1": [1, 2]}, node=node)
+    assert status == 400, answer
+    assert "node id" in answer["message"]  # type: ignore[index]
+    assert len(receiver.outbox) == 0
+
+
+async def test_awkward_but_valid_ids_are_accepted(receiver: Receiver) -> None:
+    body = {"DOMAIN\\alice": [1, 2], "bob smith": [3, 4], "c,d=e": [5, 6], "ü'\"": [7, 8]}
+    assert (await receiver.push(body, node="eu\\1"))[0] == 200
+    [(_, report)] = receiver.outbox.pending()
+    assert report.node_id == "vless-eu\\1"
+    assert sorted(c.user_id for c in report.counters) == sorted(body)
+
+
+def test_node_map_is_checked_at_startup() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        PushConfig(node_map={"vless-7": "fra-1\\"})
+    with pytest.raises(ValidationError):
+        PushConfig(node_map={"vless-7": "fra\n1"})
