@@ -8,8 +8,8 @@ that owns its user, many readings per message.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from kafka import KafkaProducer
 
@@ -19,6 +19,25 @@ from quotaflow.core.settings import Settings
 from quotaflow.core.topics import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+
+class SendFuture(Protocol):
+    """A pending send: `get()` blocks until the broker acknowledged it, or raises."""
+
+    def get(self, timeout: float | None = None) -> Any: ...
+
+
+class Publisher(Protocol):
+    """What the agent's sender needs of a publisher: `ReportPublisher`, or a test double."""
+
+    def publish(self, report: CounterReport) -> Sequence[SendFuture]:
+        """Queue one report; one future per message it went out as."""
+        ...
+
+    def close(self, timeout: float | None = None) -> None:
+        """Send what is queued (waiting up to `timeout` seconds) and release the connection."""
+        ...
+
 
 class ReportPublisher:
     """Sends reports (or raw lines) to the raw topic with acks=all and idempotence."""
@@ -74,9 +93,9 @@ class ReportPublisher:
         """Block until everything queued is acknowledged by the broker."""
         self._producer.flush(timeout=timeout)
 
-    def close(self) -> None:
-        """Flush and release the connection."""
-        self._producer.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (waiting up to `timeout` seconds, None: as long as it takes) and disconnect."""
+        self._producer.close(timeout=timeout)
 
     def __enter__(self) -> ReportPublisher:
         return self

@@ -1,0 +1,227 @@
+"""The worker's per-message logic, without Faust: one raw message in, what to publish out.
+
+`RawHandler.handle()` takes one message of `<prefix>.raw` (its value, partition
+and offset) and returns an `Outcome`: the totals records, dead letters and
+re-routed fragments to send. The Faust app (`quotaflow.streams.app`) only moves
+messages: it consumes, calls the handler and sends each output. The node ledgers
+live in a mapping the handler is given (a Faust table in the worker, a dict in
+tests), one record per node and partition, so a message's effects on them are
+one write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from quotaflow.core.contracts import CounterReport, DeadLetter, DeadReason, TotalsBatch
+from quotaflow.core.ledger import Billing, NodeLedger, Refusal
+from quotaflow.core.partitioning import partition_of, split_report
+from quotaflow.core.settings import Settings
+
+log = logging.getLogger("quotaflow.streams")
+
+
+class LedgerTable(Protocol):
+    """Where node ledgers are stored: `N|P` -> `NodeLedger.to_bytes()` (a Faust table, a dict)."""
+
+    def get(self, key: bytes, /) -> bytes | None: ...
+
+    def __setitem__(self, key: bytes, value: bytes, /) -> None: ...
+
+
+@dataclass
+class WorkerStats:
+    """Counters for the status line."""
+
+    messages: int = 0
+    readings: int = 0
+    billed_bytes: int = 0
+    dead: int = 0
+    rerouted: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        """One line for logs and the status display."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return (
+            f"messages={self.messages} readings={self.readings} "
+            f"({self.readings / elapsed:,.0f}/s) billed={self.billed_bytes:,}B "
+            f"dead={self.dead} rerouted={self.rerouted}"
+        )
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    """A short, readable reason; the report's values are left out of it."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(x) for x in error["loc"]) or "message"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+class Biller:
+    """Applies report fragments to node ledgers and says what to publish.
+
+    It knows nothing of Faust but the `table` mapping it is given: the ledger
+    of node N in partition P is stored under the key `N|P`, as one record.
+    """
+
+    def __init__(self, settings: Settings, table: LedgerTable) -> None:
+        self.settings = settings
+        self.policy = settings.billing_policy
+        self.partitions = settings.partitions
+        self.table = table
+        self._live: dict[bytes, NodeLedger] = {}
+        self.stats = WorkerStats()
+
+    def forget_live(self) -> None:
+        """Drop decoded ledgers; after a rebalance the table is the truth."""
+        self._live.clear()
+
+    def ledger(self, key: bytes, node_id: str) -> NodeLedger:
+        """The node's ledger for this partition, from the live cache or the table."""
+        found = self._live.get(key)
+        if found is None:
+            stored = self.table.get(key)
+            found = NodeLedger.from_bytes(stored) if stored else NodeLedger(node_id)
+            self._live[key] = found
+        return found
+
+    def misrouted(self, report: CounterReport, partition: int) -> bool:
+        """True if some reading belongs to another partition."""
+        n = self.partitions
+        owner = partition_of
+        return any(owner(c.user_id, n) != partition for c in report.counters)
+
+    def bill(self, report: CounterReport, partition: int) -> Billing:
+        """Apply one fragment that belongs to `partition`, and persist the ledger."""
+        if not self.stats.messages:
+            self.stats.started = time.monotonic()
+            log.info("first message at %.3f", time.time())  # read by bench/throughput.py
+        key = f"{report.node_id}|{partition}".encode()
+        ledger = self.ledger(key, report.node_id)
+        billing = ledger.update(report, self.policy)
+        self.table[key] = ledger.to_bytes()
+        self.stats.messages += 1
+        self.stats.readings += len(report.counters)
+        self.stats.billed_bytes += billing.billed_bytes
+        return billing
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A record to send with a key: to `<prefix>.totals`, or a fragment back to `<prefix>.raw`."""
+
+    partition: int
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """A `DeadLetter` record to send to `<prefix>.dead`."""
+
+    partition: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one raw message makes the worker publish, each list in sending order."""
+
+    totals: tuple[Keyed, ...] = ()
+    dead: tuple[Dead, ...] = ()
+    rerouted: tuple[Keyed, ...] = ()
+
+
+class RawHandler:
+    """Bills one raw message at a time and says what to publish; no Kafka, no Faust.
+
+    `table` holds the node ledgers (see `LedgerTable`); `now` is the wall clock
+    (Unix seconds) that reports from the future are judged by. A message handled
+    again (a redelivery) bills nothing twice: its seqs are in the ledger already,
+    and its totals are sent again as they are.
+    """
+
+    def __init__(
+        self, settings: Settings, table: LedgerTable, *, now: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings
+        self.biller = Biller(settings, table)
+        self.stats = self.biller.stats
+        self.now = now
+        self.raw_topic = settings.topics.raw
+        self.partitions = settings.partitions
+        self.max_clock_skew_s = settings.max_clock_skew_s
+
+    def forget_live(self) -> None:
+        """Drop decoded ledgers (after a rebalance); the table is the truth."""
+        self.biller.forget_live()
+
+    def _dead(
+        self, value: bytes, partition: int, offset: int, reason: DeadReason, detail: str,
+        readings: tuple[dict[str, int | str], ...] = (),
+    ) -> Dead:
+        self.stats.dead += 1
+        return Dead(partition, DeadLetter.encode(
+            reason, detail, topic=self.raw_topic, partition=partition, offset=offset,
+            payload=value, readings=readings,
+        ))
+
+    def handle(
+        self, value: bytes, partition: int, offset: int, key: bytes | None = None
+    ) -> Outcome:
+        """Bill one message of `<prefix>.raw`; `key` is the message's key (kept on re-routes)."""
+        try:
+            report = CounterReport.decode(value)
+        except ValidationError as exc:
+            return Outcome(dead=(
+                self._dead(value, partition, offset, "invalid", _validation_reason(exc)),
+            ))
+        ahead = report.observed_at.timestamp() - self.now()
+        if ahead > self.max_clock_skew_s:  # a bad clock would make later reports late
+            return Outcome(dead=(self._dead(
+                value, partition, offset, "invalid",
+                f"observed_at is {ahead:.0f}s in the future "
+                f"(more than QUOTAFLOW_MAX_CLOCK_SKEW_S)",
+            ),))
+        rerouted: tuple[Keyed, ...] = ()
+        if self.biller.misrouted(report, partition):
+            fragments = split_report(report, self.partitions)
+            report = fragments.pop(partition, report.model_copy(update={"counters": ()}))
+            rerouted = tuple(
+                Keyed(other, key, fragment.encode()) for other, fragment in fragments.items()
+            )
+            self.stats.rerouted += len(rerouted)
+            if not report.counters and report.kind == "cumulative":
+                return Outcome(rerouted=rerouted)
+        try:
+            billing = self.biller.bill(report, partition)
+        except Exception as exc:  # a bug must not stop the partition: keep the message
+            log.exception("cannot bill %s[%d]@%d", self.raw_topic, partition, offset)
+            self.biller.forget_live()  # the ledger may be half updated; reload from the table
+            return Outcome(rerouted=rerouted, dead=(self._dead(
+                value, partition, offset, "error", f"{type(exc).__name__}: {exc}"[:500]
+            ),))
+        totals: tuple[Keyed, ...] = ()
+        if billing.totals:
+            totals = (Keyed(partition, report.node_id.encode(), TotalsBatch.encode(
+                report.node_id, billing.day, billing.month, billing.totals
+            )),)
+        by_reason: dict[DeadReason, list[Refusal]] = {}
+        for refusal in billing.refused:
+            by_reason.setdefault(refusal.reason, []).append(refusal)
+        dead = tuple(
+            self._dead(
+                value, partition, offset, reason, refusals[0].detail,
+                tuple({"user_id": r.user_id, "up": r.up, "down": r.down} for r in refusals),
+            )
+            for reason, refusals in by_reason.items()
+        )
+        return Outcome(totals=totals, dead=dead, rerouted=rerouted)

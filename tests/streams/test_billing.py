@@ -1,0 +1,225 @@
+"""The worker's per-message logic, driven without Kafka or Faust: a dict is the table."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from quotaflow.core.contracts import Counter, CounterReport, DeadLetter, TotalsBatch
+from quotaflow.core.ledger import NodeLedger
+from quotaflow.core.partitioning import partition_of
+from quotaflow.core.settings import Settings
+from quotaflow.streams.billing import Outcome, RawHandler
+
+SETTINGS = Settings(timezone="UTC", partitions=4, topic_prefix="unit")
+AT = datetime(2026, 3, 8, 10, tzinfo=UTC)
+NOW = AT.timestamp() + 60.0
+DAY = int(datetime(2026, 3, 8, tzinfo=UTC).timestamp())
+MONTH = int(datetime(2026, 3, 1, tzinfo=UTC).timestamp())
+EPOCH = 1_761_000_000_000
+
+
+def users_of(partition: int, count: int = 3) -> list[str]:
+    """`count` user ids that partition `partition` owns."""
+    found = [u for u in (f"user-{i}" for i in range(1000))
+             if partition_of(u, SETTINGS.partitions) == partition]
+    return found[:count]
+
+
+def report(
+    seq: int, counters: list[tuple[str, int, int]], *, at: datetime = AT, node: str = "n1"
+) -> CounterReport:
+    return CounterReport(
+        node_id=node, epoch=EPOCH, seq=seq, observed_at=at,
+        counters=tuple(Counter(user_id=u, up=up, down=down) for u, up, down in counters),
+    )
+
+
+def handler(table: dict[bytes, bytes] | None = None) -> RawHandler:
+    return RawHandler(SETTINGS, {} if table is None else table, now=lambda: NOW)
+
+
+def totals_of(outcome: Outcome) -> list[TotalsBatch]:
+    return [TotalsBatch.decode(t.value) for t in outcome.totals]
+
+
+def test_a_valid_report_gives_totals() -> None:
+    table: dict[bytes, bytes] = {}
+    users = users_of(1)
+    message = report(1, [(u, 100 * (i + 1), 1000) for i, u in enumerate(users)]).encode()
+    outcome = handler(table).handle(message, 1, 7, key=b"n1")
+    assert outcome.dead == () and outcome.rerouted == ()
+    [record] = outcome.totals
+    assert (record.partition, record.key) == (1, b"n1")
+    batch = TotalsBatch.decode(record.value)
+    assert (batch.node_id, batch.day, batch.month) == ("n1", DAY, MONTH)
+    assert sorted(batch.totals) == sorted(
+        (u, 100 * (i + 1), 1000, 100 * (i + 1), 1000) for i, u in enumerate(users)
+    )
+    # the ledger is stored under node|partition, one record
+    assert list(table) == [b"n1|1"]
+    assert NodeLedger.from_bytes(table[b"n1|1"]).total(users[0], "day", DAY) == (100, 1000)
+
+
+def test_invalid_json_is_dead_lettered_with_its_payload() -> None:
+    table: dict[bytes, bytes] = {}
+    biller = handler(table)
+    outcome = biller.handle(b"{not json", 2, 41)
+    assert outcome.totals == () and outcome.rerouted == ()
+    [dead] = outcome.dead
+    assert dead.partition == 2
+    letter = DeadLetter.decode(dead.value)
+    assert (letter.reason, letter.topic, letter.partition, letter.offset) == (
+        "invalid", SETTINGS.topics.raw, 2, 41
+    )
+    assert letter.original() == b"{not json"
+    assert table == {} and biller.stats.dead == 1
+
+
+def test_a_report_that_breaks_the_contract_is_invalid() -> None:
+    bad = (b'{"node_id": "n1", "epoch": 1, "seq": 1, "observed_at": "2026-03-08T10:00:00Z",'
+           b' "counters": [{"user_id": "a", "up": -1, "down": 0}]}')
+    [dead] = handler().handle(bad, 0, 0).dead
+    letter = DeadLetter.decode(dead.value)
+    assert letter.reason == "invalid" and "counters" in letter.detail
+    assert "-1" not in letter.detail  # the report's values stay out of the reason
+
+
+def test_a_future_observed_at_is_refused() -> None:
+    table: dict[bytes, bytes] = {}
+    biller = handler(table)
+    users = users_of(0)
+    future = report(1, [(users[0], 5, 5)], at=AT + timedelta(days=2)).encode()
+    outcome = biller.handle(future, 0, 3)
+    assert outcome.totals == ()
+    [dead] = outcome.dead
+    letter = DeadLetter.decode(dead.value)
+    assert letter.reason == "invalid" and "in the future" in letter.detail
+    assert letter.original() == future
+    assert table == {}
+    # ahead of the clock by less than QUOTAFLOW_MAX_CLOCK_SKEW_S is fine
+    soon = report(2, [(users[0], 5, 5)], at=AT + timedelta(hours=2)).encode()
+    assert biller.handle(soon, 0, 4).totals
+
+
+def test_a_misrouted_report_is_split_and_rerouted() -> None:
+    table: dict[bytes, bytes] = {}
+    biller = handler(table)
+    mine, other, third = users_of(0, 2), users_of(2, 2), users_of(3, 1)
+    everyone = [(u, 10, 20) for u in mine + other + third]
+    message = report(1, everyone).encode()
+    outcome = biller.handle(message, 0, 5, key=b"n1")
+    assert outcome.dead == ()
+    assert [(r.partition, r.key) for r in outcome.rerouted] == [(2, b"n1"), (3, b"n1")]
+    fragments = {r.partition: CounterReport.decode(r.value) for r in outcome.rerouted}
+    assert [c.user_id for c in fragments[2].counters] == other
+    assert [c.user_id for c in fragments[3].counters] == third
+    assert (fragments[2].seq, fragments[2].observed_at) == (1, AT)
+    # only partition 0's part is billed here
+    [batch] = totals_of(outcome)
+    assert sorted(row[0] for row in batch.totals) == sorted(mine)
+    assert list(table) == [b"n1|0"]
+    assert biller.stats.rerouted == 2
+    # each fragment is billed where it arrives
+    again = biller.handle(outcome.rerouted[0].value, 2, 0, key=b"n1")
+    assert again.rerouted == ()
+    assert sorted(row[0] for row in totals_of(again)[0].totals) == sorted(other)
+    assert sorted(table) == [b"n1|0", b"n1|2"]
+
+
+def test_a_report_with_nothing_for_its_partition_is_only_rerouted() -> None:
+    table: dict[bytes, bytes] = {}
+    outcome = handler(table).handle(report(1, [(users_of(1)[0], 1, 2)]).encode(), 0, 0)
+    assert outcome.totals == () and outcome.dead == ()
+    assert [r.partition for r in outcome.rerouted] == [1]
+    assert table == {}
+
+
+def test_a_redelivered_message_bills_nothing_twice_but_resends_the_totals() -> None:
+    table: dict[bytes, bytes] = {}
+    biller = handler(table)
+    users = users_of(3)
+    first = report(1, [(u, 100, 1000) for u in users]).encode()
+    second = report(2, [(u, 150, 1500) for u in users]).encode()
+    biller.handle(first, 3, 0)
+    sent = biller.handle(second, 3, 1)
+    billed, stored = biller.stats.billed_bytes, table[b"n1|3"]
+    assert billed == len(users) * 1650
+    again = biller.handle(second, 3, 1)  # a redelivery
+    assert again.totals == sent.totals  # the same running totals, sent again
+    assert again.dead == ()
+    assert biller.stats.billed_bytes == billed
+    assert table[b"n1|3"] == stored
+    # also after a rebalance, when the ledger comes from the table
+    biller.forget_live()
+    assert handler(table).handle(first, 3, 0).totals[0].value == sent.totals[0].value
+    assert totals_of(sent)[0].totals[0][1:] == (150, 1500, 150, 1500)
+
+
+def test_refusals_are_dead_lettered_per_reason_with_their_readings() -> None:
+    users = users_of(0, 2)
+    biller = handler()
+    biller.handle(report(1, [(users[0], 1, 1)]).encode(), 0, 8)
+    huge = 10**15  # far more than a minute allows
+    message = report(2, [(users[0], huge, 1), (users[1], 5, 6)],
+                     at=AT + timedelta(minutes=1)).encode()
+    outcome = biller.handle(message, 0, 9)
+    [batch] = totals_of(outcome)
+    assert sorted(batch.totals) == sorted([(users[0], 1, 1, 1, 1), (users[1], 5, 6, 5, 6)])
+    [dead] = outcome.dead
+    letter = DeadLetter.decode(dead.value)
+    assert (letter.reason, letter.offset, letter.original()) == ("anomaly", 9, message)
+    assert letter.readings == ({"user_id": users[0], "up": huge - 1, "down": 0},)
+
+
+class FlakyTable(dict[bytes, bytes]):
+    """A table whose next write fails once."""
+
+    fail = False
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        if self.fail:
+            self.fail = False
+            raise OSError("disk on fire")
+        super().__setitem__(key, value)
+
+
+def test_an_error_while_billing_is_dead_lettered_and_the_table_stays_the_truth() -> None:
+    table = FlakyTable()
+    biller = handler(table)
+    users = users_of(2)
+    biller.handle(report(1, [(u, 100, 1000) for u in users]).encode(), 2, 0)
+    stored = table[b"n1|2"]
+    table.fail = True
+    message = report(2, [(u, 300, 3000) for u in users]).encode()
+    outcome = biller.handle(message, 2, 1)
+    assert outcome.totals == ()
+    [dead] = outcome.dead
+    letter = DeadLetter.decode(dead.value)
+    assert (letter.reason, letter.partition, letter.offset) == ("error", 2, 1)
+    assert letter.detail == "OSError: disk on fire"
+    assert letter.original() == message
+    assert table[b"n1|2"] == stored  # the half-done update is not kept
+    # The ledger in memory had seq 2 applied; it was dropped, so a redelivery bills it.
+    billed = biller.stats.billed_bytes
+    [batch] = totals_of(biller.handle(message, 2, 1))
+    assert biller.stats.billed_bytes == billed + len(users) * 2200
+    assert batch.totals[0][1:] == (300, 3000, 300, 3000)
+    assert NodeLedger.from_bytes(table[b"n1|2"]).total(users[0], "day", DAY) == (300, 3000)
+
+
+def test_an_error_after_rerouting_still_sends_the_fragments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    biller = handler()
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(NodeLedger, "update", broken)
+    message = report(1, [(users_of(0)[0], 1, 1), (users_of(1)[0], 1, 1)]).encode()
+    outcome = biller.handle(message, 0, 0)
+    assert [r.partition for r in outcome.rerouted] == [1]
+    assert [DeadLetter.decode(d.value).reason for d in outcome.dead] == ["error"]
+    assert outcome.totals == ()
