@@ -10,7 +10,10 @@ even after an outage. Kafka down: reports pile up in the outbox (compacted past
 its bound) and go out in order when it is back. SIGTERM/SIGINT: stop collecting,
 try to drain for `drain_timeout_s`, stop. SIGKILL: the next start resumes from
 the outbox; a report that may have been delivered is re-sent with its own seq,
-which the stream deduplicates.
+which the stream deduplicates. A task that dies (a collector's loop, the sender's,
+the push receiver) is logged with its traceback and ends the process with a
+non-zero status, for systemd to start it again. A lost or damaged outbox is not
+a first start: the agent refuses to start until `--reset-outbox` (docs/agent.md).
 """
 
 from __future__ import annotations
@@ -21,18 +24,21 @@ import logging
 import signal
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quotaflow.core.settings import Settings
-from quotaflow.producers.outbox import Outbox
+from quotaflow.producers.outbox import Outbox, OutboxLocked, OutboxUnusable, outbox_broken
 from quotaflow.producers.push import PushConfig, make_app, start_site
 from quotaflow.producers.sources import Collector, SourceConfig, Stateful, build_collector
+
+if TYPE_CHECKING:
+    from quotaflow.producers.publisher import Publisher, SendFuture
 
 log = logging.getLogger("quotaflow.agent")
 
@@ -110,32 +116,42 @@ def load_config(path: Path) -> AgentConfig:
 
 
 class Sender:
-    """Sends the outbox's oldest report of every node, acks what Kafka acknowledged."""
+    """Sends the outbox's oldest report of every node, acks what Kafka acknowledged.
+
+    `publisher_factory` makes a publisher (connects); by default a Kafka
+    `ReportPublisher` with the agent's timeouts. After a failed round the
+    publisher is closed and the next round makes a new one.
+    """
 
     def __init__(self, outbox: Outbox, settings: Settings, batch: int = 500,
-                 ensure_topics: bool = False) -> None:
+                 ensure_topics: bool = False, *,
+                 publisher_factory: Callable[[], Publisher] | None = None) -> None:
         self.outbox = outbox
         self.settings = settings
         self.batch = batch
         self.ensure_topics = ensure_topics
         self.acked = 0
-        self._publisher: Any = None
+        self._factory = publisher_factory or self._kafka_publisher
+        self._publisher: Publisher | None = None
 
-    def _connect(self) -> Any:
+    def _kafka_publisher(self) -> Publisher:
+        from quotaflow.admin import ensure_topics
+        from quotaflow.producers.publisher import ReportPublisher
+
+        if self.ensure_topics:
+            ensure_topics(self.settings)
+        return ReportPublisher(self.settings, **_PRODUCER_OPTIONS)
+
+    def _connect(self) -> Publisher:
         if self._publisher is None:
-            from quotaflow.admin import ensure_topics
-            from quotaflow.producers.publisher import ReportPublisher
-
-            if self.ensure_topics:
-                ensure_topics(self.settings)
-            self._publisher = ReportPublisher(self.settings, **_PRODUCER_OPTIONS)
+            self._publisher = self._factory()
         return self._publisher
 
-    def _drop(self) -> None:
+    def _drop(self, timeout: float = 1.0) -> None:
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             with contextlib.suppress(Exception):
-                publisher._producer.close(timeout=1)
+                publisher.close(timeout=timeout)
 
     def step(self) -> tuple[int, bool]:
         """One round: (reports acked, whether everything sent was acknowledged)."""
@@ -153,7 +169,7 @@ class Sender:
         # Chosen again, and marked in flight at once: the outbox may have compacted
         # while connecting.
         heads = self.outbox.claim_heads(self.batch)
-        sent: list[tuple[int, list[Any]]] = []
+        sent: list[tuple[int, Sequence[SendFuture]]] = []
         ok = True
         try:
             for row_id, report in heads:
@@ -184,14 +200,28 @@ class Sender:
 
     def close(self) -> None:
         """Close the Kafka connection."""
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            with contextlib.suppress(Exception):
-                publisher._producer.close(timeout=5)
+        self._drop(timeout=5.0)
+
+
+class AgentFailed(RuntimeError):
+    """A task of the agent died (it was logged with its traceback); exit non-zero."""
+
+
+EXIT_FAILED = 1  # a task died, or the agent could not start
+EXIT_OUTBOX_UNUSABLE = 78  # EX_CONFIG: the outbox is lost or damaged; see --reset-outbox
+
+
+def now_ms() -> int:
+    """Wall-clock ms since 1970: the first seq of an epoch (docs/agent.md, "Epochs and seqs")."""
+    return time.time_ns() // 1_000_000
 
 
 class Agent:
-    """The agent runtime; `collectors` may replace the configured ones (tests)."""
+    """The agent runtime; `collectors` may replace the configured ones (tests).
+
+    Opening the outbox raises `OutboxUnusable` if it is lost or damaged, unless
+    `reset_outbox` (then a new one is started; see `Outbox`).
+    """
 
     def __init__(
         self,
@@ -200,10 +230,13 @@ class Agent:
         settings: Settings | None = None,
         collectors: Mapping[str, tuple[Collector, float]] | None = None,
         outbox: Outbox | None = None,
+        reset_outbox: bool = False,
     ) -> None:
         self.config = config
         self.settings = settings if settings is not None else config.settings()
-        self.outbox = outbox if outbox is not None else Outbox(config.outbox, config.max_reports)
+        self.outbox = outbox if outbox is not None else Outbox(
+            config.outbox, config.max_reports, reset=reset_outbox
+        )
         if collectors is None:
             collectors = {
                 config.node_of(i): (build_collector(c), c.interval_s)
@@ -229,7 +262,9 @@ class Agent:
         snapshot = collector.collect()
         started_key = f"started:{node_id}"
         first = self.outbox.get_state(started_key) is None
-        baseline = first and self.config.baseline_on_first_start and any(
+        # After --reset-outbox every node's counters hold traffic billed before.
+        reset = self.outbox.reset_at is not None
+        baseline = first and (self.config.baseline_on_first_start or reset) and any(
             c.up or c.down for c in snapshot.counters
         )
         last_epoch = self.outbox.last_epoch(node_id)
@@ -239,16 +274,24 @@ class Agent:
         state: dict[str, Any] = {started_key: True}
         if isinstance(collector, Stateful):
             state[f"collector:{node_id}"] = collector.state()
+        # An epoch's seqs start at the wall clock in ms: above any seq an outbox lost
+        # before (a reinstall) gave out in the same boot or core-start epoch.
         self.outbox.record(
             node_id=node_id, epoch=snapshot.epoch, observed_at=datetime.now(UTC),
-            counters=snapshot.counters, baseline=baseline, state=state,
+            counters=snapshot.counters, baseline=baseline, state=state, first_seq=now_ms(),
         )
         self.collected += 1
-        if baseline:
+        if baseline and reset:
+            log.warning("%s: first report after --reset-outbox is a baseline: its %d users' "
+                        "traffic since their last acknowledged report is not billed",
+                        node_id, len(snapshot.counters))
+        elif baseline:
             log.info("%s: first report is a baseline (its %d users' counters are not billed)",
                      node_id, len(snapshot.counters))
 
     async def _collect_loop(self, node_id: str, collector: Collector, interval: float) -> None:
+        """Collect until `stop`; ends with an exception (and so ends the agent) only when
+        the outbox is damaged, or it cannot even start."""
         if isinstance(collector, Stateful):
             saved = self.outbox.get_state(f"collector:{node_id}")
             if saved is not None:
@@ -256,9 +299,11 @@ class Agent:
                     collector.restore(saved)
                 except Exception:
                     # Starting afresh could bill traffic twice (an OpenVPN accumulator
-                    # that forgot its ended sessions), so this collector stops, loudly.
+                    # that forgot its ended sessions), and a restart would not help, so
+                    # this collector stops, loudly; the others go on.
                     log.exception("%s: cannot restore the collector's saved state; "
                                   "not collecting from it", node_id)
+                    await self.stop.wait()
                     return
         while not self.stop.is_set():
             started = time.monotonic()
@@ -266,6 +311,8 @@ class Agent:
                 await asyncio.to_thread(self.collect_once, node_id, collector)
                 self._wake.set()
             except Exception as exc:
+                if outbox_broken(exc):
+                    raise
                 log.warning("%s: collecting failed: %s", node_id, exc)
             delay = max(interval - (time.monotonic() - started), 0.0)
             with contextlib.suppress(TimeoutError):
@@ -281,7 +328,9 @@ class Agent:
                 drain_until = time.monotonic() + self.config.drain_timeout_s
             try:
                 acked, ok = await asyncio.to_thread(self.sender.step)
-            except Exception:  # e.g. a full disk under the outbox: keep trying, loudly
+            except Exception as exc:  # e.g. a full disk under the outbox: keep trying, loudly
+                if outbox_broken(exc):
+                    raise
                 log.exception("sending failed; the reports stay in the outbox")
                 acked, ok = 0, False
             if drain_until is not None and (
@@ -308,31 +357,49 @@ class Agent:
     # ------------------------------------------------------------------ running
 
     async def run(self, *, collect: bool = True) -> None:
-        """Run until `stop` is set; closes the outbox at the end."""
+        """Run until `stop` is set; closes the outbox at the end.
+
+        If a task dies (a collector's loop, the sender's, or the push receiver at its
+        start), it is logged with its traceback, the rest stops as on SIGTERM (the
+        sender drains) and `AgentFailed` is raised, for the process to exit non-zero
+        and its supervisor to start it again.
+        """
         self._loop = asyncio.get_running_loop()
-        tasks = []
-        if collect:
-            tasks = [
-                asyncio.create_task(self._collect_loop(node, c, interval))
-                for node, (c, interval) in self.collectors.items()
-            ]
+        tasks: dict[asyncio.Task[None], str] = {}
         runner = None
-        if self.config.push is not None:
-            app = make_app(self.config.push, self.outbox, self.wake)
-            runner, self.push_port = await start_site(
-                app, self.config.push.host, self.config.push.port
-            )
-            log.info("push receiver on %s:%d", self.config.push.host, self.push_port)
-        sender = asyncio.create_task(self._send_loop())
+        dead: list[str] = []
         try:
-            await self.stop.wait()
+            push = self.config.push
+            if push is not None:
+                try:
+                    app = make_app(push, self.outbox, self.wake)
+                    runner, self.push_port = await start_site(app, push.host, push.port)
+                except Exception as exc:
+                    log.critical("the push receiver cannot serve on %s:%d; stopping the agent",
+                                 push.host, push.port, exc_info=True)
+                    raise AgentFailed("the push receiver did not start") from exc
+                log.info("push receiver on %s:%d", push.host, self.push_port)
+            if collect:
+                for node, (c, interval) in self.collectors.items():
+                    task = asyncio.create_task(self._collect_loop(node, c, interval))
+                    tasks[task] = f"the collector of {node}"
+            tasks[asyncio.create_task(self._send_loop())] = "the sender"
+            stopping = asyncio.ensure_future(self.stop.wait())
+            try:
+                await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            self._find_dead(tasks, dead)
+            self.stop.set()
             if runner is not None:
                 await runner.cleanup()
                 runner = None
-            await asyncio.gather(*tasks)
-            await sender
+            await asyncio.wait(tasks)  # the collectors end, the sender drains
+            self._find_dead(tasks, dead)
+            if dead:
+                raise AgentFailed(f"{', '.join(dead)} died")
         finally:
-            for task in [*tasks, sender]:
+            for task in tasks:
                 task.cancel()
             if runner is not None:
                 await runner.cleanup()
@@ -341,8 +408,24 @@ class Agent:
             self.outbox.close()
             log.info("agent stopped; %d reports left in the outbox for the next start", left)
 
+    def _find_dead(self, tasks: Mapping[asyncio.Task[None], str], dead: list[str]) -> None:
+        """Log each task that died and is not in `dead` yet, and add it there."""
+        for task, name in tasks.items():
+            if not task.done() or name in dead:
+                continue
+            if task.cancelled():
+                log.critical("%s was cancelled; stopping the agent", name)
+            elif (exc := task.exception()) is not None:
+                log.critical("%s died; stopping the agent", name, exc_info=exc)
+            elif not self.stop.is_set():
+                log.critical("%s ended on its own; stopping the agent", name)
+            else:
+                continue
+            dead.append(name)
 
-def _serve(config: AgentConfig, collect: bool) -> None:
+
+def _serve(config: AgentConfig, collect: bool, reset_outbox: bool = False) -> None:
+    """Run the agent; on a failure, log it and exit non-zero (systemd starts it again)."""
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -353,29 +436,45 @@ def _serve(config: AgentConfig, collect: bool) -> None:
         start_http_server(config.metrics_port)
 
     async def main() -> None:
-        agent = Agent(config)
+        agent = Agent(config, reset_outbox=reset_outbox)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop.set)
         await agent.run(collect=collect)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OutboxUnusable as exc:
+        log.critical("%s", exc)
+        raise SystemExit(EXIT_OUTBOX_UNUSABLE) from None
+    except OutboxLocked as exc:
+        log.critical("%s", exc)
+        raise SystemExit(EXIT_FAILED) from None
+    except AgentFailed as exc:  # logged with its traceback where it happened
+        log.critical("agent failed: %s; exiting with status %d", exc, EXIT_FAILED)
+        raise SystemExit(EXIT_FAILED) from None
+    except Exception:
+        log.critical("agent failed; exiting with status %d", EXIT_FAILED, exc_info=True)
+        raise SystemExit(EXIT_FAILED) from None
 
 
-def run_agent(config_path: Path) -> None:
-    """`quotaflow agent --config agent.toml`: collectors, push receiver (if `[push]`), sender."""
-    _serve(load_config(config_path), collect=True)
+def run_agent(config_path: Path, *, reset_outbox: bool = False) -> None:
+    """`quotaflow agent --config agent.toml`: collectors, push receiver (if `[push]`), sender.
+
+    `reset_outbox`: start a new outbox if the configured one is lost or damaged.
+    """
+    _serve(load_config(config_path), collect=True, reset_outbox=reset_outbox)
 
 
-def run_push_receiver(config_path: Path) -> None:
+def run_push_receiver(config_path: Path, *, reset_outbox: bool = False) -> None:
     """Only the push receiver (and sender) of an agent config; its collectors are ignored."""
     config = load_config(config_path)
     if config.push is None:
         raise SystemExit(f"{config_path}: no [push] table")
-    _serve(config, collect=False)
+    _serve(config, collect=False, reset_outbox=reset_outbox)
 
 
-if __name__ == "__main__":  # python -m quotaflow.producers.agent agent.toml
+if __name__ == "__main__":  # python -m quotaflow.producers.agent agent.toml [--reset-outbox]
     import sys
 
-    run_agent(Path(sys.argv[1]))
+    run_agent(Path(sys.argv[1]), reset_outbox="--reset-outbox" in sys.argv[2:])

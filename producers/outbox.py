@@ -50,6 +50,25 @@ exact; only the time a merged reading is billed at moves within its bucket.
 If compaction cannot bring the outbox under the bound (say one huge backlog of
 in-flight reports), the report is still stored and an ERROR is logged: accepted
 traffic is never dropped.
+
+Identity: a lost outbox is never a first start
+-----------------------------------------------
+A new outbox gets a random id, kept inside it and in a marker file next to it
+(`<outbox>.id`, written, fsynced, after the database). Opening checks them: a
+marker without its outbox (the file gone or empty), an outbox that cannot be read
+(garbage, truncated: `PRAGMA quick_check` at every open) or one with another id
+raises `OutboxUnusable`, naming the file and `--reset-outbox`, and creates
+nothing. Starting afresh there would silently lose the reports that were never
+acknowledged and, for the agent, the traffic since the last acknowledged report
+(a new outbox takes a baseline). `Outbox(path, reset=True)` does so on purpose:
+it moves what is there aside (`<outbox>.broken-<time>`, never deleted), starts a
+new outbox with a new id and marks it reset (`reset_at`), logging a WARNING with
+the cost; on a sound outbox it changes nothing. No marker and no outbox is a first
+start; an outbox from before markers gets one.
+
+The first seq of a (node, epoch) is 0 unless the caller asks for another
+(`record(first_seq=...)`); the agent asks for the wall clock in ms, so that a new
+outbox's seqs lie above an old one's in an epoch that outlived it (docs/agent.md).
 """
 
 from __future__ import annotations
@@ -60,10 +79,11 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -103,10 +123,36 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WIT
 CREATE TABLE IF NOT EXISTS marks (key TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 """
 _EPOCHS_KEPT = 16  # seq counters kept per node; older epochs are forgotten
+_ID_KEY = "outbox:id"  # in `state`: this outbox's id, also in the marker file
+_RESET_KEY = "outbox:reset"  # in `state`: when this outbox was started by a reset
+# SQLite's names for a damaged file (or the disk under it failing), as opposed to a
+# full disk or a busy lock, which pass.
+_BROKEN = ("SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR")
+
+RESET_COST = (
+    "the reports it held that Kafka had not acknowledged are lost, and the traffic "
+    "since each node's last acknowledged report is not billed: each node's first "
+    "report in the new outbox is a baseline"
+)
 
 
 class OutboxLocked(RuntimeError):
     """Another process has this outbox open."""
+
+
+class OutboxUnusable(RuntimeError):
+    """The outbox is gone, empty, unreadable or not the one that was here; see the message."""
+
+
+def outbox_broken(exc: BaseException) -> bool:
+    """Whether `exc` says the outbox's file is damaged (not a passing trouble like a full disk)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return name.startswith(_BROKEN)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +175,8 @@ class Outbox:
     """The durable report queue of one agent or push receiver; see the module docstring.
 
     Thread-safe; one process at a time (a lock file next to the database says so).
+    Raises `OutboxUnusable` when the outbox is lost or damaged, unless `reset`
+    (which then starts a new one; see "Identity" in the module docstring).
     """
 
     def __init__(
@@ -138,6 +186,7 @@ class Outbox:
         *,
         compact_bucket_s: int = 900,
         max_merged_bytes: int = 64 * 2**30,
+        reset: bool = False,
     ) -> None:
         if max_reports < 1 or compact_bucket_s < 1 or max_merged_bytes < 1:
             raise ValueError("max_reports, compact_bucket_s and max_merged_bytes must be >= 1")
@@ -147,6 +196,7 @@ class Outbox:
         self.max_merged_bytes = max_merged_bytes
         self.compactions = 0
         self.compacted = 0
+        self.marker = Path(f"{self.path}.id")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -155,12 +205,120 @@ class Outbox:
             os.close(self._lock_fd)
             raise OutboxLocked(f"outbox {self.path} is in use by another process") from None
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = self._open(reset)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.outbox_id: str = self.get_state(_ID_KEY)
+        reset_at = self.get_state(_RESET_KEY)
+        self.reset_at: str | None = reset_at if isinstance(reset_at, str) else None
         self._count: int = self._db.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
         self._compact_above = max_reports
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self, reset: bool) -> sqlite3.Connection:
+        """The checked database; see "Identity" in the module docstring."""
+        marked = _read_marker(self.marker)
+        db: sqlite3.Connection | None = None
+        problem: str | None = None
+        wal = Path(f"{self.path}-wal")
+        if not self.path.exists():
+            if marked is not None:
+                problem = f"outbox {self.path} is missing, but {self.marker} says one was here"
+        elif self.path.stat().st_size == 0 and not (wal.exists() and wal.stat().st_size):
+            if marked is not None:
+                problem = f"outbox {self.path} is empty, but {self.marker} says one was here"
+        else:
+            try:
+                db = _connect(self.path, create=False)
+                found = _check(db)
+            except sqlite3.DatabaseError as exc:
+                if db is not None:
+                    db.close()
+                db = None
+                if not (isinstance(exc, _Damaged) or outbox_broken(exc)):
+                    raise  # no access, say; nothing a new outbox would mend
+                problem = f"outbox {self.path} cannot be read ({exc})"
+            else:
+                if found is None and marked is not None:
+                    problem = f"outbox {self.path} is empty, but {self.marker} says one was here"
+                elif found is not None and marked not in (None, "", found.id):
+                    problem = (
+                        f"outbox {self.path} is outbox {found.id or '(no id)'}, but "
+                        f"{self.marker} says it should be {marked}: it is not the one this "
+                        f"process used"
+                    )
+        if problem is None and db is not None:
+            if reset:
+                log.info("--reset-outbox: outbox %s is sound; nothing is reset", self.path)
+            return self._adopt(db)
+        if db is not None:
+            db.close()
+        if problem is not None and not reset:
+            raise OutboxUnusable(
+                f"{problem}. Refusing to start: a new outbox would hide the loss. If the "
+                f"outbox cannot be brought back, start once with --reset-outbox to begin a "
+                f"new one at {self.path}; the cost: {RESET_COST}."
+            )
+        reset_at: str | None = None
+        if problem is not None:
+            reset_at = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            moved = self._move_aside(reset_at)
+            log.warning(
+                "--reset-outbox: %s. Starting a new outbox at %s%s. The cost: %s.",
+                problem, self.path,
+                f" (the old files were moved to {', '.join(moved)})" if moved else "",
+                RESET_COST,
+            )
+        else:  # an empty file and no marker: a first start
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        return self._create(reset_at)
+
+    def _adopt(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        """A sound existing outbox: give it an id if it is from before ids, mark it."""
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM state WHERE key = ?", (_ID_KEY,)).fetchone()
+        if row is None:
+            outbox_id = uuid.uuid4().hex
+            db.execute("INSERT INTO state (key, value) VALUES (?, ?)",
+                       (_ID_KEY, orjson.dumps(outbox_id)))
+            log.info("outbox %s is now outbox %s", self.path, outbox_id)
+        else:
+            outbox_id = orjson.loads(row[0])
+        if _read_marker(self.marker) != outbox_id:
+            _write_marker(self.marker, outbox_id)
+        return db
+
+    def _create(self, reset_at: str | None) -> sqlite3.Connection:
+        db = _connect(self.path, create=True)
+        db.executescript(_SCHEMA)
+        outbox_id = uuid.uuid4().hex
+        state: dict[str, Any] = {_ID_KEY: outbox_id}
+        if reset_at is not None:
+            state[_RESET_KEY] = reset_at
+        db.execute("BEGIN IMMEDIATE")
+        self._save_state(db, state)
+        db.execute("COMMIT")
+        # After the database: a crash in between leaves an outbox without a marker,
+        # which the next start marks; never a marker without its outbox.
+        _write_marker(self.marker, outbox_id)
+        if reset_at is None:
+            log.info("new outbox %s (%s)", self.path, outbox_id)
+        return db
+
+    def _move_aside(self, stamp: str) -> list[str]:
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                target = f"{self.path}.broken-{stamp}{suffix}"
+                os.replace(source, target)
+                moved.append(target)
+        _fsync_dir(self.path.parent)
+        return moved
 
     # ------------------------------------------------------------------ basics
 
@@ -214,11 +372,13 @@ class Outbox:
             return self._bump_seq(db, node_id, epoch, None)
 
     @staticmethod
-    def _bump_seq(db: sqlite3.Connection, node_id: str, epoch: int, at_least: int | None) -> int:
+    def _bump_seq(
+        db: sqlite3.Connection, node_id: str, epoch: int, at_least: int | None, first: int = 0
+    ) -> int:
         row = db.execute(
             "SELECT last_seq FROM seqs WHERE node_id = ? AND epoch = ?", (node_id, epoch)
         ).fetchone()
-        seq = 0 if row is None else int(row[0]) + 1
+        seq = first if row is None else int(row[0]) + 1
         if at_least is not None:
             seq = max(seq - 1, at_least) if row is not None else at_least
         db.execute(
@@ -276,9 +436,11 @@ class Outbox:
         baseline: bool = False,
         state: Mapping[str, Any] | None = None,
         once: tuple[str, float, float] | None = None,
+        first_seq: int = 0,
     ) -> CounterReport | None:
         """Give a new report the next seq of (node, epoch) and store it, in one transaction.
 
+        The first seq this outbox hands out for (node, epoch) is `first_seq`.
         `state` is saved in the same transaction. `once = (key, now, window_s)`
         stores nothing and returns None if `key` was recorded within `window_s`
         seconds of `now` (the push receiver's retry detection); otherwise the key
@@ -300,7 +462,7 @@ class Outbox:
                     "ON CONFLICT (key) DO UPDATE SET at = excluded.at",
                     (key, now),
                 )
-            seq = self._bump_seq(db, node_id, epoch, None)
+            seq = self._bump_seq(db, node_id, epoch, None, first_seq)
             report = CounterReport(
                 node_id=node_id, epoch=epoch, seq=seq, observed_at=observed_at, kind=kind,
                 baseline=baseline, counters=tuple(counters),
@@ -551,6 +713,68 @@ def _merge_cumulative(reports: list[CounterReport]) -> list[CounterReport]:
             reports[-1].model_copy(update={"observed_at": observed, "counters": tuple(counters)})
         )
     return out
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """SQLite opened the file, but it is no sound outbox."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    id: str  # "" for an outbox from before ids
+
+
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    uri = f"file:{path}?mode={'rwc' if create else 'rw'}"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _check(db: sqlite3.Connection) -> _Found | None:
+    """What the database holds: None if nothing; raises `DatabaseError` if it is damaged."""
+    (result,) = db.execute("PRAGMA quick_check(1)").fetchone()
+    if result != "ok":
+        raise _Damaged(f"quick_check: {result}")
+    if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        return None
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not {"reports", "seqs", "state"} <= tables:
+        raise _Damaged(f"not an outbox (its tables: {', '.join(sorted(tables))})")
+    db.execute("SELECT COUNT(*) FROM reports").fetchone()
+    row = db.execute("SELECT value FROM state WHERE key = ?", (_ID_KEY,)).fetchone()
+    return _Found("" if row is None else str(orjson.loads(row[0])))
+
+
+def _read_marker(path: Path) -> str | None:
+    """The id in a marker file ("" if it holds none), or None if there is no marker."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _write_marker(path: Path, outbox_id: str) -> None:
+    tmp = Path(f"{path}.tmp")
+    with tmp.open("w") as f:
+        f.write(f"{outbox_id}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def now_s() -> float:

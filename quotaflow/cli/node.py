@@ -88,9 +88,19 @@ def _configured_parser(source: str, options: list[str]) -> Callable[[str], list[
     return lambda text: parse_prometheus(text, mapping)
 
 
+_RESET_HELP = (
+    "Start a new outbox if the configured one is missing, empty or damaged where one "
+    "existed before (without it the agent refuses to start). The damaged files are "
+    "moved aside. The cost: reports Kafka had not acknowledged are lost, and the traffic "
+    "since each node's last acknowledged report is not billed (its first report is a "
+    "baseline). Use it once, after reading the refusal; a sound outbox is never reset."
+)
+
+
 @app.command("agent")
 def agent_cmd(
     config: Annotated[Path, typer.Option("--config", help="The agent's TOML file.")],
+    reset_outbox: Annotated[bool, typer.Option("--reset-outbox", help=_RESET_HELP)] = False,
 ) -> None:
     """Run the node agent: collectors, the durable outbox and the sender."""
     try:
@@ -98,12 +108,13 @@ def agent_cmd(
     except ImportError as exc:
         raise needs("agent", exc) from None
 
-    run_agent(config)
+    run_agent(config, reset_outbox=reset_outbox)
 
 
 @app.command("push-receiver")
 def push_receiver_cmd(
     config: Annotated[Path, typer.Option("--config", help="The agent's TOML file.")],
+    reset_outbox: Annotated[bool, typer.Option("--reset-outbox", help=_RESET_HELP)] = False,
 ) -> None:
     """Run the panel push endpoint (Xboard/V2Board UniProxy push) with its outbox."""
     try:
@@ -111,4 +122,4 @@ def push_receiver_cmd(
     except ImportError as exc:
         raise needs("agent", exc) from None
 
-    run_push_receiver(config)
+    run_push_receiver(config, reset_outbox=reset_outbox)

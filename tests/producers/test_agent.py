@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -18,11 +22,21 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from quotaflow.cli import node as node_cli
 from quotaflow.core.contracts import Counter, CounterReport
 from quotaflow.core.ledger import BillingPolicy, NodeLedger
 from quotaflow.core.settings import Settings
-from quotaflow.producers.agent import Agent, AgentConfig, Sender, load_config
+from quotaflow.producers import agent as agent_module
+from quotaflow.producers.agent import (
+    Agent,
+    AgentConfig,
+    Sender,
+    load_config,
+    run_agent,
+    run_push_receiver,
+)
 from quotaflow.producers.outbox import Outbox
 from quotaflow.producers.sources import Snapshot, build_collector, parse_counters_json, v2ray
 from quotaflow.producers.sources import _runtime as runtime
@@ -86,11 +100,15 @@ def test_stamping_baseline_and_restart(tmp_path: Path) -> None:
     config = _config(tmp_path)
     fake = FakeCollector()
     agent = Agent(config, settings=Settings(), collectors={"n1": (fake, 1.0)})
+    before_ms = time.time_ns() // 1_000_000
     agent.collect_once("n1", fake)
     agent.collect_once("n1", fake)
     reports = [r for _, r in agent.outbox.pending()]
+    first = reports[0].seq  # an epoch's seqs start at the wall clock in ms (docs/agent.md)
+    assert before_ms <= first <= time.time_ns() // 1_000_000
     assert [(r.node_id, r.epoch, r.seq, r.baseline, r.kind) for r in reports] == [
-        ("n1", fake.epoch, 0, True, "cumulative"), ("n1", fake.epoch, 1, False, "cumulative"),
+        ("n1", fake.epoch, first, True, "cumulative"),
+        ("n1", fake.epoch, first + 1, False, "cumulative"),
     ]
     assert reports[0].observed_at.utcoffset() is not None
     agent.outbox.close()
@@ -101,7 +119,7 @@ def test_stamping_baseline_and_restart(tmp_path: Path) -> None:
     assert fresh.n == 2
     agent.collect_once("n1", fresh)
     last = agent.outbox.pending()[-1][1]
-    assert (last.seq, last.baseline, last.counters[0].up) == (2, False, 30)
+    assert (last.seq, last.baseline, last.counters[0].up) == (first + 2, False, 30)
     agent.outbox.close()
 
 
@@ -286,6 +304,218 @@ def test_v2ray_epoch_ignores_clock_steps(monkeypatch: pytest.MonkeyPatch) -> Non
     assert restarted.collect().epoch > epoch
 
 
+# --------------------------------------------------------------------------- failures
+
+
+def _corrupt_error(tmp_path: Path) -> sqlite3.DatabaseError:
+    """The error SQLite raises on a damaged file (a half-truncated outbox gives the like)."""
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 512)
+    try:
+        sqlite3.connect(garbage).execute("SELECT * FROM sqlite_master")
+    except sqlite3.DatabaseError as exc:
+        return exc
+    raise AssertionError("SQLite read garbage")
+
+
+def _died(caplog: pytest.LogCaptureFixture, what: str) -> logging.LogRecord:
+    found = [r for r in caplog.records
+             if what in r.getMessage() and r.exc_info and r.levelno >= logging.ERROR]
+    assert found, f"no ERROR with a traceback about {what}: {caplog.text}"
+    return found[0]
+
+
+async def test_a_dead_collector_ends_the_agent_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 1: reading the collector's saved state failed outside the collect loop's try;
+    the task died without a word while the process and the sender stayed up."""
+    agent = Agent(_config(tmp_path), settings=Settings(kafka_bootstrap="127.0.0.1:9"),
+                  collectors={"n1": (FakeCollector(), 0.1)})
+    error = _corrupt_error(tmp_path)
+
+    def get_state(key: str) -> Any:
+        raise error
+
+    monkeypatch.setattr(agent.outbox, "get_state", get_state)
+    with caplog.at_level(logging.INFO), pytest.raises(Exception) as failed:
+        await asyncio.wait_for(agent.run(), 20)
+    assert type(failed.value).__name__ == "AgentFailed", failed.value
+    assert _died(caplog, "n1").exc_info[1] is error  # type: ignore[index]
+
+
+async def test_a_dead_sender_ends_the_agent_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = Agent(_config(tmp_path), settings=Settings(kafka_bootstrap="127.0.0.1:9"),
+                  collectors={})
+    error = _corrupt_error(tmp_path)
+
+    def step() -> tuple[int, bool]:
+        raise error
+
+    monkeypatch.setattr(agent.sender, "step", step)
+    with caplog.at_level(logging.INFO), pytest.raises(Exception) as failed:
+        await asyncio.wait_for(agent.run(), 20)
+    assert type(failed.value).__name__ == "AgentFailed", failed.value
+    _died(caplog, "sender")
+
+
+def _agent_toml(tmp_path: Path, top: str = "", tables: str = "") -> Path:
+    counters = tmp_path / "c.json"
+    counters.write_text('{"7": [1, 2]}')
+    config = tmp_path / "agent.toml"
+    config.write_text(textwrap.dedent(f'''
+        node_id = "n1"
+        outbox = "{tmp_path / "o.db"}"
+        drain_timeout_s = 0
+        {top}
+        [kafka]
+        bootstrap = "127.0.0.1:9"
+        [[collectors]]
+        type = "command"
+        command = ["cat", "{counters}"]
+        parser = "json"
+        interval_s = 0.2
+    ''') + textwrap.dedent(tables))
+    return config
+
+
+def _exit_code(run: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run `run_agent`-like `run`; SIGTERM after 20 s (before the fix it ran on)."""
+    timer = threading.Timer(20, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        run(*args, **kwargs)
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        timer.cancel()
+    return "did not exit"
+
+
+def test_run_agent_exits_non_zero_when_a_task_dies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    error = _corrupt_error(tmp_path)
+    real = Outbox.get_state
+
+    def get_state(self: Outbox, key: str) -> Any:
+        if key.startswith("collector:"):
+            raise error
+        return real(self, key)
+
+    monkeypatch.setattr(Outbox, "get_state", get_state)
+    code = _exit_code(run_agent, _agent_toml(tmp_path))
+    assert isinstance(code, int) and code != 0, code
+    _died(caplog, "n1")
+
+
+def test_a_push_site_that_cannot_start_ends_the_process_non_zero(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = _agent_toml(tmp_path, tables=f'''
+            [push]
+            port = {port}
+            token = "t"
+        ''')
+        code = _exit_code(run_push_receiver, config)
+    assert isinstance(code, int) and code != 0, code
+    _died(caplog, "push")
+
+
+# --------------------------------------------------------------------------- a lost outbox
+
+
+def _lose(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def test_a_lost_outbox_is_refused_until_reset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 2: a deleted or emptied outbox was taken for a first start: new epoch, a
+    baseline, the traffic since the last ack never billed, and only an INFO line."""
+    config_path = _agent_toml(tmp_path, top="baseline_on_first_start = false")
+    config = load_config(config_path)
+    agent = Agent(config, settings=Settings(), collectors={})
+    agent.collect_once("n1", FakeCollector())
+    agent.outbox.close()
+    _lose(config.outbox)
+    code = _exit_code(run_agent, config_path)
+    assert isinstance(code, int) and code != 0, code
+    refusal = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert refusal and str(config.outbox) in refusal[-1].getMessage()
+    assert "--reset-outbox" in refusal[-1].getMessage()
+    assert not config.outbox.exists()
+    config.outbox.write_bytes(b"")  # zero length: the same
+    assert _exit_code(run_agent, config_path) not in (0, None, "did not exit")
+    # --reset-outbox: a new outbox, and each node's first report is a baseline (its
+    # counters hold traffic billed before), even with baseline_on_first_start = false.
+    agent = Agent(config, settings=Settings(), collectors={}, reset_outbox=True)
+    agent.collect_once("n1", FakeCollector(start=5))
+    assert agent.outbox.pending()[0][1].baseline
+    agent.outbox.close()
+    agent = Agent(config, settings=Settings(), collectors={})  # and then it starts as usual
+    agent.outbox.close()
+
+
+def test_cli_passes_reset_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, Path, bool]] = []
+    monkeypatch.setattr(
+        agent_module, "run_agent",
+        lambda path, reset_outbox=False: calls.append(("agent", path, reset_outbox)),
+    )
+    monkeypatch.setattr(
+        agent_module, "run_push_receiver",
+        lambda path, reset_outbox=False: calls.append(("push", path, reset_outbox)),
+    )
+    runner = CliRunner()
+    for args in (["agent", "--config", "a.toml", "--reset-outbox"],
+                 ["push-receiver", "--config", "a.toml", "--reset-outbox"],
+                 ["agent", "--config", "a.toml"]):
+        result = runner.invoke(node_cli.app, args)
+        assert result.exit_code == 0, result.output
+    assert calls == [("agent", Path("a.toml"), True), ("push", Path("a.toml"), True),
+                     ("agent", Path("a.toml"), False)]
+    help_text = runner.invoke(node_cli.app, ["agent", "--help"]).output
+    assert "--reset-outbox" in help_text and "not billed" in " ".join(help_text.split())
+
+
+# --------------------------------------------------------------------------- a reinstall
+
+
+def test_a_reinstall_in_the_same_epoch_keeps_billing(tmp_path: Path) -> None:
+    """Issue 3: a boot (or core-start) epoch outlives the outbox. After a reinstall seq
+    started at 0 again in the same epoch and the stream dropped every report as a
+    duplicate until seq passed the old one."""
+    config = _config(tmp_path)
+    fake = FakeCollector(epoch=1_761_000_000_000)  # the boot's epoch, the same after
+    agent = Agent(config, settings=Settings(), collectors={})
+    for _ in range(3):
+        agent.collect_once("n1", fake)
+    before = [r for _, r in agent.outbox.pending()]
+    agent.outbox.close()
+    for path in tmp_path.iterdir():  # the reinstall wipes /var/lib/quotaflow, marker and all
+        path.unlink()
+    time.sleep(0.01)  # (a real agent stores far less than one report per ms)
+    agent = Agent(config, settings=Settings(), collectors={})
+    for _ in range(3):
+        agent.collect_once("n1", fake)
+    after = [r for _, r in agent.outbox.pending()]
+    agent.outbox.close()
+    assert {r.epoch for r in after} == {fake.epoch}
+    assert min(r.seq for r in after) > max(r.seq for r in before)
+    # Billed: 1->3 before; the reinstall's baseline at 4 (3->4 is the reinstall's cost); 4->6.
+    assert after[0].baseline and not after[1].baseline
+    assert _billed_bytes(before + after) == {"alice": (40, 400)}
+
+
 # --------------------------------------------------------------------------- integration
 
 FAKE_SOURCE = textwrap.dedent('''
@@ -377,7 +607,7 @@ class AgentProcess:
 
 
 def _billed(settings: Settings, node: str) -> dict[str, tuple[int, int]]:
-    from quotaflow.dev.ledger_check import read_daily_totals
+    from quotaflow.dev.truth_check import read_daily_totals
 
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for (user, node_id, _day), (up, down) in read_daily_totals(settings).items():

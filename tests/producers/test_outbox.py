@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 from quotaflow.core.contracts import Counter, CounterReport
 from quotaflow.core.ledger import BillingPolicy, NodeLedger
-from quotaflow.producers.outbox import Outbox, OutboxLocked
+from quotaflow.producers.outbox import Outbox, OutboxLocked, OutboxUnusable, outbox_broken
 
 POLICY = BillingPolicy(timezone=ZoneInfo("UTC"))
 T0 = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
@@ -202,3 +204,129 @@ def test_delta_compaction_is_exact_and_gap_free(
             seqs[r.epoch].append(r.seq)
         for got in seqs.values():
             assert got == list(range(got[0], got[0] + len(got)))
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _fill(path: Path, reports: int = 1, users: int = 1) -> None:
+    with Outbox(path) as box:
+        for i in range(reports):
+            box.record(node_id="n1", epoch=7, observed_at=T0,
+                       counters=[Counter(user_id=f"u{k}", up=i, down=i) for k in range(users)])
+
+
+def _remove(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def test_first_start_leaves_a_marker_and_a_lost_outbox_refuses_to_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 2: a missing or empty outbox where one existed is not a first start."""
+    path = tmp_path / "o.db"
+    _fill(path)
+    marker = Path(f"{path}.id")
+    first_id = marker.read_text().strip()
+    assert first_id
+    with Outbox(path) as box:  # a restart: the same outbox, nothing to say
+        assert len(box) == 1 and box.outbox_id == first_id and box.reset_at is None
+    for lose in ("delete", "truncate to zero"):
+        _remove(path)
+        if lose == "truncate to zero":
+            path.write_bytes(b"")
+        with pytest.raises(OutboxUnusable) as refused:
+            Outbox(path)
+        message = str(refused.value)
+        assert str(path) in message and "--reset-outbox" in message
+        assert "not billed" in message and "baseline" in message
+        assert not path.exists() or path.stat().st_size == 0  # nothing was created
+        with caplog.at_level(logging.WARNING), Outbox(path, reset=True) as box:
+            assert len(box) == 0 and box.reset_at is not None
+            assert box.outbox_id != first_id
+            assert box.outbox_id == marker.read_text().strip()
+            box.record(node_id="n1", epoch=7, observed_at=T0, counters=[])
+        assert "--reset-outbox" in caplog.text and "not billed" in caplog.text
+        with Outbox(path) as box:  # and from now on it starts as usual
+            assert len(box) == 1 and box.reset_at is not None
+        first_id = marker.read_text().strip()
+
+
+def _corrupt_garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(8192))
+
+
+def _corrupt_truncated(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_garbage, _corrupt_truncated])
+def test_a_corrupt_outbox_names_the_file_and_the_flag(tmp_path: Path, corrupt: object) -> None:
+    path = tmp_path / "o.db"
+    _fill(path, reports=300, users=50)
+    assert callable(corrupt)
+    corrupt(path)
+    with pytest.raises(OutboxUnusable) as refused:
+        Outbox(path)
+    assert str(path) in str(refused.value) and "--reset-outbox" in str(refused.value)
+    broken = path.read_bytes()
+    with Outbox(path, reset=True) as box:
+        assert len(box) == 0 and box.reset_at is not None
+    kept = [p for p in tmp_path.iterdir() if ".broken-" in p.name and not p.name.endswith(
+        ("-wal", "-shm"))]
+    assert len(kept) == 1 and kept[0].read_bytes() == broken  # moved aside, never deleted
+    with Outbox(path), pytest.raises(OutboxLocked):  # the lock is still one process's
+        Outbox(path)
+
+
+def test_reset_of_a_sound_outbox_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    _fill(path, reports=3)
+    with Outbox(path, reset=True) as box:
+        assert len(box) == 3 and box.reset_at is None
+
+
+def test_an_outbox_from_before_markers_gets_one(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    _fill(path, reports=2)
+    Path(f"{path}.id").unlink()
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM state")  # no id inside either: an old outbox
+    with Outbox(path) as box:
+        assert len(box) == 2
+        assert Path(f"{path}.id").read_text().strip() == box.outbox_id
+
+
+def test_an_outbox_that_is_not_the_marked_one_refuses(tmp_path: Path) -> None:
+    path, other = tmp_path / "o.db", tmp_path / "other" / "o.db"
+    _fill(path)
+    _fill(other)
+    _remove(path)
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{other}{suffix}").exists():
+            os.replace(f"{other}{suffix}", f"{path}{suffix}")
+    with pytest.raises(OutboxUnusable, match="--reset-outbox"):
+        Outbox(path)
+
+
+def test_first_seq_of_an_epoch(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        seqs = [
+            box.record(node_id="n", epoch=e, observed_at=T0, counters=[], first_seq=1000 * e)
+            for e in (1, 1, 2)
+        ]
+        assert [(r.epoch, r.seq) for r in seqs if r is not None] == [
+            (1, 1000), (1, 1001), (2, 2000),
+        ]
+
+
+def test_outbox_broken_tells_corruption_from_a_full_disk(tmp_path: Path) -> None:
+    garbage = tmp_path / "g.db"
+    garbage.write_bytes(b"x" * 4096)
+    with pytest.raises(sqlite3.DatabaseError) as caught:
+        sqlite3.connect(garbage).execute("SELECT * FROM sqlite_master")
+    assert outbox_broken(caught.value)
+    assert not outbox_broken(sqlite3.OperationalError("database or disk is full"))
+    assert not outbox_broken(ValueError("x"))
