@@ -24,7 +24,7 @@ log = logging.getLogger("quotaflow.bench.baseline")
 def create_baseline_app(settings: Settings) -> faust.App:
     """A per-reading Faust app reading `<prefix>.readings`."""
     app = faust_app(settings, f"{settings.topic_prefix}-baseline")
-    readings = app.topic(settings.topic("readings"), partitions=settings.partitions)
+    readings = app.topic(f"{settings.topic_prefix}.readings", partitions=settings.partitions)
     totals = app.topic(settings.topics.totals, partitions=settings.partitions)
     table = app.Table("per-reading-ledgers", default=None, partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)

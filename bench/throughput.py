@@ -160,14 +160,14 @@ def main() -> None:
         report = CounterReport.decode(line)
         for counter in report.counters:
             single = report.model_copy(update={"counters": (counter,)})
-            producer.send(base.topic("readings"), value=single.encode(),
+            producer.send(f"{base.topic_prefix}.readings", value=single.encode(),
                           partition=partition_of(counter.user_id, base.partitions))
     producer.flush()
     producer.close()
     base_publish = time.monotonic() - t
     base_seconds, base_startup, base_rss = _drain(
         base, [sys.executable, str(HERE / "baseline_worker.py")],
-        f"{base.topic_prefix}-baseline", base.topic("readings"), workdir,
+        f"{base.topic_prefix}-baseline", f"{base.topic_prefix}.readings", workdir,
     )
     base_rate = sim.readings / base_seconds
     print(f"per-reading baseline: {base_seconds:7.2f} s  {base_rate:12,.0f} readings/s end to end "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the proxy and VPN software that the live collector tests drive
-# (tests/producers/test_sources.py), from Debian's packages. Idempotent: it does
+# (tests/producers/sources/), from Debian's packages. Idempotent: it does
 # nothing when every command is already there. Needs root, or passwordless sudo.
 #
 #   v2ray               v2ray, v2ctl           (StatsService / HandlerService)
