@@ -12,7 +12,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer
 
-from quotaflow.core.contracts import DeadLetter
+from quotaflow.core.contracts import CounterReport, DeadLetter
 from quotaflow.core.periods import Calendar
 from quotaflow.core.settings import Settings
 from quotaflow.dev.simulation import FleetSpec, Simulation, simulate
@@ -141,3 +141,70 @@ def test_whole_reports_are_rerouted_and_future_clocks_refused(
     assert [(d.reason, "in the future" in d.detail, d.original()) for d in letters] == [
         ("invalid", True, future)
     ]
+
+
+def _offsets_before_midnight(settings: Settings) -> list[tuple[int, int]]:
+    """Per raw partition, an offset holding a node's last cumulative report of a day
+    whose next report in the partition is on a later day: billing past it would put
+    its bytes on the wrong day."""
+    calendar = Calendar(ZoneInfo(settings.timezone))
+    consumer = KafkaConsumer(
+        settings.topics.raw, bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest", consumer_timeout_ms=3000,
+    )
+    last: dict[tuple[int, str], tuple[int, int]] = {}  # (partition, node) -> (offset, day)
+    chosen: dict[int, int] = {}
+    for record in consumer:
+        try:
+            report = CounterReport.decode(record.value)
+        except ValueError:
+            continue
+        if report.kind != "cumulative" or not report.counters:
+            continue
+        day, _ = calendar.starts(int(report.observed_at.timestamp()))
+        key = (record.partition, report.node_id)
+        before = last.get(key)
+        if before is not None and before[1] < day and record.partition not in chosen:
+            chosen[record.partition] = before[0]
+        last[key] = (record.offset, day)
+    consumer.close()
+    return sorted(chosen.items())
+
+
+def test_offsets_faust_never_hands_over_are_read_again_not_billed_past(
+    fleet: Simulation, settings: Settings, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Faust 0.15.3 skipped offsets after restarts, and billing past them lost bytes.
+
+    The worker is told to lose, once, the first offset of every partition (a hole at
+    the head), a node's last report before midnight (billing past it would put its
+    bytes on the next day), and the last offset (a hole with nothing after it). It
+    must notice each hole, re-read from it, and bill everything exactly once.
+    """
+    from kafka import TopicPartition
+
+    from quotaflow.admin import ensure_topics
+    from tests.conftest import Pipeline
+
+    ensure_topics(settings)
+    _publish(settings, fleet.lines)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    ends = consumer.end_offsets(
+        [TopicPartition(settings.topics.raw, p) for p in range(settings.partitions)]
+    )
+    consumer.close()
+    midnight = _offsets_before_midnight(settings)
+    assert len(midnight) == settings.partitions
+    lost = sorted({(tp.partition, offset) for tp, end in ends.items()
+                   for offset in (0, end - 1)} | set(midnight))
+    monkeypatch.setenv("QUOTAFLOW_FAULT_LOSE_OFFSETS", ",".join(f"{p}:{o}" for p, o in lost))
+    pipeline = Pipeline(settings, tmp_path)
+    pipeline.start("worker")
+    pipeline.start("sink")
+    try:
+        pipeline.wait()
+    finally:
+        pipeline.stop()
+    _assert_exact(settings, fleet)
+    worker_log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert "re-reading from" in worker_log
