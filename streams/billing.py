@@ -44,6 +44,7 @@ class WorkerStats:
     billed_bytes: int = 0
     dead: int = 0
     rerouted: int = 0
+    stale: int = 0  # cumulative reports whose seq went back with higher counters
     started: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
@@ -52,7 +53,7 @@ class WorkerStats:
         return (
             f"messages={self.messages} readings={self.readings} "
             f"({self.readings / elapsed:,.0f}/s) billed={self.billed_bytes:,}B "
-            f"dead={self.dead} rerouted={self.rerouted}"
+            f"dead={self.dead} rerouted={self.rerouted} stale={self.stale}"
         )
 
 
@@ -159,6 +160,7 @@ class RawHandler:
         self.raw_topic = settings.topics.raw
         self.partitions = settings.partitions
         self.max_clock_skew_s = settings.max_clock_skew_s
+        self._seq_went_back: set[tuple[str, int]] = set()  # (node, epoch) dead-lettered
 
     def forget_live(self) -> None:
         """Drop decoded ledgers (after a rebalance); the table is the truth."""
@@ -224,4 +226,18 @@ class RawHandler:
             )
             for reason, refusals in by_reason.items()
         )
+        if billing.set_aside is not None:
+            dead += (self._dead(value, partition, offset, *billing.set_aside),)
+        if billing.seq_went_back:
+            self.stats.stale += 1
+            node_epoch = (report.node_id, report.epoch)
+            if node_epoch not in self._seq_went_back:  # one dead letter per node and epoch
+                self._seq_went_back.add(node_epoch)
+                dead += (self._dead(
+                    value, partition, offset, "stale-seq",
+                    f"seq {report.seq} of epoch {report.epoch} is below a seq already billed, "
+                    "with higher counters: the node lost its seqs (reinstalled without its "
+                    "outbox?); its traffic is billed once its seq passes the old one or its "
+                    "epoch changes",
+                ),)
         return Outcome(totals=totals, dead=dead, rerouted=rerouted)

@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from datetime import UTC, datetime
@@ -305,14 +306,20 @@ class TotalsBatch(_Contract):
         return cls.model_validate_json(data)
 
 
-DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch", "error"]
+DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch", "stale-seq", "error"]
+
+
+MAX_DEAD_PAYLOAD_BYTES = 2 * 1024 * 1024
+"""The most of a message a dead letter carries; with readings it stays under the topic limit."""
 
 
 class DeadLetter(_Contract):
     """A message, or part of one, that was not billed, with why; published to `<prefix>.dead`.
 
-    `payload` is the original message value, base64-encoded so that any bytes survive.
-    `readings` lists the affected users' computed deltas for anomalies and late data.
+    `payload` is the original message value, base64-encoded so that any bytes survive;
+    a message larger than `MAX_DEAD_PAYLOAD_BYTES` is cut there (`truncated`), and
+    `size` and `sha256` describe the whole of it. `readings` lists bytes that were
+    not billed (anomalies, late data), and only those.
     """
 
     reason: DeadReason
@@ -323,9 +330,12 @@ class DeadLetter(_Contract):
     at: datetime
     payload: str
     readings: tuple[dict[str, int | str], ...] = ()
+    size: int | None = None
+    sha256: str | None = None
+    truncated: bool = False
 
     def original(self) -> bytes:
-        """The bytes of the message as it arrived."""
+        """The bytes of the message as it arrived (its first part, if `truncated`)."""
         return base64.b64decode(self.payload)
 
     @classmethod
@@ -339,23 +349,33 @@ class DeadLetter(_Contract):
         offset: int,
         payload: bytes | None,
         readings: tuple[dict[str, int | str], ...] = (),
+        at: datetime | None = None,
     ) -> bytes:
-        """The record for a message that was not billed, stamped now.
+        """The record for a message that was not billed, stamped `at` (default: now).
 
         >>> letter = DeadLetter.decode(DeadLetter.encode(
         ...     "invalid", "not JSON", topic="t", partition=0, offset=7, payload=b"\\xff"))
-        >>> letter.reason, letter.original()
-        ('invalid', b'\\xff')
+        >>> letter.reason, letter.original(), letter.size, letter.truncated
+        ('invalid', b'\\xff', 1, False)
+        >>> huge = DeadLetter.decode(DeadLetter.encode(
+        ...     "invalid", "too big", topic="t", partition=0, offset=8,
+        ...     payload=b"x" * (MAX_DEAD_PAYLOAD_BYTES + 1)))
+        >>> len(huge.original()) == MAX_DEAD_PAYLOAD_BYTES, huge.size, huge.truncated
+        (True, 2097153, True)
         """
+        data = payload or b""
         return cls(
             reason=reason,
             detail=detail,
             topic=topic,
             partition=partition,
             offset=offset,
-            at=datetime.now(UTC),
-            payload=base64.b64encode(payload or b"").decode(),
+            at=at or datetime.now(UTC),
+            payload=base64.b64encode(data[:MAX_DEAD_PAYLOAD_BYTES]).decode(),
             readings=readings,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            truncated=len(data) > MAX_DEAD_PAYLOAD_BYTES,
         ).model_dump_json().encode()
 
     @classmethod

@@ -42,8 +42,9 @@ from quotaflow.core.periods import Calendar
 
 # An epoch that reads as milliseconds since 2000 is taken to be the counters' start time.
 _PLAUSIBLE_EPOCH_MS = 946_684_800_000
-# How many epochs of delta reports keep their billed-seq records.
-_DELTA_EPOCHS_KEPT = 4
+# The most epochs of delta reports a node may have within the lateness window; a
+# report of one more is refused as an anomaly (a node that restarts all the time).
+_DELTA_EPOCHS_MAX = 10_000
 # Above this many out-of-order seqs in one epoch, the oldest gap is given up as billed.
 _DELTA_SEQS_KEPT = 10_000
 
@@ -85,6 +86,12 @@ class Billing:
     totals: list[tuple[str, int, int, int, int]] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     duplicate: bool = False
+    # The whole fragment was set aside (reason, detail) without its readings: whether
+    # its bytes were billed before cannot be known, so its dead letter lists none.
+    set_aside: tuple[DeadReason, str] | None = None
+    # A cumulative report whose seq went back while its counters went up (a node
+    # reinstalled without its outbox): not billed now, and visible.
+    seq_went_back: bool = False
 
     @property
     def billed_bytes(self) -> int:
@@ -98,6 +105,7 @@ class _SeqSet:
 
     low: int = -1
     above: list[int] = field(default_factory=list)
+    last_seen: int = 0  # the latest observed_at of the epoch's reports, Unix seconds
 
     def add(self, seq: int) -> bool:
         """Record `seq`; False if it was already recorded."""
@@ -116,7 +124,10 @@ class _SeqSet:
 class NodeLedger:
     """One node's billing state within one partition; see the module docstring."""
 
-    __slots__ = ("_deltas", "_kept_from", "_totals", "node_id", "users", "watermark")
+    __slots__ = (
+        "_deltas", "_deltas_dropped_until", "_kept_from", "_totals", "node_id", "users",
+        "watermark",
+    )
 
     _totals: dict[PeriodKind, dict[int, dict[str, tuple[int, int]]]]
 
@@ -130,6 +141,8 @@ class NodeLedger:
         # state serialises without a Python loop
         self._totals = {"day": {}, "month": {}}
         self._deltas: dict[int, _SeqSet] = {}
+        # the latest observed_at of any delta epoch whose seqs were dropped
+        self._deltas_dropped_until = 0
         self._kept_from = 0  # the oldest day start whose totals are kept
         self.watermark = 0  # the latest observed_at seen, Unix seconds
 
@@ -162,6 +175,11 @@ class NodeLedger:
             self._kept_from = oldest_day
             oldest_month = calendar.month_start(calendar.days_back(oldest_day, 31))
             self._forget_before(oldest_day, oldest_month)
+            # A delta epoch's seqs are kept while any of its reports could still be billed.
+            for epoch in [e for e, seqs in self._deltas.items() if seqs.last_seen < oldest_day]:
+                dropped = self._deltas.pop(epoch)
+                if dropped.last_seen > self._deltas_dropped_until:
+                    self._deltas_dropped_until = dropped.last_seen
         return billing
 
     def _apply_cumulative(
@@ -181,7 +199,11 @@ class NodeLedger:
             if state is None or epoch > state[0]:
                 bill_up, bill_down, interval = up, down, since_epoch
             elif epoch < state[0] or seq <= state[1]:
-                continue  # a duplicate or stale report
+                # A duplicate or stale report; one whose seq went back while its counters
+                # went up is a node that lost its seqs, and is made visible.
+                if epoch == state[0] and seq < state[1] and (up > state[2] or down > state[3]):
+                    billing.seq_went_back = True
+                continue
             else:
                 bill_up = up - state[2] if up >= state[2] else up
                 bill_down = down - state[3] if down >= state[3] else down
@@ -199,18 +221,26 @@ class NodeLedger:
     ) -> None:
         seqs = self._deltas.get(report.epoch)
         if seqs is None:
-            if self._deltas and report.epoch < min(self._deltas) and (
-                len(self._deltas) >= _DELTA_EPOCHS_KEPT
-            ):
+            if observed <= self._deltas_dropped_until:
+                # Its epoch's seqs may have been dropped with the lateness window: a
+                # redelivery of a billed report looks the same as one never billed.
+                billing.set_aside = (
+                    "stale-epoch",
+                    "delta report of an epoch not seen within the lateness window: "
+                    "whether it was billed cannot be known, so no readings are listed",
+                )
+                return
+            if len(self._deltas) >= _DELTA_EPOCHS_MAX:
                 for counter in report.counters:
                     billing.refused.append(
-                        Refusal("stale-epoch", "delta report of an epoch no longer tracked",
-                                counter.user_id, counter.up, counter.down)
+                        Refusal("anomaly", f"more than {_DELTA_EPOCHS_MAX} delta epochs "
+                                "within the lateness window", counter.user_id, counter.up,
+                                counter.down)
                     )
                 return
             seqs = self._deltas[report.epoch] = _SeqSet()
-            while len(self._deltas) > _DELTA_EPOCHS_KEPT:
-                del self._deltas[min(self._deltas)]
+        if observed > seqs.last_seen:
+            seqs.last_seen = observed
         if not seqs.add(report.seq):
             billing.duplicate = True
             return
@@ -323,7 +353,8 @@ class NodeLedger:
                 "wm": self.watermark,
                 "users": self.users,
                 "totals": self._totals,
-                "deltas": {e: [s.low, s.above] for e, s in self._deltas.items()},
+                "deltas": {e: [s.low, s.above, s.last_seen] for e, s in self._deltas.items()},
+                "dropped": self._deltas_dropped_until,
             },
             option=orjson.OPT_NON_STR_KEYS,
         )
@@ -342,7 +373,13 @@ class NodeLedger:
             }
             for period in ("day", "month")
         }
-        ledger._deltas = {int(e): _SeqSet(low, above) for e, (low, above) in raw["deltas"].items()}
+        # Records from before "dropped" existed may have dropped epochs by count.
+        ledger._deltas_dropped_until = raw.get("dropped", ledger.watermark)
+        ledger._deltas = {
+            # records written before last_seen existed count as seen at the watermark
+            int(e): _SeqSet(seqs[0], seqs[1], seqs[2] if len(seqs) > 2 else ledger.watermark)
+            for e, seqs in raw["deltas"].items()
+        }
         return ledger
 
 

@@ -7,6 +7,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -177,13 +178,49 @@ def test_delta_baseline_is_recorded_not_billed() -> None:
     assert ledger.update(delta(1, ("alice", 10, 10)), POLICY).duplicate
 
 
-def test_delta_epochs_no_longer_tracked_are_refused() -> None:
+def test_delta_seqs_are_kept_for_the_lateness_window_however_many_epochs_pass() -> None:
+    """A redelivered delta fragment of an old epoch must be a duplicate, not billed again
+    nor dead-lettered as unbilled, as long as it could still be billed at all."""
     ledger = NodeLedger("node-a")
-    for epoch in range(1, 6):
+    for epoch in range(1, 40):  # a node that restarts very often
         ledger.update(delta(1, ("alice", 1, 1), epoch=epoch), POLICY)
-    billing = ledger.update(delta(1, ("alice", 1, 1), epoch=1), POLICY)
-    assert billing.billed == []
-    assert [(r.reason, r.user_id) for r in billing.refused] == [("stale-epoch", "alice")]
+    again = ledger.update(delta(1, ("alice", 1, 1), epoch=1), POLICY)
+    assert again.duplicate and again.billed == [] and again.refused == []
+
+
+def test_delta_epoch_seen_before_the_lateness_window_is_set_aside_without_readings() -> None:
+    """Once the window has moved past an epoch, its seqs are gone: a report of it may or may
+    not have been billed, so its dead letter lists no readings (nobody bills them twice)."""
+    ledger = NodeLedger("node-a")
+    assert ledger.update(delta(1, ("alice", 5, 5), epoch=1, at=T0), POLICY).billed
+    later = T0 + timedelta(days=POLICY.lateness_days + 2)
+    ledger.update(delta(1, ("bob", 1, 1), epoch=2, at=later), POLICY)
+    redelivered = ledger.update(delta(1, ("alice", 5, 5), epoch=1, at=T0), POLICY)
+    assert redelivered.billed == [] and redelivered.refused == []
+    assert redelivered.set_aside is not None and redelivered.set_aside[0] == "stale-epoch"
+    # A new seq of a known epoch that is late was never billed: listed as late.
+    ledger.update(delta(2, ("bob", 1, 1), epoch=2, at=later), POLICY)
+    late = ledger.update(delta(3, ("bob", 7, 8), epoch=2, at=T0), POLICY)
+    assert [(r.reason, r.up, r.down) for r in late.refused] == [("late", 7, 8)]
+
+
+def test_a_cumulative_seq_that_goes_back_with_higher_counters_is_flagged() -> None:
+    """A node reinstalled without its outbox restarts seq in the same epoch."""
+    ledger = NodeLedger("node-a")
+    ledger.update(report(500, ("alice", 100, 100)), POLICY)
+    plain_retry = ledger.update(report(499, ("alice", 90, 90)), POLICY)
+    assert not plain_retry.seq_went_back and plain_retry.billed == []
+    reinstalled = ledger.update(report(0, ("alice", 150, 100)), POLICY)
+    assert reinstalled.seq_went_back and reinstalled.billed == []
+
+
+def test_old_ledger_records_without_last_seen_still_load() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(delta(1, ("alice", 1, 1)), POLICY)
+    record = orjson.loads(ledger.to_bytes())
+    record["deltas"] = {e: v[:2] for e, v in record["deltas"].items()}
+    loaded = NodeLedger.from_bytes(orjson.dumps(record))
+    assert loaded.update(delta(1, ("alice", 1, 1)), POLICY).duplicate
 
 
 # --- anomalies and late data --------------------------------------------------------------

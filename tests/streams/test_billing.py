@@ -223,3 +223,17 @@ def test_an_error_after_rerouting_still_sends_the_fragments(
     assert [r.partition for r in outcome.rerouted] == [1]
     assert [DeadLetter.decode(d.value).reason for d in outcome.dead] == ["error"]
     assert outcome.totals == ()
+
+
+def test_a_node_whose_seq_went_back_is_dead_lettered_once_per_epoch() -> None:
+    """A reinstall without the outbox restarts seq in the same epoch: the reports are not
+    billed then (their seqs are below one billed), and that must not pass silently."""
+    billing = handler()
+    user = users_of(0, 1)[0]
+    billing.handle(report(500, [(user, 100, 100)]).encode(), 0, 0)
+    reasons = []
+    for seq in (0, 1):
+        outcome = billing.handle(report(seq, [(user, 150 + seq, 100)]).encode(), 0, 1 + seq)
+        reasons += [DeadLetter.decode(letter.value).reason for letter in outcome.dead]
+    assert reasons == ["stale-seq"]
+    assert billing.stats.stale == 2
