@@ -12,6 +12,7 @@ otherwise starts local ones with `quotaflow.dev.local`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -115,12 +116,22 @@ def main() -> None:
 
     bootstrap = os.environ.get("QUOTAFLOW_KAFKA_BOOTSTRAP")
     influx = os.environ.get("QUOTAFLOW_INFLUX_URL")
-    if not (bootstrap and influx):
-        from quotaflow.dev import local
+    if bootstrap and influx:
+        run(args, bootstrap, influx)
+        return
+    from quotaflow.dev import local
 
-        services = local.up()
-        bootstrap, influx = services.kafka_bootstrap, services.influx_url
+    started_here = not local.status().get("running")
+    services = local.up()
+    try:
+        run(args, services.kafka_bootstrap, services.influx_url)
+    finally:
+        if started_here:  # stop what this run started, also when it failed
+            local.down()
 
+
+def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
+    """Both designs on one workload, against these servers."""
     sim = workload(args)
     workdir = Path(tempfile.mkdtemp(prefix="quotaflow-bench-"))
     tag = uuid.uuid4().hex[:8]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quotaflow import logs
 from quotaflow.core.settings import Settings
 from quotaflow.producers.outbox import Outbox, OutboxLocked, OutboxUnusable, outbox_broken
 from quotaflow.producers.push import PushConfig, make_app, start_site
@@ -426,9 +427,7 @@ class Agent:
 
 def _serve(config: AgentConfig, collect: bool, reset_outbox: bool = False) -> None:
     """Run the agent; on a failure, log it and exit non-zero (systemd starts it again)."""
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(config.log_level.upper())
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     if config.metrics_port:
         from prometheus_client import start_http_server

@@ -28,6 +28,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from quotaflow import logs
 from quotaflow.admin import ensure_topics
 from quotaflow.core.settings import Settings
 from quotaflow.core.topics import MAX_MESSAGE_BYTES
@@ -290,5 +291,13 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     _quiet_gc()
     ensure_topics(settings)
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = _Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, with repeated warnings held back (a Kafka outage repeats them)."""
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        logs.hold_back_repeats(logger)

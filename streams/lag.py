@@ -45,11 +45,24 @@ class LagProbe:
             bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-lag"
         )
 
-    def behind(self, topic: str, group: str) -> int:
-        """Messages of `topic` that `group` has not committed yet."""
+    def behind(self, topic: str, group: str, retry_s: float = 30.0) -> int:
+        """Messages of `topic` that `group` has not committed yet.
+
+        Errors Kafka calls retriable (no group coordinator yet on a fresh broker, a
+        leader moving) are retried for up to `retry_s` seconds.
+        """
         partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
-        ends = self._consumer.end_offsets(partitions)
-        committed = self._admin.list_group_offsets({group: partitions}).get(group, {})
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                ends = self._consumer.end_offsets(partitions)
+                committed = self._admin.list_group_offsets({group: partitions}).get(group, {})
+                break
+            except KafkaError as exc:
+                if not exc.retriable or time.monotonic() >= deadline:
+                    raise
+                log.debug("lag unknown for now, retrying: %s", exc)
+                time.sleep(0.5)
         total = 0
         for tp in partitions:
             meta = committed.get(tp)

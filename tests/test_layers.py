@@ -23,15 +23,15 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     ),
     "quotaflow.producers": (
         {"pydantic", "orjson", "kafka", "grpc", "google", "aiohttp", "prometheus_client"},
-        {"quotaflow.core", "quotaflow.producers", "quotaflow.admin"},
+        {"quotaflow.core", "quotaflow.producers", "quotaflow.admin", "quotaflow.logs"},
     ),
     "quotaflow.streams": (
         {"pydantic", "orjson", "faust", "mode", "kafka", "aiokafka"},
-        {"quotaflow.core", "quotaflow.streams", "quotaflow.admin"},
+        {"quotaflow.core", "quotaflow.streams", "quotaflow.admin", "quotaflow.logs"},
     ),
     "quotaflow.sinks": (
         {"pydantic", "orjson", "aiokafka", "influxdb_client"},
-        {"quotaflow.core", "quotaflow.sinks"},
+        {"quotaflow.core", "quotaflow.sinks", "quotaflow.logs"},
     ),
 }
 
@@ -42,7 +42,10 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+            if node.module == "quotaflow":  # from quotaflow import logs: the module logs
+                found.update(f"quotaflow.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
     return found
 
 
