@@ -208,3 +208,28 @@ def test_offsets_faust_never_hands_over_are_read_again_not_billed_past(
     _assert_exact(settings, fleet)
     worker_log = (tmp_path / "worker.log").read_text(errors="replace")
     assert "re-reading from" in worker_log
+
+
+def test_a_kafka_outage_is_waited_out_not_taken_for_a_stall(
+    fleet: Simulation, settings: Settings, pipeline: Any, services: Any
+) -> None:
+    """A Kafka outage longer than the commit watchdog's 30 s made the worker exit 70, so a
+    plain `quotaflow worker` stayed down; and each process logged ~75 errors a second."""
+    half = len(fleet.lines) // 2
+    _publish(settings, fleet.lines[:half])
+    time.sleep(3.0)  # the worker is in the middle of it
+    worker_log = pipeline.logs / "worker.log"
+    before = worker_log.read_text(errors="replace").count("\n")
+    services.stop_kafka()
+    try:
+        time.sleep(40.0)
+        assert pipeline.processes["worker"].poll() is None, "the worker exited during the outage"
+    finally:
+        services.start_kafka()
+    outage_lines = worker_log.read_text(errors="replace").splitlines()[before:]
+    noisy = [line for line in outage_lines if "WARNING" in line or "ERROR" in line]
+    assert len(noisy) < 200, f"{len(noisy)} warnings in 40 s: {noisy[:5]}"
+    _publish(settings, fleet.lines[half:])
+    pipeline.wait()
+    assert pipeline.processes["worker"].poll() is None
+    _assert_exact(settings, fleet)
