@@ -211,52 +211,43 @@ def _short_names(prefix: str, *classes: type[Message]) -> dict[str, Callable[...
     return names
 
 
-_V2RAY: Final = _Flavour(
-    name="V2Ray",
-    stats_service=_service_name(v2ray_stats, "StatsService"),
-    prefix="v2ray.core.",
-    query_stats_request=v2ray_stats.QueryStatsRequest,
-    query_stats_response=v2ray_stats.QueryStatsResponse.FromString,
-    sys_stats_request=v2ray_stats.SysStatsRequest,
-    sys_stats_response=v2ray_stats.SysStatsResponse.FromString,
-    handler_service=_service_name(v2ray_handler, "HandlerService"),
-    alter_inbound_request=v2ray_handler.AlterInboundRequest,
-    alter_inbound_response=v2ray_handler.AlterInboundResponse.FromString,
-    typed_message=v2ray_serial.TypedMessage,
-    user=v2ray_protocol.User,
-    add_user_operation=v2ray_handler.AddUserOperation,
-    remove_user_operation=v2ray_handler.RemoveUserOperation,
-    accounts=_short_names(
-        "v2ray.core.",
-        v2ray_vmess.Account,
-        v2ray_vless.Account,
-        v2ray_trojan.Account,
-        v2ray_shadowsocks.Account,
-    ),
+def _with_handler(
+    name: str,
+    prefix: str,
+    stats: ModuleType,
+    handler: ModuleType,
+    serial: ModuleType,
+    protocol: ModuleType,
+    *accounts: type[Message],
+) -> _Flavour:
+    """A server with StatsService and HandlerService, from its generated modules."""
+    return _Flavour(
+        name=name,
+        stats_service=_service_name(stats, "StatsService"),
+        prefix=prefix,
+        query_stats_request=stats.QueryStatsRequest,
+        query_stats_response=stats.QueryStatsResponse.FromString,
+        sys_stats_request=stats.SysStatsRequest,
+        sys_stats_response=stats.SysStatsResponse.FromString,
+        handler_service=_service_name(handler, "HandlerService"),
+        alter_inbound_request=handler.AlterInboundRequest,
+        alter_inbound_response=handler.AlterInboundResponse.FromString,
+        typed_message=serial.TypedMessage,
+        user=protocol.User,
+        add_user_operation=handler.AddUserOperation,
+        remove_user_operation=handler.RemoveUserOperation,
+        accounts=_short_names(prefix, *accounts),
+    )
+
+
+_V2RAY: Final = _with_handler(
+    "V2Ray", "v2ray.core.", v2ray_stats, v2ray_handler, v2ray_serial, v2ray_protocol,
+    v2ray_vmess.Account, v2ray_vless.Account, v2ray_trojan.Account, v2ray_shadowsocks.Account,
 )
-_XRAY: Final = _Flavour(
-    name="Xray",
-    stats_service=_service_name(xray_stats, "StatsService"),
-    prefix="xray.",
-    query_stats_request=xray_stats.QueryStatsRequest,
-    query_stats_response=xray_stats.QueryStatsResponse.FromString,
-    sys_stats_request=xray_stats.SysStatsRequest,
-    sys_stats_response=xray_stats.SysStatsResponse.FromString,
-    handler_service=_service_name(xray_handler, "HandlerService"),
-    alter_inbound_request=xray_handler.AlterInboundRequest,
-    alter_inbound_response=xray_handler.AlterInboundResponse.FromString,
-    typed_message=xray_serial.TypedMessage,
-    user=xray_protocol.User,
-    add_user_operation=xray_handler.AddUserOperation,
-    remove_user_operation=xray_handler.RemoveUserOperation,
-    accounts=_short_names(
-        "xray.",
-        xray_vmess.Account,
-        xray_vless.Account,
-        xray_trojan.Account,
-        xray_shadowsocks.Account,
-        xray_shadowsocks_2022.Account,
-    ),
+_XRAY: Final = _with_handler(
+    "Xray", "xray.", xray_stats, xray_handler, xray_serial, xray_protocol,
+    xray_vmess.Account, xray_vless.Account, xray_trojan.Account, xray_shadowsocks.Account,
+    xray_shadowsocks_2022.Account,
 )
 _SING_BOX: Final = _Flavour(
     name="sing-box",
