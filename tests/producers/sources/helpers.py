@@ -256,6 +256,19 @@ sys.stdout.buffer.write(data.partition(b"\\r\\n\\r\\n")[2])
 """
 
 
+def _reports_stamped(outbox: Path) -> bool:
+    """True once the agent stored a report (the seqs table outlives the sent reports)."""
+    import sqlite3
+
+    if not outbox.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as db:
+            return bool(db.execute("SELECT count(*) FROM seqs").fetchone()[0])
+    except sqlite3.Error:
+        return False
+
+
 def billed_through_agent(
     tmp_path: Path, settings: Settings, pipeline: Any, collector: str,
     traffic: Callable[[], None], settle_s: float = 3.0,
@@ -279,7 +292,9 @@ def billed_through_agent(
             env={**os.environ, **settings.to_env()}, stdout=log, stderr=subprocess.STDOUT,
         )
     try:
-        time.sleep(2.0)  # the agent's first, empty look at the node
+        # the agent's first, empty look at the node: wait for it, however slow the start
+        wait_until("the agent's first report", lambda: _reports_stamped(tmp_path / "outbox.db"),
+                   timeout=60.0)
         traffic()
         time.sleep(settle_s)  # more polls: the last one shows the final counters
     finally:
