@@ -1,0 +1,588 @@
+"""Quota decisions: billed usage and plans in, warn/disable/enable commands out.
+
+A `QuotaBook` holds everything quotaflow remembers about the users of one
+partition: each user's recent usage in hourly buckets, and for a user with a plan
+the usage of the current period, what the packs have given, the thresholds
+already warned about and why the user is disabled. It changes through three
+calls, each pure (the clock is an argument) and each returning the commands to
+publish, in order:
+
+- `update(readings, now)`: billed bytes `(user_id, observed_at, bytes)`, Unix
+  seconds for `observed_at`; each user's decisions are taken once per batch;
+- `set_plan(user_id, plan or None, now)`: a plan arrived, changed or was deleted;
+- `tick(now)`: period rollovers, expiries and packs coming or going, found by the
+  clock; only users with something due are touched.
+
+>>> from datetime import datetime, UTC
+>>> from zoneinfo import ZoneInfo
+>>> from quotaflow.core.plans import CalendarMonth, Pack, Plan
+>>> def at(day, hour=0):
+...     return datetime(2026, 11, day, hour, tzinfo=UTC)
+>>> def s(day, hour=0):
+...     return int(at(day, hour).timestamp())
+>>> def show(commands):
+...     for c in commands:
+...         print(c.action, c.reason, c.used_bytes, c.allowance_bytes, c.threshold)
+>>> book = QuotaBook(ZoneInfo("UTC"))
+>>> show(book.update([("alice", s(1, 8), 600)], now=at(2)))   # no plan yet: no commands
+>>> plan = Plan(user_id="alice", quota_bytes=1000, period=CalendarMonth(kind="calendar_month"),
+...             enabled=True, warn_at=(0.5, 0.8))
+>>> show(book.set_plan("alice", plan, now=at(2)))      # sees the 600 bytes already used
+warn threshold 600 1000 0.5
+>>> show(book.update([("alice", s(2, 1), 150), ("alice", s(2, 2), 300)], now=at(3)))
+warn threshold 1050 1000 0.8
+disable quota 1050 1000 None
+>>> pack = Pack(pack_id="extra", bytes=500, added_at=at(3))
+>>> show(book.set_plan("alice", plan.model_copy(update={"packs": (pack,)}), now=at(3)))
+enable pack 1050 1500 None
+>>> show(book.update([("alice", s(3, 1), 500)], now=at(4)))   # the pack is used up
+disable quota 1550 1500 None
+>>> show(book.update([("alice", s(30, 23), 10)], now=datetime(2026, 12, 1, 0, 5, tzinfo=UTC)))
+enable period_reset 0 1000 None
+>>> show(book.tick(datetime(2026, 12, 2, tzinfo=UTC)))  # nothing due
+>>> december = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
+>>> book.usage("alice", s(1)), book.usage("alice", december)
+(1560, 0)
+
+The late 10 bytes of November count toward November, and issue no command. The
+pack gave all its 500 bytes in November, so December's allowance is the quota
+alone. Commands carry a deterministic id, and the state survives a restart:
+
+>>> again = QuotaBook.from_bytes(book.to_bytes(), ZoneInfo("UTC"))
+>>> show(again.update([("alice", s(30, 23), 1)], now=datetime(2026, 12, 2, tzinfo=UTC)))
+>>> again.usage("alice", s(1)) == 1561 and again.to_bytes() != book.to_bytes()
+True
+
+How packs are used. In the current period, the bytes above `quota_bytes` not yet
+covered by packs are drawn, when a batch (or the clock) is handled, from the packs
+valid then, the one that expires first first (no expiry last), then by
+`added_at`, then by `pack_id`. What a pack gave is gone for good; what it did not
+give carries over to later periods until it expires. The allowance of the
+current period is `quota_bytes + drawn this period + what the valid packs have
+left`, so drawing does not change it: a pack's expiry takes only what it had left.
+
+How a plan sees usage from before it arrived. Every user's billed bytes are kept
+in hourly buckets (by `observed_at`, UTC hours) for `history_days`. A period's
+usage is created from the buckets whose first second falls in the period (and
+not before `starts_at`) when it is first needed, and from then on it is exact:
+every later reading observed in the period is added to it. So a plan arriving
+mid-period is off by at most the traffic of the one hour that straddles the
+period's start, and only when the period does not start on the hour.
+
+Command ids: sha256 of user, period start, action, reason, threshold and the
+user's command counter, which grows with every command and is kept in the state
+for good (also while the user has no plan), so two commands never share an id
+and handling the same input from the same state gives the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from quotaflow.core.plans import (
+    NO_END,
+    Action,
+    Command,
+    Plan,
+    Reason,
+    fraction,
+    pack_order,
+    period_bounds,
+    unix,
+)
+
+BUCKET_S = 3600
+"""The width of the usage history's buckets: a mid-period plan is exact to within one."""
+LONGEST_PERIOD_DAYS = 32
+"""A calendar month and a DST hour, rounded up: how far back a new plan may look."""
+
+OPERATOR, EXPIRED, QUOTA = 1, 2, 4
+"""Why a user is disabled: a bit each."""
+_DISABLE_REASONS: tuple[tuple[int, Reason], ...] = (
+    (OPERATOR, "operator"), (EXPIRED, "expired"), (QUOTA, "quota"),
+)
+_NEVER = NO_END
+_BEFORE_ALL = -NO_END
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A user's quota state as of the last decision (Unix seconds, bytes)."""
+
+    period_start: int
+    period_end: int | None
+    used: int
+    allowance: int | None
+    drawn: int  # pack bytes given in this period
+    given: dict[str, int]  # pack_id -> bytes it gave, ever
+    warned: tuple[float, ...]  # thresholds warned about in this period
+    disabled: tuple[str, ...]  # why, a reason per cause; empty when enabled
+
+
+class _Rules:
+    """A plan compiled for the hot path: Unix seconds, integer fractions, packs in order."""
+
+    __slots__ = ("count_from", "expires", "packs", "plan", "quota", "starts", "tz", "warns")
+
+    def __init__(self, plan: Plan, default_tz: ZoneInfo) -> None:
+        self.plan = plan
+        self.tz = plan.zone(default_tz)
+        self.starts = None if plan.starts_at is None else unix(plan.starts_at)
+        self.count_from = _BEFORE_ALL if self.starts is None else self.starts
+        self.expires = None if plan.expires_at is None else unix(plan.expires_at)
+        self.quota = plan.quota_bytes
+        # (pack_id, bytes, valid from, valid until), in the order they are drawn
+        self.packs = tuple(
+            (p.pack_id, p.bytes, unix(p.added_at),
+             _NEVER if p.expires_at is None else unix(p.expires_at))
+            for p in sorted(plan.packs, key=pack_order)
+        )
+        self.warns = tuple(sorted((w, *fraction(w)) for w in plan.warn_at))
+
+    def bounds(self, t: int) -> tuple[int, int]:
+        return period_bounds(self.plan.period, self.tz, self.starts, t)
+
+    def same_periods(self, other: _Rules) -> bool:
+        """Whether both plans cut time into the same periods and count from the same instant."""
+        return (
+            self.plan.period == other.plan.period
+            and self.tz == other.tz
+            and self.count_from == other.count_from
+        )
+
+    def available(self, given: dict[str, int], t: int) -> int:
+        """Bytes the packs valid at `t` have left."""
+        left = 0
+        for pack_id, size, added, until in self.packs:
+            if added <= t < until:
+                left += max(0, size - given.get(pack_id, 0))
+        return left
+
+
+class _User:
+    """One user's state; with no plan, only `n` and `hours` mean anything."""
+
+    __slots__ = (
+        "at", "causes", "drawn", "due", "end", "given", "hours", "lo", "mark", "n", "rules",
+        "start", "usage", "used", "warned",
+    )
+
+    def __init__(self) -> None:
+        self.n = 0  # commands issued so far, for their ids; never reset
+        self.hours: dict[int, int] = {}  # hour (Unix s // 3600) -> billed bytes observed in it
+        self.rules: _Rules | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.start = 0  # the current period [start, end), as of the last decision
+        self.end = 0
+        self.lo = 0  # max(start, count_from): a reading in [lo, end) counts toward `used`
+        self.used = 0  # billed bytes of the current period
+        self.usage: dict[int, int] = {}  # other periods' start -> billed bytes
+        self.drawn = 0  # pack bytes given in the current period
+        self.given: dict[str, int] = {}  # pack_id -> bytes it gave, ever
+        self.warned: tuple[float, ...] = ()  # thresholds warned about in the current period
+        self.causes = 0  # OPERATOR | EXPIRED | QUOTA: disabled when not 0
+        self.at = 0  # when the last decision was taken
+        self.due = _NEVER  # the next instant at which the clock can change a decision
+        self.mark = _NEVER  # the usage at which a decision can change
+
+    def record(self) -> dict[str, object]:
+        hours = self.hours
+        flat = [x for pair in hours.items() for x in pair]
+        if self.rules is None:
+            return {"n": self.n, "h": flat}
+        return {
+            "n": self.n, "h": flat, "p": self.rules.plan.encode().decode(),
+            "s": self.start, "e": self.end, "u": self.used,
+            "o": [x for pair in self.usage.items() for x in pair],
+            "d": self.drawn, "g": self.given, "w": self.warned, "c": self.causes,
+            "a": self.at, "x": self.due, "m": self.mark,
+        }
+
+    @classmethod
+    def restore(cls, raw: dict[str, object], default_tz: ZoneInfo) -> _User:
+        user = cls()
+        user.n = raw["n"]  # type: ignore[assignment]
+        flat: list[int] = raw["h"]  # type: ignore[assignment]
+        user.hours = dict(zip(flat[::2], flat[1::2], strict=True))
+        plan = raw.get("p")
+        if plan is None:
+            return user
+        user.rules = rules = _Rules(Plan.decode(plan), default_tz)  # type: ignore[arg-type]
+        user.start, user.end = raw["s"], raw["e"]  # type: ignore[assignment]
+        user.lo = max(user.start, rules.count_from)
+        user.used = raw["u"]  # type: ignore[assignment]
+        other: list[int] = raw["o"]  # type: ignore[assignment]
+        user.usage = dict(zip(other[::2], other[1::2], strict=True))
+        user.drawn, user.given = raw["d"], raw["g"]  # type: ignore[assignment]
+        user.warned = tuple(raw["w"])  # type: ignore[arg-type]
+        user.causes, user.at = raw["c"], raw["a"]  # type: ignore[assignment]
+        user.due, user.mark = raw["x"], raw["m"]  # type: ignore[assignment]
+        return user
+
+
+class QuotaBook:
+    """The quota state of one partition's users; see the module docstring.
+
+    `default_tz` is the zone of plans that name none (`QUOTAFLOW_TIMEZONE`);
+    usage is kept `LONGEST_PERIOD_DAYS + lateness_days` back for plans that arrive
+    mid-period.
+    """
+
+    __slots__ = ("_changed", "_due", "default_tz", "history_s", "users")
+
+    def __init__(self, default_tz: ZoneInfo, lateness_days: int = 3) -> None:
+        self.default_tz = default_tz
+        self.history_s = (LONGEST_PERIOD_DAYS + lateness_days) * 86400
+        self.users: dict[str, _User] = {}
+        self._due: list[tuple[int, str]] = []  # (due, user_id), stale entries skipped
+        self._changed: set[str] = set()
+
+    # ------------------------------------------------------------------ the three calls
+
+    def update(self, readings: Iterable[tuple[str, int, int]], now: datetime) -> list[Command]:
+        """Add billed readings `(user_id, observed_at Unix s, bytes)`; the commands they cause."""
+        now_s = unix(now)
+        users = self.users
+        seen: dict[str, _User] = {}
+        bucket_s = BUCKET_S
+        for user_id, t, count in readings:
+            try:
+                user = users[user_id]
+            except KeyError:
+                user = users[user_id] = _User()
+            if user.lo <= t < user.end:
+                user.used += count
+            elif user.rules is not None and t >= user.rules.count_from:
+                self._add_elsewhere(user, t, count)
+            hours = user.hours
+            hour = t // bucket_s
+            hours[hour] = hours.get(hour, 0) + count
+            seen[user_id] = user
+        self._changed.update(seen)
+        oldest_hour = (now_s - self.history_s) // BUCKET_S
+        commands: list[Command] = []
+        for user_id, user in seen.items():
+            if next(iter(user.hours)) < oldest_hour:  # mostly in order: the oldest is first
+                user.hours = {h: b for h, b in user.hours.items() if h >= oldest_hour}
+            if user.rules is None or (now_s < user.due and user.used < user.mark):
+                continue
+            commands.extend(self._decide(user_id, user, now_s, now, ()))
+        return commands
+
+    def set_plan(self, user_id: str, plan: Plan | None, now: datetime) -> list[Command]:
+        """A user's plan arrived, changed, or was deleted (None); the commands that causes."""
+        if plan is not None and plan.user_id != user_id:
+            raise ValueError(f"the plan of {plan.user_id!r} was given for {user_id!r}")
+        now_s = unix(now)
+        user = self.users.get(user_id)
+        if user is None:
+            if plan is None:
+                return []
+            user = self.users[user_id] = _User()
+        self._changed.add(user_id)
+        old = user.rules
+        if plan is None:
+            if old is None:
+                return []
+            commands = []
+            if user.causes:
+                start, end = old.bounds(now_s)
+                used = user.used if start == user.start else self._usage(user, start, end)
+                allowance = (
+                    None if old.quota is None
+                    else old.quota + (user.drawn if start == user.start else 0)
+                    + old.available(user.given, now_s)
+                )
+                commands.append(self._command(
+                    user_id, user, "enable", "plan_removed", start, end, used, allowance, None,
+                    now,
+                ))
+            user.rules = None
+            user._clear()
+            return commands
+        rules = _Rules(plan, self.default_tz)
+        if old is None:
+            user._clear()
+            user.rules = rules
+            return self._decide(user_id, user, now_s, now, ())
+        reasons = _plan_changes(old, rules, user.given, now_s)
+        user.rules = rules
+        if not rules.same_periods(old):
+            user.usage = {}  # counted under the old periods
+            start, end = rules.bounds(now_s)
+            if start == user.start:  # the same period, counted from elsewhere
+                user.end = end
+                user.lo = max(start, rules.count_from)
+                user.used = self._usage(user, start, end)
+            else:
+                user.start = user.end = user.lo = 0  # a new period from the next decision
+        names = {p.pack_id for p in plan.packs}
+        user.given = {k: v for k, v in user.given.items() if k in names}
+        return self._decide(user_id, user, now_s, now, reasons)
+
+    def tick(self, now: datetime, max_users: int | None = None) -> list[Command]:
+        """Decide again for the users whose period ended, plan expired or packs came or went.
+
+        With `max_users`, at most that many users are decided; the others stay due
+        for the next tick (a month's end in one zone makes every user due at once).
+        """
+        now_s = unix(now)
+        due = self._due
+        commands: list[Command] = []
+        budget = -1 if max_users is None else max_users
+        while due and due[0][0] <= now_s and budget != 0:
+            when, user_id = heapq.heappop(due)
+            user = self.users.get(user_id)
+            if user is None or user.rules is None or user.due != when:
+                continue  # a stale entry: the user's due moved
+            self._changed.add(user_id)
+            commands.extend(self._decide(user_id, user, now_s, now, ()))
+            budget -= 1
+        return commands
+
+    # ------------------------------------------------------------------ reading the state
+
+    def status(self, user_id: str) -> Status | None:
+        """The user's state as of the last decision, or None when the user has no plan."""
+        user = self.users.get(user_id)
+        if user is None or user.rules is None:
+            return None
+        rules = user.rules
+        return Status(
+            period_start=user.start,
+            period_end=None if user.end >= _NEVER else user.end,
+            used=user.used,
+            allowance=None if rules.quota is None
+            else rules.quota + user.drawn + rules.available(user.given, user.at),
+            drawn=user.drawn,
+            given=dict(user.given),
+            warned=user.warned,
+            disabled=tuple(reason for bit, reason in _DISABLE_REASONS if user.causes & bit),
+        )
+
+    def usage(self, user_id: str, period_start: int) -> int | None:
+        """Billed bytes of the user's period starting at `period_start`, if it is kept."""
+        user = self.users.get(user_id)
+        if user is None or user.rules is None:
+            return None
+        if period_start == user.start:
+            return user.used
+        return user.usage.get(period_start)
+
+    def take_changed(self) -> set[str]:
+        """The users whose records changed since the last call (to write to the changelog)."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def prune(self, now: datetime) -> None:
+        """Forget buckets older than the history window of users not seen for that long."""
+        oldest_hour = (unix(now) - self.history_s) // BUCKET_S
+        for user_id, user in self.users.items():
+            if user.hours and min(user.hours) < oldest_hour:
+                user.hours = {h: b for h, b in user.hours.items() if h >= oldest_hour}
+                self._changed.add(user_id)
+
+    # ------------------------------------------------------------------ state records
+
+    def user_bytes(self, user_id: str) -> bytes | None:
+        """One user's record, for a changelog keyed by user; None for a user never seen."""
+        user = self.users.get(user_id)
+        return None if user is None else orjson.dumps(user.record())
+
+    def load_user(self, user_id: str, data: bytes | None) -> None:
+        """Put back a record from `user_bytes()` (None forgets the user)."""
+        if data is None:
+            self.users.pop(user_id, None)
+            return
+        user = self.users[user_id] = _User.restore(orjson.loads(data), self.default_tz)
+        if user.rules is not None and user.due < _NEVER:
+            heapq.heappush(self._due, (user.due, user_id))
+
+    def to_bytes(self) -> bytes:
+        """The whole book as one record (a record per user inside)."""
+        return orjson.dumps({"v": 1, "users": {u: s.record() for u, s in self.users.items()}})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, default_tz: ZoneInfo, lateness_days: int = 3) -> QuotaBook:
+        """Rebuild a book from `to_bytes()` output."""
+        book = cls(default_tz, lateness_days)
+        for user_id, raw in orjson.loads(data)["users"].items():
+            user = book.users[user_id] = _User.restore(raw, default_tz)
+            if user.rules is not None and user.due < _NEVER:
+                book._due.append((user.due, user_id))
+        heapq.heapify(book._due)
+        return book
+
+    # ------------------------------------------------------------------ the rules
+
+    def _usage(self, user: _User, start: int, end: int) -> int:
+        """A period's usage from the hourly buckets: those whose first second it counts."""
+        assert user.rules is not None
+        lo = max(start, user.rules.count_from)
+        return sum(b for h, b in user.hours.items() if lo <= h * BUCKET_S < end)
+
+    def _add_elsewhere(self, user: _User, t: int, count: int) -> None:
+        """Count a reading observed outside the current period (late, or early)."""
+        assert user.rules is not None
+        start, end = user.rules.bounds(t)
+        found = user.usage.get(start)
+        if found is None:
+            found = self._usage(user, start, end)  # before this reading is in a bucket
+        user.usage[start] = found + count
+
+    def _decide(
+        self, user_id: str, user: _User, now_s: int, now: datetime, changes: tuple[Reason, ...]
+    ) -> list[Command]:
+        """Take the user's decisions at `now`; `changes` are what a plan update brought."""
+        rules = user.rules
+        assert rules is not None
+        clock: list[Reason] = []
+        if not user.start <= now_s < user.end:
+            start, end = rules.bounds(now_s)
+            if start != user.start:
+                if user.end:
+                    user.usage[user.start] = user.used
+                found = user.usage.pop(start, None)
+                user.used = self._usage(user, start, end) if found is None else found
+                user.start, user.end = start, end
+                user.lo = max(start, rules.count_from)
+                user.drawn = 0
+                user.warned = ()
+                clock.append("period_reset")
+                oldest = now_s - self.history_s
+                if any(s < oldest for s in user.usage):
+                    user.usage = {s: b for s, b in user.usage.items() if s >= oldest}
+        # packs: draw what the quota does not cover, from the packs valid now, in order
+        given = user.given
+        used = user.used
+        quota = rules.quota
+        left = 0
+        became_valid = False
+        for pack_id, size, added, until in rules.packs:
+            if added <= now_s < until:
+                left += max(0, size - given.get(pack_id, 0))
+                if added > user.at:
+                    became_valid = True
+        if became_valid:
+            clock.append("pack")
+        allowance: int | None = None
+        if quota is not None:
+            wanted = used - quota - user.drawn
+            if wanted > 0 and left > 0:
+                drawn = 0
+                for pack_id, size, added, until in rules.packs:
+                    if drawn >= wanted:
+                        break
+                    if added <= now_s < until:
+                        had = given.get(pack_id, 0)
+                        take = min(size - had, wanted - drawn)
+                        if take > 0:
+                            given[pack_id] = had + take
+                            drawn += take
+                user.drawn += drawn
+                left -= drawn
+            allowance = quota + user.drawn + left
+        causes = (0 if rules.plan.enabled else OPERATOR) | (
+            EXPIRED if rules.expires is not None and now_s >= rules.expires else 0
+        ) | (QUOTA if allowance is not None and used >= allowance else 0)
+        # thresholds, each once per period, and the usage at which a decision can change
+        mark = _NEVER
+        warns: list[float] = []
+        if allowance is not None:
+            for threshold, num, den in rules.warns:
+                if threshold in user.warned:
+                    continue
+                level = -(-num * allowance // den)
+                if used >= level:
+                    warns.append(threshold)
+                elif level < mark:
+                    mark = level
+            if not causes & QUOTA:
+                mark = min(mark, allowance)
+            if left > 0 and quota is not None:
+                mark = min(mark, quota + user.drawn + 1)
+        user.mark = mark
+        commands: list[Command] = []
+        was = user.causes
+        if was and not causes:
+            reasons = (*changes, *clock)
+            commands.append(self._command(
+                user_id, user, "enable", reasons[0] if reasons else "period_reset",
+                user.start, user.end, used, allowance, None, now,
+            ))
+        for threshold in warns:
+            commands.append(self._command(
+                user_id, user, "warn", "threshold", user.start, user.end, used, allowance,
+                threshold, now,
+            ))
+        if warns:
+            user.warned = (*user.warned, *warns)
+        if causes and not was:
+            reason = next(r for bit, r in _DISABLE_REASONS if causes & bit)
+            commands.append(self._command(
+                user_id, user, "disable", reason, user.start, user.end, used, allowance, None,
+                now,
+            ))
+        user.causes = causes
+        user.at = now_s
+        # the next instant the clock can change a decision
+        due = user.end
+        if rules.expires is not None and now_s < rules.expires < due:
+            due = rules.expires
+        for pack_id, size, added, until in rules.packs:
+            if given.get(pack_id, 0) >= size:
+                continue
+            if now_s < added:
+                due = min(due, added)
+            elif now_s < until:
+                due = min(due, until)
+        if due != user.due:
+            user.due = due
+            if due < _NEVER:
+                heapq.heappush(self._due, (due, user_id))
+        return commands
+
+    def _command(
+        self, user_id: str, user: _User, action: Action, reason: Reason, start: int, end: int,
+        used: int, allowance: int | None, threshold: float | None, now: datetime,
+    ) -> Command:
+        user.n += 1
+        key = f"{user_id}\x1f{start}\x1f{action}\x1f{reason}\x1f{threshold!r}\x1f{user.n}"
+        tz = user.rules.tz if user.rules is not None else self.default_tz
+        return Command(
+            command_id=hashlib.sha256(key.encode()).hexdigest()[:32],
+            user_id=user_id,
+            action=action,
+            reason=reason,
+            period_start=datetime.fromtimestamp(start, tz),
+            period_end=None if end >= _NEVER else datetime.fromtimestamp(end, tz),
+            used_bytes=used,
+            allowance_bytes=allowance,
+            threshold=threshold,
+            issued_at=now,
+        )
+
+
+def _plan_changes(old: _Rules, new: _Rules, given: dict[str, int], t: int) -> tuple[Reason, ...]:
+    """What a plan update brought that can enable a user, in the order reasons are chosen."""
+    found: list[Reason] = []
+    if not old.plan.enabled and new.plan.enabled:
+        found.append("operator")
+    if old.expires is not None and (new.expires is None or new.expires > old.expires):
+        found.append("renewed")
+    if old.quota is not None and (new.quota is None or new.quota > old.quota):
+        found.append("quota_raised")
+    if new.available(given, t) > old.available(given, t):
+        found.append("pack")
+    if not new.same_periods(old):
+        found.append("period_reset")
+    return tuple(found)
