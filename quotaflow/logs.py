@@ -63,8 +63,15 @@ def hold_back_repeats(logger: logging.Logger | None = None, every_s: float = 10.
 
 
 def setup(level: str | int = "INFO", every_s: float = 10.0) -> None:
-    """Log to stderr at `level`, with repeated warnings held back."""
+    """Log to stderr at `level`, with repeated warnings held back.
+
+    Where logging is configured already (an embedding program, a test runner),
+    its handlers are left as they are, as `logging.basicConfig` does.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    hold_back_repeats(every_s=every_s)
+    hold_back_repeats(root, every_s)
