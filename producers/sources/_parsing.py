@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+import orjson
 from pydantic import ValidationError
 
 from quotaflow.core.contracts import (
@@ -139,7 +140,57 @@ def parse_counters_json(text: str | bytes) -> list[Counter]:
     The format of the `command` source's `json` parser and of the panel push body.
     A key given twice is refused, as everywhere.
     """
+    return load_counters_json(text)[0]
+
+
+def load_counters_json(text: str | bytes) -> tuple[list[Counter], dict[str, Any] | list[Any]]:
+    """`parse_counters_json`, with the JSON value it read (the push receiver hashes it).
+
+    Lean on large input (a panel push can be megabytes): orjson reads the text
+    into one value, and a key given twice is found by counting. Outside strings a
+    colon separates an object's key from its value and appears nowhere else, so
+    the text has as many colons outside strings as its objects have members; a
+    valid value's objects have `n` distinct keys (`n` users, or 3 per listed
+    counter) and nothing nested, so `n` colons means no key was given twice. On
+    anything else — not valid for orjson (UTF-16, NaN, lone surrogates, integers
+    past 64 bits read as floats), a value refused, a count that differs — the text
+    is read again the strict way, so errors and results are exactly the strict
+    reader's.
+    """
+    try:
+        data = orjson.loads(text)
+        counters = _counters_from_json(data)
+    except ValueError:  # orjson.JSONDecodeError and ParseError both are
+        pass
+    else:
+        members = len(data) if isinstance(data, dict) else 3 * len(data)
+        if _colons_outside_strings(text, members) == members:
+            return counters, data
     data = loads_strict(text, "counters JSON")
+    return _counters_from_json(data), data
+
+
+_JSON_STRING_BYTES: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_STRING_TEXT: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _colons_outside_strings(text: str | bytes, at_least: int) -> int:
+    r"""How many `:` valid JSON `text` has outside its strings (its objects' members).
+
+    The text is only scanned for strings when it has more than `at_least` colons
+    in all (outside strings there are at least as many as its values' members).
+
+    >>> _colons_outside_strings(b'{"a:b": 1, "c\\\":": {"d": 2}}', 0)
+    3
+    """
+    if isinstance(text, str):
+        colons = text.count(":")
+        return colons if colons <= at_least else _JSON_STRING_TEXT.sub("", text).count(":")
+    colons = text.count(b":")
+    return colons if colons <= at_least else _JSON_STRING_BYTES.sub(b"", text).count(b":")
+
+
+def _counters_from_json(data: Any) -> list[Counter]:
     if isinstance(data, dict):
         pairs = []
         for user, value in data.items():
