@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench proto clean
+.PHONY: install demo test lint bench chaos proto clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ test: install lint
 
 bench: install
 	$(PY) bench/throughput.py
+
+# The fault matrix on local servers (takes a while; not part of `make test`):
+# crashes, outages, poison input, a soak. Options: bench/chaos.py --help.
+chaos: install
+	$(PY) bench/chaos.py
 
 # Regenerate producers/sources/_pb/ from producers/sources/proto/*.proto (grpcio-tools).
 proto: install
