@@ -18,8 +18,9 @@ from quotaflow.core.topics import MAX_MESSAGE_BYTES
 def ensure_topics(settings: Settings) -> None:
     """Create quotaflow's topics if they are missing, with the configured partitions.
 
-    raw, totals and dead are partitioned alike so that a user's data stays in one
-    partition number end to end.
+    All are partitioned alike so that a user's data (reports, plan, totals,
+    commands) stays in one partition number end to end; plans and nodes are
+    compacted, so the latest record of each key is kept for good.
     """
     admin = KafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-admin"
@@ -30,7 +31,10 @@ def ensure_topics(settings: Settings) -> None:
                 name,
                 settings.partitions,
                 settings.replication_factor,
-                topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+                topic_configs={
+                    "max.message.bytes": str(MAX_MESSAGE_BYTES),
+                    **({"cleanup.policy": "compact"} if name in settings.topics.compacted else {}),
+                },
             )
             for name in settings.topics.created
         ]

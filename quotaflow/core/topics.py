@@ -3,6 +3,8 @@
 >>> topics = Topics("quotaflow")
 >>> topics.raw, topics.totals, topics.dead
 ('quotaflow.raw', 'quotaflow.totals', 'quotaflow.dead')
+>>> topics.plans, topics.nodes, topics.control, topics.quota
+('quotaflow.plans', 'quotaflow.nodes', 'quotaflow.control', 'quotaflow.quota')
 >>> topics.worker_group, topics.influx_sink_group
 ('quotaflow-streams', 'quotaflow-influx-sink')
 """
@@ -37,9 +39,34 @@ class Topics:
         return f"{self.prefix}.dead"
 
     @property
+    def plans(self) -> str:
+        """Users' quota plans, keyed by user id; compacted."""
+        return f"{self.prefix}.plans"
+
+    @property
+    def nodes(self) -> str:
+        """Nodes' billing rates, keyed by node id; compacted."""
+        return f"{self.prefix}.nodes"
+
+    @property
+    def control(self) -> str:
+        """Quota commands (warn, disable, enable) for the enforcement consumers, keyed by user."""
+        return f"{self.prefix}.control"
+
+    @property
+    def quota(self) -> str:
+        """Users' quota states (usage against allowance) from the worker, for the sinks."""
+        return f"{self.prefix}.quota"
+
+    @property
     def created(self) -> tuple[str, ...]:
-        """The topics quotaflow creates, all partitioned alike."""
-        return (self.raw, self.totals, self.dead)
+        """The topics quotaflow creates, all partitioned alike (a user keeps one partition)."""
+        return (self.raw, self.totals, self.dead, self.plans, self.nodes, self.control, self.quota)
+
+    @property
+    def compacted(self) -> tuple[str, ...]:
+        """The topics that keep the latest record per key for good."""
+        return (self.plans, self.nodes)
 
     @property
     def worker_group(self) -> str:
