@@ -60,6 +60,24 @@ _CONTROL_CHAR = re.compile(f"[{_CONTROL}]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def validation_reason(exc: ValidationError) -> str:
+    """A short, readable reason for a refused record; the record's values are left out.
+
+    >>> class Pair(BaseModel):
+    ...     a: int
+    >>> try:
+    ...     Pair.model_validate({})
+    ... except ValidationError as exc:
+    ...     print(validation_reason(exc))
+    a: Field required
+    """
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(x) for x in error["loc"]) or "message"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
 def identifier_problem(value: str) -> str | None:
     r"""What makes `value` no valid user or node id, or None if it is one.
 
@@ -271,8 +289,15 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 PeriodKind = Literal["day", "month"]
 
-# user_id, day up, day down, month up, month down
-UserTotals = tuple[Identifier, ByteCount, ByteCount, ByteCount, ByteCount]
+# user_id, day up, day down, month up, month down (raw bytes), then the same four
+# billed (after the node's rate); records written before rates existed have only
+# the raw four, whose billed bytes equal them
+UserTotals = (
+    tuple[Identifier, ByteCount, ByteCount, ByteCount, ByteCount,
+          ByteCount, ByteCount, ByteCount, ByteCount]
+    | tuple[Identifier, ByteCount, ByteCount, ByteCount, ByteCount]
+)
+TotalsRow = tuple[str, int, int, int, int, int, int, int, int]
 
 
 class TotalsBatch(_Contract):
@@ -281,7 +306,8 @@ class TotalsBatch(_Contract):
     All totals of a fragment belong to the day and month that contain its
     `observed_at`, so they are given once (`day`, `month`: the periods' first
     seconds, Unix time, in the billing timezone) and each user's totals are a
-    row. A later total of the same (user, node, period) replaces an earlier one.
+    row: raw day up, day down, month up, month down, then the same billed. A later
+    total of the same (user, node, period) replaces an earlier one.
     """
 
     node_id: Identifier
@@ -291,12 +317,12 @@ class TotalsBatch(_Contract):
 
     @staticmethod
     def encode(
-        node_id: str, day: int, month: int, rows: list[tuple[str, int, int, int, int]]
+        node_id: str, day: int, month: int, rows: list[TotalsRow]
     ) -> bytes:
         """Encode without building a model (the hot path); the same JSON the model reads.
 
-        >>> TotalsBatch.decode(TotalsBatch.encode("n", 86400, 0, [("u", 1, 2, 3, 4)]))
-        TotalsBatch(node_id='n', day=86400, month=0, totals=(('u', 1, 2, 3, 4),))
+        >>> TotalsBatch.decode(TotalsBatch.encode("n", 86400, 0, [("u", 1, 2, 3, 4, 1, 3, 3, 6)]))
+        TotalsBatch(node_id='n', day=86400, month=0, totals=(('u', 1, 2, 3, 4, 1, 3, 3, 6),))
         """
         return orjson.dumps({"node_id": node_id, "day": day, "month": month, "totals": rows})
 
@@ -304,6 +330,14 @@ class TotalsBatch(_Contract):
     def decode(cls, data: bytes | str) -> TotalsBatch:
         """Read and validate the wire form; raises `pydantic.ValidationError`."""
         return cls.model_validate_json(data)
+
+    def rows(self) -> list[TotalsRow]:
+        """Every row with its billed bytes (those of old raw-only rows equal the raw ones).
+
+        >>> TotalsBatch.decode(b'{"node_id":"n","day":0,"month":0,"totals":[["u",1,2,3,4]]}').rows()
+        [('u', 1, 2, 3, 4, 1, 2, 3, 4)]
+        """
+        return [row if len(row) == 9 else (*row, *row[1:]) for row in self.totals]
 
 
 DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch", "stale-seq", "error"]

@@ -453,3 +453,36 @@ def fraction(threshold: float) -> tuple[int, int]:
     """A threshold as an exact (numerator, denominator) of its decimal form: 0.8 is 4/5."""
     exact = Fraction(repr(threshold))
     return exact.numerator, exact.denominator
+
+
+# ---------------------------------------------------------------------------- quota states
+
+QuotaStateName = Literal["enabled", "disabled"]
+# user_id, period_start (RFC 3339, in the plan's zone), used_bytes, allowance_bytes
+# (null: unlimited), state
+QuotaRow = tuple[Identifier, AwareDatetime, Annotated[StrictInt, Field(ge=0)],
+                 Annotated[StrictInt, Field(ge=0)] | None, QuotaStateName]
+
+
+class QuotaBatch(_Record):
+    """Quota states the worker publishes to `<prefix>.quota`: one row per user it decided on.
+
+    A later row of a user replaces an earlier one; the sinks keep the latest per
+    flush (`quota_usage` in InfluxDB).
+
+    >>> row = ("alice", "2026-11-01T00:00:00+01:00", 40, 50, "enabled")
+    >>> QuotaBatch.decode(QuotaBatch.encode([row])).states[0][2:]
+    (40, 50, 'enabled')
+    """
+
+    states: tuple[QuotaRow, ...]
+
+    @staticmethod
+    def encode(rows: list[tuple[str, str, int, int | None, str]]) -> bytes:
+        """Encode without building a model (the hot path); the same JSON the model reads."""
+        return orjson.dumps({"states": rows})
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> QuotaBatch:
+        """Read and validate the wire form; raises `pydantic.ValidationError`."""
+        return _decode(cls, data)
