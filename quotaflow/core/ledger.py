@@ -25,8 +25,15 @@ atomically, which is what makes redelivery after a crash harmless.
 []
 >>> ledger.update(report(1, 30, 40, epoch=2), policy).billed   # the node restarted
 [('alice', 30, 40)]
->>> ledger.update(report(3, 30, 40, epoch=2), policy).totals  # (user, day up/down, month up/down)
-[('alice', 180, 1040, 180, 1040)]
+>>> ledger.update(report(3, 30, 40, epoch=2), policy).totals  # user, day and month up/down
+[('alice', 180, 1040, 180, 1040, 180, 1040, 180, 1040)]
+
+Totals come twice: raw bytes, then billed bytes, which are raw bytes times the
+node's rate in effect at the report's `observed_at` (in 1/10000, rounded down per
+reading and direction; see `quotaflow.core.plans.rate_at`):
+
+>>> ledger.update(report(4, 40, 50, epoch=2), policy, rate=15_000).totals
+[('alice', 190, 1050, 190, 1050, 195, 1055, 195, 1055)]
 """
 
 from __future__ import annotations
@@ -37,8 +44,15 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from quotaflow.core.contracts import MAX_COUNTER, CounterReport, DeadReason, PeriodKind
+from quotaflow.core.contracts import (
+    MAX_COUNTER,
+    CounterReport,
+    DeadReason,
+    PeriodKind,
+    TotalsRow,
+)
 from quotaflow.core.periods import Calendar
+from quotaflow.core.plans import RATE_UNIT
 
 # An epoch that reads as milliseconds since 2000 is taken to be the counters' start time.
 _PLAUSIBLE_EPOCH_MS = 946_684_800_000
@@ -79,11 +93,13 @@ class Billing:
     """What one `update()` decided."""
 
     billed: list[tuple[str, int, int]] = field(default_factory=list)
-    # the report's day and month, and (user, day up, day down, month up, month down)
-    # rows: a `TotalsBatch`'s fields, as plain values because this is the hot path
+    # the report's day and month, and (user, day up, day down, month up, month down,
+    # then the same billed) rows: a `TotalsBatch`'s fields, as plain values because
+    # this is the hot path
     day: int = 0
     month: int = 0
-    totals: list[tuple[str, int, int, int, int]] = field(default_factory=list)
+    totals: list[TotalsRow] = field(default_factory=list)
+    rate: int = RATE_UNIT  # the node's rate at the report's observed_at, in 1/10000
     refused: list[Refusal] = field(default_factory=list)
     duplicate: bool = False
     # The whole fragment was set aside (reason, detail) without its readings: whether
@@ -95,8 +111,19 @@ class Billing:
 
     @property
     def billed_bytes(self) -> int:
-        """Up plus down bytes billed."""
+        """Up plus down bytes billed, raw (before the rate)."""
         return sum(up + down for _, up, down in self.billed)
+
+    def rated(self) -> list[tuple[str, int]]:
+        """(user, billed up + billed down) of each billed reading, after the rate.
+
+        >>> Billing(billed=[("alice", 3, 5)], rate=15_000).rated()
+        [('alice', 11)]
+        """
+        rate, unit = self.rate, RATE_UNIT
+        if rate == unit:
+            return [(user, up + down) for user, up, down in self.billed]
+        return [(user, up * rate // unit + down * rate // unit) for user, up, down in self.billed]
 
 
 @dataclass(slots=True)
@@ -129,7 +156,8 @@ class NodeLedger:
         "watermark",
     )
 
-    _totals: dict[PeriodKind, dict[int, dict[str, tuple[int, int]]]]
+    # period -> period start -> user -> (up, down, billed up, billed down)
+    _totals: dict[PeriodKind, dict[int, dict[str, tuple[int, int, int, int]]]]
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -146,15 +174,20 @@ class NodeLedger:
         self._kept_from = 0  # the oldest day start whose totals are kept
         self.watermark = 0  # the latest observed_at seen, Unix seconds
 
-    def update(self, report: CounterReport, policy: BillingPolicy) -> Billing:
-        """Apply one report (or fragment) of this node; see docs/contracts.md for the rules."""
+    def update(
+        self, report: CounterReport, policy: BillingPolicy, rate: int = RATE_UNIT
+    ) -> Billing:
+        """Apply one report (or fragment) of this node; see docs/contracts.md for the rules.
+
+        `rate` is the node's rate (1/10000) in effect at the report's `observed_at`.
+        """
         observed = int(report.observed_at.timestamp())
         calendar = _calendar(policy.timezone)
         day, month = calendar.starts(observed)
         self.watermark = max(self.watermark, observed)
         oldest_day = calendar.days_back(self.watermark, policy.lateness_days)
         late = day < oldest_day
-        billing = Billing(day=day, month=month)
+        billing = Billing(day=day, month=month, rate=rate)
         if report.kind == "delta":
             self._apply_delta(report, observed, policy, billing)
         else:
@@ -280,17 +313,20 @@ class NodeLedger:
         """
         months = self._period("month", month)
         refused: list[tuple[str, int, int]] | None = None
+        rate, unit = billing.rate, RATE_UNIT
         for reading in billing.billed:
             user_id, up, down = reading
+            bill_up, bill_down = up * rate // unit, down * rate // unit
             total = months.get(user_id)
             if total is not None:
                 up, down = total[0] + up, total[1] + down
-            if up + down > MAX_COUNTER:
+                bill_up, bill_down = total[2] + bill_up, total[3] + bill_down
+            if up + down > MAX_COUNTER or bill_up + bill_down > MAX_COUNTER:
                 if refused is None:
                     refused = []
                 refused.append(reading)
             else:
-                months[user_id] = (up, down)
+                months[user_id] = (up, down, bill_up, bill_down)
         if refused is not None:
             for user_id, up, down in refused:
                 billing.refused.append(Refusal(
@@ -301,10 +337,14 @@ class NodeLedger:
             billing.billed = [r for r in billing.billed if r not in gone]
         days = self._period("day", day)
         for user_id, up, down in billing.billed:
+            bill_up, bill_down = up * rate // unit, down * rate // unit
             total = days.get(user_id)
-            days[user_id] = (up, down) if total is None else (total[0] + up, total[1] + down)
+            days[user_id] = (
+                (up, down, bill_up, bill_down) if total is None
+                else (total[0] + up, total[1] + down, total[2] + bill_up, total[3] + bill_down)
+            )
 
-    def _period(self, period: PeriodKind, start: int) -> dict[str, tuple[int, int]]:
+    def _period(self, period: PeriodKind, start: int) -> dict[str, tuple[int, int, int, int]]:
         """The user totals of one period, created empty when missing."""
         starts = self._totals[period]
         found = starts.get(start)
@@ -314,7 +354,7 @@ class NodeLedger:
 
     def _current_totals(
         self, report: CounterReport, day: int, month: int
-    ) -> list[tuple[str, int, int, int, int]]:
+    ) -> list[TotalsRow]:
         """The day and month totals of every user the report names who has a day total.
 
         Sent even when nothing changed: after a crash the worker handles the message
@@ -325,13 +365,14 @@ class NodeLedger:
         if not today:
             return []
         this_month = self._totals["month"][month]
-        out: list[tuple[str, int, int, int, int]] = []
+        out: list[TotalsRow] = []
         for counter in report.counters:
             user_id = counter.user_id
             total = today.get(user_id)
             if total is not None:
                 monthly = this_month[user_id]
-                out.append((user_id, total[0], total[1], monthly[0], monthly[1]))
+                out.append((user_id, total[0], total[1], monthly[0], monthly[1],
+                            total[2], total[3], monthly[2], monthly[3]))
         return out
 
     def _forget_before(self, oldest_day: int, oldest_month: int) -> None:
@@ -341,8 +382,16 @@ class NodeLedger:
                 del starts[start]
 
     def total(self, user_id: str, period: PeriodKind, start: int) -> tuple[int, int] | None:
-        """The running (up, down) total of a user for the period starting at `start`."""
-        return self._totals[period].get(start, {}).get(user_id)
+        """The running raw (up, down) total of a user for the period starting at `start`."""
+        found = self._totals[period].get(start, {}).get(user_id)
+        return None if found is None else (found[0], found[1])
+
+    def billed_total(
+        self, user_id: str, period: PeriodKind, start: int
+    ) -> tuple[int, int] | None:
+        """The running billed (up, down) total of a user for the period starting at `start`."""
+        found = self._totals[period].get(start, {}).get(user_id)
+        return None if found is None else (found[2], found[3])
 
     def to_bytes(self) -> bytes:
         """The whole state as one record, for the changelog."""
@@ -368,7 +417,11 @@ class NodeLedger:
         ledger.users = {user: tuple(state) for user, state in raw["users"].items()}
         ledger._totals = {
             period: {
-                int(start): {user: (t[0], t[1]) for user, t in users.items()}
+                # records written before rates existed hold (up, down): billed alike
+                int(start): {
+                    user: (t[0], t[1], t[2], t[3]) if len(t) == 4 else (t[0], t[1], t[0], t[1])
+                    for user, t in users.items()
+                }
                 for start, users in raw["totals"][period].items()
             }
             for period in ("day", "month")

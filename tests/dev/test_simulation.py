@@ -29,7 +29,7 @@ def bill_offline(lines: list[bytes], partitions: int, tz: str) -> tuple[dict, in
             ledger = ledgers.setdefault((report.node_id, p), NodeLedger(report.node_id))
             billing = ledger.update(fragment, policy)
             assert not billing.refused
-            for user_id, up, down, _, _ in billing.totals:
+            for user_id, up, down, *_ in billing.totals:
                 days[(user_id, report.node_id, billing.day)] = (up, down)
     return days, invalid
 
