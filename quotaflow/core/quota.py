@@ -170,13 +170,16 @@ class _User:
     """One user's state; with no plan, only `n` and `hours` mean anything."""
 
     __slots__ = (
-        "at", "causes", "drawn", "due", "end", "given", "hours", "lo", "mark", "n", "rules",
-        "start", "usage", "used", "warned",
+        "at", "causes", "drawn", "due", "end", "given", "hours", "lo", "mark", "n", "newest",
+        "rules", "start", "usage", "used", "warned",
     )
 
     def __init__(self) -> None:
         self.n = 0  # commands issued so far, for their ids; never reset
         self.hours: dict[int, int] = {}  # hour (Unix s // 3600) -> billed bytes observed in it
+        # the latest hour with traffic: its bucket is in the state record, the older
+        # ones in the history record, which changes about once an hour
+        self.newest = -1
         self.rules: _Rules | None = None
         self._clear()
 
@@ -194,9 +197,14 @@ class _User:
         self.due = _NEVER  # the next instant at which the clock can change a decision
         self.mark = _NEVER  # the usage at which a decision can change
 
-    def record(self) -> dict[str, object]:
+    def record(self, history: bool = True) -> dict[str, object]:
+        """The user as JSON-ready values; without `history`, only the newest bucket."""
         hours = self.hours
-        flat = [x for pair in hours.items() for x in pair]
+        if history:
+            flat = [x for pair in hours.items() for x in pair]
+        else:
+            newest = self.newest
+            flat = [newest, hours[newest]] if newest in hours else []
         if self.rules is None:
             return {"n": self.n, "h": flat}
         return {
@@ -213,6 +221,7 @@ class _User:
         user.n = raw["n"]  # type: ignore[assignment]
         flat: list[int] = raw["h"]  # type: ignore[assignment]
         user.hours = dict(zip(flat[::2], flat[1::2], strict=True))
+        user.newest = max(user.hours, default=-1)
         plan = raw.get("p")
         if plan is None:
             return user
@@ -237,7 +246,7 @@ class QuotaBook:
     mid-period.
     """
 
-    __slots__ = ("_changed", "_due", "default_tz", "history_s", "users")
+    __slots__ = ("_changed", "_due", "_history_changed", "default_tz", "history_s", "users")
 
     def __init__(self, default_tz: ZoneInfo, lateness_days: int = 3) -> None:
         self.default_tz = default_tz
@@ -245,6 +254,7 @@ class QuotaBook:
         self.users: dict[str, _User] = {}
         self._due: list[tuple[int, str]] = []  # (due, user_id), stale entries skipped
         self._changed: set[str] = set()
+        self._history_changed: set[str] = set()
 
     # ------------------------------------------------------------------ the three calls
 
@@ -254,6 +264,7 @@ class QuotaBook:
         users = self.users
         seen: dict[str, _User] = {}
         bucket_s = BUCKET_S
+        history_changed = self._history_changed
         for user_id, t, count in readings:
             try:
                 user = users[user_id]
@@ -266,6 +277,13 @@ class QuotaBook:
             hours = user.hours
             hour = t // bucket_s
             hours[hour] = hours.get(hour, 0) + count
+            if hour != user.newest:
+                if hour > user.newest:
+                    if user.newest in hours:  # the old newest bucket joins the history
+                        history_changed.add(user_id)
+                    user.newest = hour
+                else:
+                    history_changed.add(user_id)
             seen[user_id] = user
         self._changed.update(seen)
         oldest_hour = (now_s - self.history_s) // BUCKET_S
@@ -273,6 +291,7 @@ class QuotaBook:
         for user_id, user in seen.items():
             if next(iter(user.hours)) < oldest_hour:  # mostly in order: the oldest is first
                 user.hours = {h: b for h, b in user.hours.items() if h >= oldest_hour}
+                history_changed.add(user_id)
             if user.rules is None or (now_s < user.due and user.used < user.mark):
                 continue
             commands.extend(self._decide(user_id, user, now_s, now, ()))
@@ -351,6 +370,10 @@ class QuotaBook:
 
     # ------------------------------------------------------------------ reading the state
 
+    def next_due(self) -> int | None:
+        """When (Unix s) the clock may next change a decision, or None; `tick()` is cheap before."""
+        return self._due[0][0] if self._due else None
+
     def status(self, user_id: str) -> Status | None:
         """The user's state as of the last decision, or None when the user has no plan."""
         user = self.users.get(user_id)
@@ -379,8 +402,13 @@ class QuotaBook:
         return user.usage.get(period_start)
 
     def take_changed(self) -> set[str]:
-        """The users whose records changed since the last call (to write to the changelog)."""
+        """The users whose state records changed since the last call (for the changelog)."""
         changed, self._changed = self._changed, set()
+        return changed
+
+    def take_history_changed(self) -> set[str]:
+        """The users whose history records changed since the last call (for the changelog)."""
+        changed, self._history_changed = self._history_changed, set()
         return changed
 
     def prune(self, now: datetime) -> None:
@@ -390,20 +418,39 @@ class QuotaBook:
             if user.hours and min(user.hours) < oldest_hour:
                 user.hours = {h: b for h, b in user.hours.items() if h >= oldest_hour}
                 self._changed.add(user_id)
+                self._history_changed.add(user_id)
 
     # ------------------------------------------------------------------ state records
 
     def user_bytes(self, user_id: str) -> bytes | None:
-        """One user's record, for a changelog keyed by user; None for a user never seen."""
-        user = self.users.get(user_id)
-        return None if user is None else orjson.dumps(user.record())
+        """One user's state record, for a changelog keyed by user; None for a user never seen.
 
-    def load_user(self, user_id: str, data: bytes | None) -> None:
-        """Put back a record from `user_bytes()` (None forgets the user)."""
+        It holds the newest hour's bucket only: the older ones are the history
+        record (`history_bytes()`), written far less often.
+        """
+        user = self.users.get(user_id)
+        return None if user is None else orjson.dumps(user.record(history=False))
+
+    def history_bytes(self, user_id: str) -> bytes | None:
+        """One user's older hourly buckets (all but the newest); None for a user never seen."""
+        user = self.users.get(user_id)
+        if user is None:
+            return None
+        newest = user.newest
+        return orjson.dumps([x for pair in user.hours.items() if pair[0] != newest for x in pair])
+
+    def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
+        """Put back records from `user_bytes()` and `history_bytes()` (None forgets the user)."""
         if data is None:
             self.users.pop(user_id, None)
             return
         user = self.users[user_id] = _User.restore(orjson.loads(data), self.default_tz)
+        if history is not None:
+            flat: list[int] = orjson.loads(history)
+            older = dict(zip(flat[::2], flat[1::2], strict=True))
+            older.update(user.hours)
+            user.hours = dict(sorted(older.items()))
+            user.newest = max(user.hours, default=-1)
         if user.rules is not None and user.due < _NEVER:
             heapq.heappush(self._due, (user.due, user_id))
 

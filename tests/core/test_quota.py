@@ -436,8 +436,9 @@ def test_per_user_records_round_trip() -> None:
     changed = book.take_changed()
     assert changed == {"alice", "bob"} and book.take_changed() == set()
     copy = QuotaBook(UTC_TZ)
+    assert book.take_history_changed() >= {"alice"}
     for user in changed:
-        copy.load_user(user, book.user_bytes(user))
+        copy.load_user(user, book.user_bytes(user), book.history_bytes(user))
     assert orjson.loads(copy.to_bytes()) == orjson.loads(book.to_bytes())
     assert book.user_bytes("carol") is None
     copy.load_user("bob", None)
@@ -515,7 +516,7 @@ def run_batches(
             book = QuotaBook.from_bytes(book.to_bytes(), UTC_TZ)
         if index in per_user:
             copy = QuotaBook(UTC_TZ)
-            copy.load_user("alice", book.user_bytes("alice"))
+            copy.load_user("alice", book.user_bytes("alice"), book.history_bytes("alice"))
             book = copy
         batch = [("alice", origin + t, b) for t, b in readings[lo:hi]]
         out.append(book.update(batch, at(20, seconds=index)))
