@@ -15,14 +15,26 @@ offset order: `quotaflow.streams.offsets.OffsetGuard` finds a hole in the offset
 Faust hands over at once, and the partition is rewound to it instead of billing
 past it. Faust's own gap filling, which commits past missing offsets, is turned
 off for the raw topic, whose offsets are contiguous.
+
+Quotas: before it bills a report, the worker reads `<prefix>.plans` and
+`<prefix>.nodes` up to where they were when the report was appended
+(`quotaflow.streams.side_inputs.SideInputs`), applies the plan changes, bills
+the report at its node's rate, and lets `quotaflow.streams.quotas.QuotaKeeper`
+decide; the quota books are a second table, one record per user. A timer does
+the same for what the clock decides (period resets, expiries), every second,
+over the users whose decision is due. Commands go to `<prefix>.control` and
+quota states to `<prefix>.quota` as soon as they are decided, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -30,10 +42,14 @@ from faust.types import TP
 
 from quotaflow import logs
 from quotaflow.admin import ensure_topics
+from quotaflow.core.contracts import DeadLetter
+from quotaflow.core.plans import Command
 from quotaflow.core.settings import Settings
 from quotaflow.core.topics import MAX_MESSAGE_BYTES
 from quotaflow.streams.billing import RawHandler
 from quotaflow.streams.offsets import OffsetGuard
+from quotaflow.streams.quotas import Decided, QuotaKeeper
+from quotaflow.streams.side_inputs import SideInputs
 
 log = logging.getLogger("quotaflow.streams")
 
@@ -118,6 +134,37 @@ def faust_app(settings: Settings, app_id: str) -> faust.App:
     )
 
 
+class TableStore:
+    """A `QuotaStore` on a Faust table: records go to the changelog partition named.
+
+    Faust writes a table's changelog to the partition of the message being
+    handled; quota records are also written by a timer, outside any message, so
+    the partition is given explicitly.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, key: bytes, /) -> bytes | None:
+        found: bytes | None = self.table.data.get(key)
+        return found
+
+    def put(self, partition: int, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            self.table.data.pop(key, None)
+        else:
+            self.table.data[key] = value
+        self.table.send_changelog(partition, key, value, value_serializer="raw")
+
+    def keys_of(self, partition: int) -> Iterator[bytes]:
+        prefix = f"{partition}\x1f".encode()
+        return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
+
+
+CLOCK_CHUNK_USERS = 5000
+"""Users decided by the clock between two yields to the event loop."""
+
+
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app for these settings (the app id derives from the topic prefix)."""
     app = faust_app(settings, settings.topics.worker_group)
@@ -132,8 +179,58 @@ def create_app(settings: Settings) -> faust.App:
         value_type=bytes,
         extra_topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
     )
-    handler = RawHandler(settings, table)
+    control = app.topic(settings.topics.control, partitions=settings.partitions)
+    quota = app.topic(settings.topics.quota, partitions=settings.partitions)
+    quota_table = app.Table(
+        "quotas",
+        default=None,
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        extra_topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+    )
+    side = SideInputs(settings)
+    keeper = QuotaKeeper(settings, TableStore(quota_table))
+    handler = RawHandler(settings, table, rate=side.rate, quotas=keeper)
     app.handler = handler  # type: ignore[attr-defined]
+    owned: set[int] = set()  # raw partitions assigned to this worker
+    recovered = asyncio.Event()  # the tables hold everything of the owned partitions
+
+    def publish(partition: int, decided: Decided) -> None:
+        """Send a quota step's commands and states now, in the order they were decided."""
+        for command in decided.commands:
+            future = control.send_soon(
+                key=command.user_id.encode(), value=command.encode(), partition=partition,
+            )
+            future.add_done_callback(_when_sent(keeper, partition, command))
+        if decided.states is not None:
+            quota.send_soon(value=decided.states, partition=partition)
+
+    def dead_letter_side_inputs() -> None:
+        for bad in side.bad:
+            letter = DeadLetter.encode(
+                "invalid", bad.reason, topic=bad.topic, partition=bad.partition,
+                offset=bad.offset, payload=bad.value,
+            )
+            dead.send_soon(value=letter, partition=bad.partition)
+            handler.stats.dead += 1
+        side.bad.clear()
+
+    async def ready(partition: int) -> None:
+        """Load the partition's quota book, once its plans are read to the end."""
+        while not keeper.loaded(partition):
+            await side.barrier(time.time())
+            if side.complete(partition) and not keeper.loaded(partition):
+                side.take_changes(partition)  # all of them are in `latest`
+                publish(partition, keeper.load(partition, side.latest(partition), _now()))
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def _start_side_inputs() -> None:
+        await side.start()
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def _recovered(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        recovered.set()
     stats = handler.stats
     processed: dict[int, int] = {}  # raw partition -> last offset handled
     raw_topic = settings.topics.raw
@@ -144,11 +241,19 @@ def create_app(settings: Settings) -> faust.App:
     async def _forget(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         handler.forget_live()
         guard.forget_all()
+        recovered.clear()
+        keeper.forget_all()
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def _assigned(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+    async def _assigned(
+        sender: Any, assigned: Any = (), *args: Any, signal: Any = None, **kwargs: Any
+    ) -> None:
         guard.forget_all()  # each partition starts again from its committed offset
         _no_gap_filling(app.consumer, raw_topic)
+        owned.clear()
+        owned.update(tp.partition for tp in assigned if tp.topic == raw_topic)
+        keeper.forget_all()
+        side.own(set(owned))
 
     async def start_offset(tp: TP) -> int:
         """Where Faust starts the partition: its committed offset, or the log's start."""
@@ -184,8 +289,16 @@ def create_app(settings: Settings) -> faust.App:
                                 expected, expected)
                     await app.consumer.seek_wait({message.tp: expected})
                 continue  # neither billed nor acknowledged: it comes again
+            # plans and rates published before this report was appended are in force
+            appended = message.timestamp if message.timestamp else time.time()
+            await side.barrier(min(appended, time.time()))
+            dead_letter_side_inputs()
+            await ready(partition)
+            publish(partition, keeper.set_plans(partition, side.take_changes(partition), _now()))
             processed[partition] = offset
             outcome = handler.handle(event.value, partition, offset, message.key)
+            if outcome.quota is not None:
+                publish(partition, outcome.quota)
             for fragment in outcome.rerouted:
                 await raw.send(key=fragment.key, value=fragment.value,
                                partition=fragment.partition)
@@ -194,6 +307,23 @@ def create_app(settings: Settings) -> faust.App:
             for letter in outcome.dead:
                 await dead.send(value=letter.value, partition=letter.partition)
             await acks.ack(event)
+
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def _clock() -> None:
+        """Plan changes without traffic, and what the clock decides: resets, expiries."""
+        if not recovered.is_set():
+            return
+        await side.barrier(time.time())
+        dead_letter_side_inputs()
+        for partition in sorted(owned):
+            if not recovered.is_set():
+                return  # a rebalance began
+            await ready(partition)
+            now = _now()
+            publish(partition, keeper.set_plans(partition, side.take_changes(partition), now))
+            while keeper.loaded(partition) and keeper.due(partition, now):
+                publish(partition, keeper.tick(partition, now, CLOCK_CHUNK_USERS))
+                await asyncio.sleep(0)
 
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def _status() -> None:
@@ -237,6 +367,22 @@ def create_app(settings: Settings) -> faust.App:
                 os._exit(70)
 
     return app
+
+
+def _when_sent(
+    keeper: QuotaKeeper, partition: int, command: Command
+) -> Callable[[asyncio.Future[Any]], None]:
+    """A callback that strikes `command` off the unsent ones once Kafka has it."""
+
+    def sent(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            keeper.sent(partition, command)
+
+    return sent
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _offsets_to_lose() -> set[tuple[int, int]]:

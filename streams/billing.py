@@ -15,14 +15,23 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 from pydantic import ValidationError
 
-from quotaflow.core.contracts import CounterReport, DeadLetter, DeadReason, TotalsBatch
+from quotaflow.core.contracts import (
+    CounterReport,
+    DeadLetter,
+    DeadReason,
+    TotalsBatch,
+    validation_reason,
+)
 from quotaflow.core.ledger import Billing, NodeLedger, Refusal
 from quotaflow.core.partitioning import partition_of, split_report
+from quotaflow.core.plans import RATE_UNIT
 from quotaflow.core.settings import Settings
+from quotaflow.streams.quotas import Decided, QuotaKeeper
 
 log = logging.getLogger("quotaflow.streams")
 
@@ -57,13 +66,8 @@ class WorkerStats:
         )
 
 
-def _validation_reason(exc: ValidationError) -> str:
-    """A short, readable reason; the report's values are left out of it."""
-    parts = []
-    for error in exc.errors(include_url=False, include_input=False)[:5]:
-        where = ".".join(str(x) for x in error["loc"]) or "message"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
+RateLookup = Callable[[str, int], int]
+"""(node_id, observed_at Unix s) -> the node's rate then, in 1/10000."""
 
 
 class Biller:
@@ -73,8 +77,11 @@ class Biller:
     of node N in partition P is stored under the key `N|P`, as one record.
     """
 
-    def __init__(self, settings: Settings, table: LedgerTable) -> None:
+    def __init__(
+        self, settings: Settings, table: LedgerTable, rate: RateLookup | None = None
+    ) -> None:
         self.settings = settings
+        self.rate = rate
         self.policy = settings.billing_policy
         self.partitions = settings.partitions
         self.table = table
@@ -107,7 +114,10 @@ class Biller:
             log.info("first message at %.3f", time.time())  # read by bench/throughput.py
         key = f"{report.node_id}|{partition}".encode()
         ledger = self.ledger(key, report.node_id)
-        billing = ledger.update(report, self.policy)
+        rate = RATE_UNIT if self.rate is None else self.rate(
+            report.node_id, int(report.observed_at.timestamp())
+        )
+        billing = ledger.update(report, self.policy, rate)
         self.table[key] = ledger.to_bytes()
         self.stats.messages += 1
         self.stats.readings += len(report.counters)
@@ -139,22 +149,27 @@ class Outcome:
     totals: tuple[Keyed, ...] = ()
     dead: tuple[Dead, ...] = ()
     rerouted: tuple[Keyed, ...] = ()
+    quota: Decided | None = None  # commands and quota states, when a planned user changed
 
 
 class RawHandler:
     """Bills one raw message at a time and says what to publish; no Kafka, no Faust.
 
     `table` holds the node ledgers (see `LedgerTable`); `now` is the wall clock
-    (Unix seconds) that reports from the future are judged by. A message handled
-    again (a redelivery) bills nothing twice: its seqs are in the ledger already,
-    and its totals are sent again as they are.
+    (Unix seconds) that reports from the future are judged by and quota decisions
+    are dated with; `rate` gives a node's rate (1 when not given). A message
+    handled again (a redelivery) bills nothing twice: its seqs are in the ledger
+    already, and its totals are sent again as they are. With `quotas` (whose book
+    of the partition must be loaded), the billed bytes go through the quota step.
     """
 
     def __init__(
-        self, settings: Settings, table: LedgerTable, *, now: Callable[[], float] = time.time
+        self, settings: Settings, table: LedgerTable, *, now: Callable[[], float] = time.time,
+        rate: RateLookup | None = None, quotas: QuotaKeeper | None = None,
     ) -> None:
         self.settings = settings
-        self.biller = Biller(settings, table)
+        self.quotas = quotas
+        self.biller = Biller(settings, table, rate)
         self.stats = self.biller.stats
         self.now = now
         self.raw_topic = settings.topics.raw
@@ -184,7 +199,7 @@ class RawHandler:
             report = CounterReport.decode(value)
         except ValidationError as exc:
             return Outcome(dead=(
-                self._dead(value, partition, offset, "invalid", _validation_reason(exc)),
+                self._dead(value, partition, offset, "invalid", validation_reason(exc)),
             ))
         ahead = report.observed_at.timestamp() - self.now()
         if ahead > self.max_clock_skew_s:  # a bad clock would make later reports late
@@ -211,6 +226,14 @@ class RawHandler:
             return Outcome(rerouted=rerouted, dead=(self._dead(
                 value, partition, offset, "error", f"{type(exc).__name__}: {exc}"[:500]
             ),))
+        quota: Decided | None = None
+        quotas = self.quotas
+        if quotas is not None and billing.billed:
+            observed = int(report.observed_at.timestamp())
+            quota = quotas.update(
+                partition, [(user, observed, bytes_) for user, bytes_ in billing.rated()],
+                datetime.fromtimestamp(self.now(), UTC),
+            )
         totals: tuple[Keyed, ...] = ()
         if billing.totals:
             totals = (Keyed(partition, report.node_id.encode(), TotalsBatch.encode(
@@ -240,4 +263,5 @@ class RawHandler:
                     "outbox?); its traffic is billed once its seq passes the old one or its "
                     "epoch changes",
                 ),)
-        return Outcome(totals=totals, dead=dead, rerouted=rerouted)
+        return Outcome(
+            totals=totals, dead=dead, rerouted=rerouted, quota=quota)
