@@ -796,3 +796,56 @@ def test_property_totals_are_bounded_like_the_reference(stream: list[CounterRepo
         for user, day_up, day_down, month_up, month_down, *_ in billing.totals:
             assert [day_up, day_down] == day[user, d] and [month_up, month_down] == month[user]
             assert day_up + day_down <= MAX_TOTAL and month_up + month_down <= MAX_TOTAL
+
+
+# ---------------------------------------------------------------------------- node rates
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    changes=st.lists(st.tuples(st.integers(0, 24 * 60), st.integers(0, 40_000)), max_size=5,
+                     unique_by=lambda c: c[0]),
+    steps=st.lists(st.tuples(st.integers(1, 90), st.integers(0, 10**6), st.integers(0, 10**6)),
+                   min_size=1, max_size=30),
+)
+def test_rates_changing_mid_day_bill_each_reading_at_its_own_rate(
+    changes: list[tuple[int, int]], steps: list[tuple[int, int, int]]
+) -> None:
+    """Billed totals are the sum of each reading's delta times the rate at its observed_at,
+    rounded down per reading and direction; raw totals are untouched by rates."""
+    from quotaflow.core.plans import NodeRates, Rate, rate_at
+
+    day_start = datetime(2026, 5, 12, tzinfo=UTC)
+    rates = NodeRates(node_id="node-a", rates=tuple(
+        Rate(from_=day_start + timedelta(minutes=m), rate=f"{units // 10_000}.{units % 10_000:04d}")
+        for m, units in changes
+    ))
+
+    def reference_rate(t: datetime) -> int:  # the latest change at or before t, else 1
+        in_force = [(m, units) for m, units in changes if day_start + timedelta(minutes=m) <= t]
+        return max(in_force)[1] if in_force else 10_000
+
+    ledger = NodeLedger("node-a")
+    policy = BillingPolicy(timezone=ZoneInfo("UTC"), max_rate_bytes_per_s=10**9)
+    at, up, down = day_start, 0, 0
+    raw = [0, 0]
+    billed = [0, 0]
+    for seq, (minutes, more_up, more_down) in enumerate(steps, start=1):
+        at = min(at + timedelta(minutes=minutes), day_start + timedelta(hours=23, minutes=59))
+        up, down = up + more_up, down + more_down
+        rate = rate_at(rates, at)
+        assert rate == reference_rate(at)
+        billing = ledger.update(report(seq, ("alice", up, down), at=at), policy, rate)
+        for user, bill_up, bill_down in billing.billed:
+            assert user == "alice"
+            raw[0] += bill_up
+            raw[1] += bill_down
+            billed[0] += bill_up * rate // 10_000
+            billed[1] += bill_down * rate // 10_000
+    day = unix(day_start)
+    assert raw == [up, down]
+    if up or down:
+        assert ledger.total("alice", "day", day) == (up, down)
+        assert ledger.billed_total("alice", "day", day) == (billed[0], billed[1])
+    else:
+        assert ledger.total("alice", "day", day) is None
