@@ -12,6 +12,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from quotaflow.core.contracts import DeadLetter
 from quotaflow.core.partitioning import partition_of
 from quotaflow.core.plans import CalendarMonth, Command, EveryDays, NodeRates, Pack, Plan, Rate
 from quotaflow.core.settings import Settings
@@ -106,6 +107,11 @@ def monthly(user: str, quota: int | None, **fields: Any) -> Plan:
 
 
 def test_warn_disable_pack_operator_and_rates(fleet: Fleet, pipeline: Any) -> None:
+    # bad plan records are dead-lettered and change nothing
+    partition = partition_of("wanda", fleet.settings.partitions)
+    for bad in (b'{"user_id": "wanda", "quota_bytes": 0}', monthly("other", 5).encode()):
+        fleet.producer.send(fleet.topics.plans, key=b"wanda", value=bad,
+                            partition=partition).get(10)
     # a plan published a moment before the burst is in force for it
     fleet.plan(monthly("wanda", 1000))
     fleet.use("node-a", "wanda", 400, 450)  # 85%
@@ -141,6 +147,16 @@ def test_warn_disable_pack_operator_and_rates(fleet: Fleet, pipeline: Any) -> No
     time.sleep(3)
     ids = [c.command_id for c in fleet.read()]
     assert len(ids) == len(set(ids)) == 6
+    dead = KafkaConsumer(
+        fleet.topics.dead, bootstrap_servers=fleet.settings.kafka_bootstrap,
+        auto_offset_reset="earliest", consumer_timeout_ms=3000,
+    )
+    letters = [DeadLetter.decode(r.value) for r in dead]
+    dead.close()
+    assert sorted((d.topic, d.partition, d.detail[:40]) for d in letters) == [
+        (fleet.topics.plans, partition, "keyed 'wanda' but holds the plan of 'oth"),
+        (fleet.topics.plans, partition, "quota_bytes: Value error, must be positi"),
+    ]
 
 
 def test_the_clock_resets_periods_and_expires_plans(fleet: Fleet, pipeline: Any) -> None:
