@@ -449,6 +449,67 @@ class Command(_Record):
         return _decode(cls, data)
 
 
+AckOutcome = Literal["applied", "already", "failed", "skipped"]
+
+
+class Ack(_Record):
+    """What an enforcement consumer did with a command (`<prefix>.control.acks`, keyed by
+    command_id).
+
+    `node_id` is the node whose agent applied it, or `central` for `quotaflow
+    enforce`; `outcome` is `applied` (done now), `already` (the proxy was in that
+    state: idempotent), `failed` (given up after the retries; the command is on
+    `<prefix>.control.dead` too) or `skipped` (nothing to do for this backend,
+    such as a `warn` for a proxy, or a command superseded by a later one of the
+    same user).
+
+    >>> ack = Ack(command_id="9f2c", node_id="node-a", backend="xray", outcome="applied",
+    ...           detail="removed from vless-in", at=datetime(2026, 11, 24, 10, tzinfo=UTC))
+    >>> Ack.decode(ack.encode()) == ack
+    True
+    """
+
+    command_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    node_id: Identifier
+    backend: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    outcome: AckOutcome
+    detail: Annotated[StrictStr, Field(max_length=2000)] = ""
+    at: AwareDatetime
+
+    @field_serializer("at")
+    def _milliseconds(self, value: datetime) -> str:
+        return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    def encode(self) -> bytes:
+        """The wire form: compact JSON, every field present."""
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> Ack:
+        """Read and validate the wire form; raises `pydantic.ValidationError`."""
+        return _decode(cls, data)
+
+
+class DeadCommand(_Record):
+    """A command an enforcement consumer gave up on (`<prefix>.control.dead`), and why."""
+
+    command: Command
+    node_id: Identifier
+    backend: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    attempts: Annotated[StrictInt, Field(ge=1)]
+    reason: Annotated[StrictStr, Field(max_length=2000)]
+    at: AwareDatetime
+
+    def encode(self) -> bytes:
+        """The wire form: compact JSON."""
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> DeadCommand:
+        """Read and validate the wire form; raises `pydantic.ValidationError`."""
+        return _decode(cls, data)
+
+
 def fraction(threshold: float) -> tuple[int, int]:
     """A threshold as an exact (numerator, denominator) of its decimal form: 0.8 is 4/5."""
     exact = Fraction(repr(threshold))

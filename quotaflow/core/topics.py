@@ -54,6 +54,16 @@ class Topics:
         return f"{self.prefix}.control"
 
     @property
+    def control_acks(self) -> str:
+        """What enforcement consumers did with each command, keyed by command id."""
+        return f"{self.prefix}.control.acks"
+
+    @property
+    def control_dead(self) -> str:
+        """Commands an enforcement consumer gave up on after its retries, with the reason."""
+        return f"{self.prefix}.control.dead"
+
+    @property
     def quota(self) -> str:
         """Users' quota states (usage against allowance) from the worker, for the sinks."""
         return f"{self.prefix}.quota"
@@ -61,7 +71,10 @@ class Topics:
     @property
     def created(self) -> tuple[str, ...]:
         """The topics quotaflow creates, all partitioned alike (a user keeps one partition)."""
-        return (self.raw, self.totals, self.dead, self.plans, self.nodes, self.control, self.quota)
+        return (
+            self.raw, self.totals, self.dead, self.plans, self.nodes, self.control,
+            self.control_acks, self.control_dead, self.quota,
+        )
 
     @property
     def compacted(self) -> tuple[str, ...]:
@@ -72,6 +85,14 @@ class Topics:
     def worker_group(self) -> str:
         """The Faust application id: the worker's consumer group and its changelogs' prefix."""
         return f"{self.prefix}-streams"
+
+    def enforce_group(self, node_id: str | None) -> str:
+        """The consumer group of a node's enforcement (or, for None, the central one).
+
+        >>> Topics("q").enforce_group("node-a"), Topics("q").enforce_group(None)
+        ('q-enforce-node-a', 'q-enforce-central')
+        """
+        return f"{self.prefix}-enforce-{node_id or 'central'}"
 
     @property
     def influx_sink_group(self) -> str:
