@@ -3,6 +3,9 @@
 * `node`: `agent`, `push-receiver`, `parse` (what runs on a proxy node);
 * `pipeline`: `worker`, `sink influx`, `run` (the central pipeline);
 * `query`: `usage`, `top` (totals read back from InfluxDB);
+* `plans`: `plans import|set|show|list|delete|export` (users' quota plans);
+* `nodes`: `nodes set|list` (nodes' billing rates);
+* `control`: `control tail` (the quota commands, as they come);
 * `dev`: `simulate`, `replay`, `check` (development and testing);
 * `local`: `local up|down|status` (Kafka and InfluxDB on loopback).
 
@@ -17,7 +20,7 @@ import os
 
 import typer
 
-from quotaflow.cli import dev, local, node, pipeline, query
+from quotaflow.cli import control, dev, local, node, nodes, pipeline, plans, query
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -26,6 +29,9 @@ app = typer.Typer(
 )
 for group in (node.app, pipeline.app, query.app, dev.app):
     app.add_typer(group)
+app.add_typer(plans.app, name="plans")
+app.add_typer(nodes.app, name="nodes")
+app.add_typer(control.app, name="control")
 app.add_typer(local.app, name="local")
 
 

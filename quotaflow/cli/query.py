@@ -1,9 +1,9 @@
-"""Reading totals back from InfluxDB."""
+"""Reading totals back from InfluxDB, and with them the quota state of a user who has a plan."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from zoneinfo import ZoneInfo
 
 import typer
@@ -11,6 +11,9 @@ from rich.console import Console
 
 from quotaflow.cli._common import console, load_settings, needs
 from quotaflow.core.periods import Calendar
+
+if TYPE_CHECKING:
+    from quotaflow.sinks.influxql import InfluxQL
 
 app = typer.Typer()
 
@@ -22,7 +25,7 @@ def usage_cmd(
     period: Annotated[str, typer.Option(help="day or month.")] = "day",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
 ) -> None:
-    """Read a user's totals back from InfluxDB."""
+    """Read a user's totals back from InfluxDB, and the quota state when the user has a plan."""
     from rich.table import Table
 
     try:
@@ -41,8 +44,9 @@ def usage_cmd(
         f"SELECT up_bytes, down_bytes, total_bytes FROM {MEASUREMENTS[period]} "
         f"WHERE {where} GROUP BY node_id"
     )
+    client = InfluxQL.from_settings(settings)
     try:
-        series = InfluxQL.from_settings(settings).query(statement)
+        series = client.query(statement)
     except InfluxQLError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
@@ -66,6 +70,22 @@ def usage_cmd(
         table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c])
                         for c in ("node_id", period, "up", "down", "total")))
     Console().print(table)
+    _print_quota_state(client, user)
+
+
+def _print_quota_state(client: InfluxQL, user: str) -> None:
+    """The user's quota state (`quota_usage`), when the user has one: one line more."""
+    from quotaflow.cli.plans import read_quota_usage
+    from quotaflow.sinks.influxql import InfluxQLError
+
+    try:
+        usage = read_quota_usage(client, user)
+    except InfluxQLError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if usage is not None:
+        print(f"quota: {usage.usage_text()} in the period from {usage.period_start}, "
+              f"{usage.state}")
 
 
 @app.command("top")
