@@ -1,7 +1,8 @@
 """V2Ray, Xray and sing-box (built with its V2Ray API): per-user stats over gRPC.
 
 The source named `v2ray`. `V2RayStatsClient` talks to the core's `StatsService`
-(and `HandlerService`, to add and remove users); `parse_v2ray_stats` reads the
+(and `HandlerService`, to add, remove and, on Xray, list users; the enforcement
+backend `xray`/`v2ray` drives it); `parse_v2ray_stats` reads the
 `user>>>EMAIL>>>traffic>>>uplink|downlink` stats; `V2RayCollector` polls them and
 derives the epoch from the core's uptime (`derive_epoch_ms`).
 
@@ -15,6 +16,7 @@ derives the epoch from the core's uptime (`derive_epoch_ms`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,6 +171,27 @@ class _QueryStatsResponse(Protocol):
     def stat(self) -> Sequence[_Stat]: ...
 
 
+class _User(Protocol):
+    """`common.protocol.User{uint32 level = 1; string email = 2; TypedMessage account = 3}`."""
+
+    @property
+    def email(self) -> str: ...
+
+
+class _InboundUsersResponse(Protocol):
+    """Xray's `GetInboundUserResponse{repeated User users = 1}`."""
+
+    @property
+    def users(self) -> Sequence[_User]: ...
+
+
+class _OnlineIpListResponse(Protocol):
+    """Xray's `GetStatsOnlineIpListResponse{string name = 1; map<string, int64> ips = 2}`."""
+
+    @property
+    def ips(self) -> Mapping[str, int]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Flavour:
     """One server family's StatsService (and HandlerService) messages.
@@ -195,6 +218,11 @@ class _Flavour:
     remove_user_operation: Callable[..., Message] | None = None
     # account messages by short type name (`proxy.vless.Account`)
     accounts: Mapping[str, Callable[..., Message]] = field(default_factory=dict)
+    # Xray only: HandlerService.GetInboundUsers and StatsService.GetStatsOnlineIpList
+    get_inbound_user_request: Callable[..., Message] | None = None
+    get_inbound_user_response: Callable[[bytes], _InboundUsersResponse] | None = None
+    get_stats_request: Callable[..., Message] | None = None
+    online_ip_list_response: Callable[[bytes], _OnlineIpListResponse] | None = None
 
 
 def _service_name(module: ModuleType, service: str) -> str:
@@ -244,10 +272,16 @@ _V2RAY: Final = _with_handler(
     "V2Ray", "v2ray.core.", v2ray_stats, v2ray_handler, v2ray_serial, v2ray_protocol,
     v2ray_vmess.Account, v2ray_vless.Account, v2ray_trojan.Account, v2ray_shadowsocks.Account,
 )
-_XRAY: Final = _with_handler(
-    "Xray", "xray.", xray_stats, xray_handler, xray_serial, xray_protocol,
-    xray_vmess.Account, xray_vless.Account, xray_trojan.Account, xray_shadowsocks.Account,
-    xray_shadowsocks_2022.Account,
+_XRAY: Final = dataclasses.replace(
+    _with_handler(
+        "Xray", "xray.", xray_stats, xray_handler, xray_serial, xray_protocol,
+        xray_vmess.Account, xray_vless.Account, xray_trojan.Account, xray_shadowsocks.Account,
+        xray_shadowsocks_2022.Account,
+    ),
+    get_inbound_user_request=xray_handler.GetInboundUserRequest,
+    get_inbound_user_response=xray_handler.GetInboundUserResponse.FromString,
+    get_stats_request=xray_stats.GetStatsRequest,
+    online_ip_list_response=xray_stats.GetStatsOnlineIpListResponse.FromString,
 )
 _SING_BOX: Final = _Flavour(
     name="sing-box",
@@ -389,10 +423,12 @@ def derive_epoch_ms(
     `now_ms - uptime_s * 1000` overestimates the start by under a second plus the
     call's latency (Uptime is whole seconds, truncated), so on its own it jitters.
     With no `previous` epoch the estimate is floored to 10 s. With one, it is kept
-    while the estimate stays within 10 s of it and uptime has not gone down, so
-    the epoch does not flap on a 10 s boundary: keep the last epoch (across agent
-    restarts too) and pass it back. A restart gives a later start, hence a larger
-    epoch, which is what tells the ledger that the counters began again.
+    while uptime has not gone down and the estimate stays within 10 s of the
+    10 s window that starts at it (flooring put the epoch up to 10 s before the
+    estimate it came from), so the epoch does not flap on a 10 s boundary: keep
+    the last epoch (across agent restarts too) and pass it back. A restart gives a
+    later start, hence a larger epoch, which is what tells the ledger that the
+    counters began again.
 
     >>> derive_epoch_ms(1_761_000_123_456, 100)
     1761000020000
@@ -400,10 +436,21 @@ def derive_epoch_ms(
     1761000020000
     >>> derive_epoch_ms(1_761_000_130_000, 3, previous=1_761_000_020_000, previous_uptime_s=100)
     1761000120000
+
+    A first estimate just before a 10 s mark is floored almost 10 s down; the same
+    start estimated 0.7 s later (Uptime truncated) keeps that epoch, not a restart's:
+
+    >>> first = derive_epoch_ms(1_761_000_129_900, 100)
+    >>> first, derive_epoch_ms(1_761_000_130_600, 100, first, 100)
+    (1761000020000, 1761000020000)
     """
     estimate = now_ms - uptime_s * 1000
     restarted = previous_uptime_s is not None and uptime_s < previous_uptime_s
-    if previous is not None and not restarted and abs(estimate - previous) <= EPOCH_TOLERANCE_MS:
+    if (
+        previous is not None
+        and not restarted
+        and -EPOCH_TOLERANCE_MS <= estimate - previous <= EPOCH_ROUNDING_MS + EPOCH_TOLERANCE_MS
+    ):
         return previous
     epoch = estimate - estimate % EPOCH_ROUNDING_MS
     if previous is not None and epoch <= previous:
@@ -417,11 +464,15 @@ class V2RayStatsClient:
     `address` is the API inbound's `host:port`. `service` is the full StatsService
     name; left out, `v2ray.core.app.stats.command.StatsService` (V2Ray) is tried
     first, then on UNIMPLEMENTED `xray.app.stats.command.StatsService` (Xray) and
-    `experimental.v2rayapi.StatsService` (sing-box, stats only), and the one that
-    answers is kept. Xray answers to V2Ray's names as well, but its HandlerService
-    only knows `xray.*` messages: a server that answers to both is taken for Xray.
-    Each family is spoken to with its own generated messages. Counters are always
-    read with reset=false.
+    `experimental.v2rayapi.StatsService` (sing-box's generated name, stats only),
+    and the one that answers is kept. Xray answers to V2Ray's names as well, but
+    its HandlerService only knows `xray.*` messages: a server that answers to both
+    is taken for Xray. A real sing-box (1.14.1, measured) registers its StatsService
+    under V2Ray's name, whose messages it shares, so it is found first and spoken
+    to as V2Ray; it ignores the `pattern` of QueryStats (every counter comes back,
+    `parse_v2ray_stats` keeps the per-user ones) and has per-user counters only for
+    the names in its `stats.users`. Each family is spoken to with its own generated
+    messages. Counters are always read with reset=false.
     """
 
     def __init__(
@@ -474,7 +525,7 @@ class V2RayStatsClient:
         try:
             return self._unary(path, request, response)
         except grpc.RpcError as exc:
-            raise SourceError(f"{self.address} {path}: {_rpc_text(exc)}") from exc
+            raise ApiError(f"{self.address} {path}: {_rpc_text(exc)}", exc) from exc
 
     def _stats_call(
         self, method: str, call: Callable[[_Flavour], tuple[Message, Callable[[bytes], _Response]]]
@@ -571,6 +622,69 @@ class V2RayStatsClient:
         flavour = self._handler_flavour()
         assert flavour.remove_user_operation
         self._alter_inbound(flavour, inbound_tag, flavour.remove_user_operation(email=email))
+
+    @property
+    def family(self) -> str:
+        """`V2Ray`, `Xray` or `sing-box`, asking the server if not known yet."""
+        if self._flavour is None:
+            self.sys_stats()
+        assert self._flavour is not None
+        return self._flavour.name
+
+    def inbound_users(self, inbound_tag: str, email: str = "") -> list[str]:
+        """Xray's GetInboundUsers: the email of each user of an inbound, in its order.
+
+        With `email`, only that user: [email] when the inbound holds it, else []
+        (Xray answers an absent user with one empty User). Without, every user; an
+        email appears as often as the inbound holds it, since Xray's old-style
+        Shadowsocks inbound accepts the same email twice. V2Ray has no such call
+        (SourceError).
+        """
+        flavour = self._handler_flavour()
+        if flavour.get_inbound_user_request is None or flavour.get_inbound_user_response is None:
+            raise SourceError(f"{self.address}: {flavour.name} cannot list an inbound's users")
+        path = f"/{flavour.handler_service}/GetInboundUsers"
+        request = flavour.get_inbound_user_request(tag=inbound_tag, email=email)
+        answer = self._guarded(path, request, flavour.get_inbound_user_response)
+        emails = [user.email for user in answer.users]
+        return [e for e in emails if e] if email else emails
+
+    def online_ips(self, email: str) -> dict[str, int]:
+        """Xray's GetStatsOnlineIpList: the client addresses of a user's open connections.
+
+        Address -> when last seen (Unix seconds). Xray keeps them only with the
+        policy's `statsUserOnline`, and never lists 127.0.0.1 or ::1; a user it has
+        no list for gives {}. V2Ray and sing-box have no such call (SourceError).
+        """
+        if self._flavour is None:
+            self.sys_stats()
+        flavour = self._flavour
+        assert flavour is not None
+        if flavour.get_stats_request is None or flavour.online_ip_list_response is None:
+            raise SourceError(f"{self.address}: {flavour.name} keeps no online addresses")
+        path = f"/{flavour.stats_service}/GetStatsOnlineIpList"
+        request = flavour.get_stats_request(name=f"user>>>{email}>>>online", reset=False)
+        try:
+            answer = self._guarded(path, request, flavour.online_ip_list_response)
+        except ApiError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return {}
+            raise
+        return dict(answer.ips)
+
+
+class ApiError(SourceError):
+    """A call the server answered with an error status (or that did not get through).
+
+    `code` is the gRPC status code and `details` the server's message, such as Xray's
+    and V2Ray's `User x not found.` and `User x already exists.`
+    """
+
+    def __init__(self, message: str, rpc: grpc.RpcError) -> None:
+        super().__init__(message)
+        code, details = getattr(rpc, "code", None), getattr(rpc, "details", None)
+        self.code: grpc.StatusCode | None = code() if callable(code) else None
+        self.details: str = (details() or "") if callable(details) else str(rpc)
 
 
 def _rpc_text(exc: grpc.RpcError) -> str:

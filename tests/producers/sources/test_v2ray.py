@@ -4,6 +4,7 @@ sing-box stand-ins) and billing."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,8 @@ from quotaflow.producers.sources._pb.xray.proxy.shadowsocks.account_pb2 import (
 from quotaflow.producers.sources._pb.xray.proxy.vless.account_pb2 import Account as VlessAccount
 from quotaflow.producers.sources.v2ray import (
     TypedMessage,
+    V2RayCollector,
+    V2RayConfig,
     V2RayStatsClient,
     derive_epoch_ms,
     parse_v2ray_stats,
@@ -510,6 +513,19 @@ def test_epoch_is_stable_across_polls_and_grows_on_restart() -> None:
     assert fast_restart > epoch
 
 
+def test_epoch_does_not_flap_when_the_first_estimate_was_floored_far_down() -> None:
+    """Seen on the real Xray: a first estimate 0.1 s before a 10 s mark was floored
+    9.9 s down, a later one read 0.7 s later, and a new epoch re-billed the counters."""
+    first_estimate = 1_761_000_019_900
+    epoch = derive_epoch_ms(first_estimate + 5_000, 5)
+    assert epoch == 1_761_000_010_000
+    for jitter_ms, uptime in [(700, 5), (1_100, 6), (1_999, 61)]:
+        now = first_estimate + uptime * 1000 + jitter_ms
+        assert derive_epoch_ms(now, uptime, epoch, 5) == epoch
+    # a start 20 s after the first one is a restart, even with no lower uptime seen
+    assert derive_epoch_ms(first_estimate + 25_000, 5, epoch, 5) > epoch
+
+
 @pytest.mark.integration
 def test_v2ray_traffic_is_billed_by_the_pipeline(
     v2ray: V2RayNode, http_port: int, settings: Settings, pipeline: Any, tmp_path: Path
@@ -551,7 +567,11 @@ def _xray_server_config(api: int, vless: int) -> dict[str, Any]:
             "listen": f"{LOCAL}:{api}",
             "services": ["StatsService", "HandlerService"],
         },
-        "policy": {"levels": {"0": {"statsUserUplink": True, "statsUserDownlink": True}}},
+        "policy": {
+            "levels": {
+                "0": {"statsUserUplink": True, "statsUserDownlink": True, "statsUserOnline": True}
+            }
+        },
         "inbounds": [
             {
                 "tag": "vless-in",
@@ -568,13 +588,16 @@ def _xray_server_config(api: int, vless: int) -> dict[str, Any]:
     }
 
 
-def _xray_vless_client_config(socks: int, vless: int, user_uuid: str) -> dict[str, Any]:
+def _xray_vless_client_config(
+    socks: int, vless: int, user_uuid: str, source: str = LOCAL
+) -> dict[str, Any]:
     return {
         "log": {"loglevel": "warning"},
         "inbounds": [{"listen": LOCAL, "port": socks, "protocol": "socks"}],
         "outbounds": [
             {
                 "protocol": "vless",
+                "sendThrough": source,
                 "settings": {
                     "vnext": [
                         {
@@ -595,15 +618,18 @@ class XrayNode:
         self.api, self.vless = free_port(), free_port()
         config = processes.folder / "xray-server.json"
         config.write_text(json.dumps(_xray_server_config(self.api, self.vless)))
+        self.started_ms = time.time_ns() // 1_000_000
         processes.start("xray-server", [binary, "run", "-c", str(config)])
         wait_until(
             "the xray API", lambda: listening(self.api) and listening(self.vless), timeout=30
         )
 
-    def vless_client(self, user_uuid: str) -> int:
+    def vless_client(self, user_uuid: str, source: str = LOCAL) -> int:
+        """A real Xray client with a SOCKS inbound; it connects from `source`."""
         port = free_port()
         config = self.processes.folder / f"xray-client-{port}.json"
-        config.write_text(json.dumps(_xray_vless_client_config(port, self.vless, user_uuid)))
+        client = _xray_vless_client_config(port, self.vless, user_uuid, source)
+        config.write_text(json.dumps(client))
         self.processes.start(f"xray-client-{port}", [self.binary, "run", "-c", str(config)])
         wait_until("the xray client", lambda: listening(port), timeout=30)
         return port
@@ -645,3 +671,186 @@ def test_xray_counts_and_manages_vless_users(
         after = by_user(client.query_user_counters())
         assert after["erin@test"] == users["erin@test"]
         assert after["dave@test"] == users["dave@test"]
+
+
+@pytest.mark.integration
+def test_xray_collector_on_the_real_binary(
+    xray_binary: str, processes: Processes, http_port: int
+) -> None:
+    """The agent's collector on a real Xray, as the in-process stand-in tests it: the
+    service found by its names, exact counters, an epoch at the core's start that
+    stays put, and reads that never reset."""
+    xray = XrayNode(processes, xray_binary)
+    collector = V2RayCollector(V2RayConfig(type="v2ray", address=f"{LOCAL}:{xray.api}"))
+    first = collector.collect()
+    assert first.counters == []
+    assert xray.started_ms - 2 * 10_000 <= first.epoch <= xray.started_ms + 1_000, first
+
+    push_known_bytes(xray.vless_client(DAVE_UUID), http_port)
+    snapshot = collector.collect()
+    dave = by_user(snapshot.counters)["dave@test"]
+    assert DOWNLOAD <= dave.down <= DOWNLOAD + SLACK, dave
+    assert UPLOAD <= dave.up <= UPLOAD + SLACK, dave
+    assert snapshot.epoch == first.epoch
+    assert collector.collect() == snapshot  # reset=false: the same cumulative figures
+
+    # Xray answers to V2Ray's StatsService names too, with the same counters; the
+    # client takes it for Xray, whose HandlerService wants Xray's messages.
+    address = f"{LOCAL}:{xray.api}"
+    with V2RayStatsClient(address, "v2ray.core.app.stats.command.StatsService") as v2ray_names:
+        assert by_user(v2ray_names.query_user_counters())["dave@test"] == dave
+    with V2RayStatsClient(address) as client:
+        assert client.family == "Xray"
+        assert client.service == "xray.app.stats.command.StatsService"
+        uptime = client.sys_stats()["Uptime"]
+        assert 0 <= uptime <= (time.time_ns() // 1_000_000 - xray.started_ms) // 1000 + 1
+
+
+@pytest.mark.integration
+def test_xray_lists_inbound_users_and_client_addresses(
+    xray_binary: str, processes: Processes
+) -> None:
+    """GetInboundUsers and GetStatsOnlineIpList on the real Xray, as enforcement uses them."""
+    xray = XrayNode(processes, xray_binary)
+    erin = str(uuid.uuid4())
+    with V2RayStatsClient(f"{LOCAL}:{xray.api}") as client:
+        assert client.inbound_users("vless-in") == ["dave@test"]
+        assert client.inbound_users("vless-in", "dave@test") == ["dave@test"]
+        assert client.inbound_users("vless-in", "DAVE@test") == ["dave@test"]  # any case
+        assert client.inbound_users("vless-in", "nobody@test") == []  # Xray: one empty User
+        with pytest.raises(SourceError, match="handler not found"):
+            client.inbound_users("nope")
+        client.add_user("vless-in", "erin@test", TypedMessage.vless_account(erin))
+        assert sorted(client.inbound_users("vless-in")) == ["dave@test", "erin@test"]
+
+        assert client.online_ips("dave@test") == {}  # no connection yet
+        # An open connection from 127.0.0.2 is listed; from 127.0.0.1 it never is.
+        quiet = socket.create_server((LOCAL, 0))  # a target that keeps connections open
+        for source, listed in (("127.0.0.2", True), (LOCAL, False)):
+            socks = xray.vless_client(DAVE_UUID, source)
+            with socket.create_connection((LOCAL, socks), timeout=5) as sock:
+                sock.sendall(b"\x05\x01\x00")
+                assert sock.recv(2) == b"\x05\x00"
+                target = socket.inet_aton(LOCAL) + quiet.getsockname()[1].to_bytes(2, "big")
+                sock.sendall(b"\x05\x01\x00\x01" + target + b"hello")
+                assert sock.recv(10)[:2] == b"\x05\x00"
+                if listed:
+                    wait_until("dave's address", lambda: "127.0.0.2" in client.online_ips(
+                        "dave@test"))
+                else:
+                    time.sleep(0.5)
+                    assert LOCAL not in client.online_ips("dave@test")
+        quiet.close()
+
+
+@pytest.mark.integration
+def test_xray_traffic_is_billed_by_the_pipeline(
+    xray_binary: str, processes: Processes, http_port: int, settings: Settings, pipeline: Any,
+    tmp_path: Path,
+) -> None:
+    """Real bytes through a real Xray, read by the agent, billed into InfluxDB exactly."""
+    xray = XrayNode(processes, xray_binary)
+    billed = billed_through_agent(
+        tmp_path, settings, pipeline, f'type = "v2ray"\naddress = "{LOCAL}:{xray.api}"',
+        lambda: push_known_bytes(xray.vless_client(DAVE_UUID), http_port),
+    )
+    with V2RayStatsClient(f"{LOCAL}:{xray.api}") as client:
+        dave = by_user(client.query_user_counters())["dave@test"]
+    assert dave.down >= DOWNLOAD and dave.up >= UPLOAD
+    assert billed == {"dave@test": (dave.up, dave.down)}, (tmp_path / "agent.log").read_text()
+
+
+# --------------------------------------------------------------------------- real sing-box
+
+INSTALL_SING_BOX = Path(__file__).resolve().parents[3] / "deploy" / "local" / "install-sing-box.sh"
+ALICE_UUID = str(uuid.UUID(int=0xA11CE))
+
+
+@pytest.fixture(scope="module")
+def sing_box_binary() -> str:
+    """sing-box (with_v2ray_api), built by deploy/local/install-sing-box.sh into the cache."""
+    done = subprocess.run(
+        ["bash", str(INSTALL_SING_BOX)], capture_output=True, text=True, timeout=1800,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"install-sing-box.sh failed: {done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _sing_box_server_config(api: int, vless: int) -> dict[str, Any]:
+    users = [{"name": "alice", "uuid": ALICE_UUID}, {"name": "bob", "uuid": BOB_UUID}]
+    return {
+        "log": {"level": "warn"},
+        "inbounds": [
+            {"type": "vless", "tag": "vless-in", "listen": LOCAL, "listen_port": vless,
+             "users": users}
+        ],
+        "outbounds": [{"type": "direct", "tag": "direct"}],
+        "experimental": {
+            "v2ray_api": {
+                "listen": f"{LOCAL}:{api}",
+                # per-user counters only for the names listed here: bob has none
+                "stats": {"enabled": True, "inbounds": ["vless-in"], "users": ["alice"]},
+            }
+        },
+    }
+
+
+def _sing_box_client_config(socks: int, vless: int, user_uuid: str) -> dict[str, Any]:
+    return {
+        "log": {"level": "warn"},
+        "inbounds": [{"type": "socks", "tag": "socks-in", "listen": LOCAL, "listen_port": socks}],
+        "outbounds": [
+            {"type": "vless", "tag": "proxy", "server": LOCAL, "server_port": vless,
+             "uuid": user_uuid}
+        ],
+    }
+
+
+@pytest.mark.integration
+def test_sing_box_collector_on_the_real_binary(
+    sing_box_binary: str, processes: Processes, http_port: int
+) -> None:
+    """A real sing-box: its StatsService answers under V2Ray's name, counts exactly, and
+    only for the users listed in `stats.users`."""
+    api, vless = free_port(), free_port()
+    config = processes.folder / "sing-box-server.json"
+    config.write_text(json.dumps(_sing_box_server_config(api, vless)))
+    started_ms = time.time_ns() // 1_000_000
+    processes.start("sing-box-server", [sing_box_binary, "run", "-c", str(config)])
+    wait_until("the sing-box API", lambda: listening(api) and listening(vless), timeout=30)
+
+    def client(user_uuid: str) -> int:
+        socks = free_port()
+        path = processes.folder / f"sing-box-client-{socks}.json"
+        path.write_text(json.dumps(_sing_box_client_config(socks, vless, user_uuid)))
+        processes.start(f"sing-box-client-{socks}", [sing_box_binary, "run", "-c", str(path)])
+        wait_until("the sing-box client", lambda: listening(socks), timeout=30)
+        return socks
+
+    collector = V2RayCollector(V2RayConfig(type="v2ray", address=f"{LOCAL}:{api}"))
+    first = collector.collect()
+    assert first.counters == [], processes.logs()
+    assert started_ms - 2 * 10_000 <= first.epoch <= started_ms + 1_000, first
+
+    push_known_bytes(client(ALICE_UUID), http_port)
+    push_known_bytes(client(BOB_UUID), http_port)
+    snapshot = collector.collect()
+    users = by_user(snapshot.counters)
+    assert set(users) == {"alice"}, users  # bob is not in stats.users: no counters
+    assert DOWNLOAD <= users["alice"].down <= DOWNLOAD + SLACK, users
+    assert UPLOAD <= users["alice"].up <= UPLOAD + SLACK, users
+    assert snapshot.epoch == first.epoch
+    assert collector.collect() == snapshot  # reset=false
+
+    with V2RayStatsClient(f"{LOCAL}:{api}") as stats:
+        stats.query_user_counters()
+        # sing-box registers its service under V2Ray's name, not experimental.v2rayapi
+        assert stats.service == "v2ray.core.app.stats.command.StatsService"
+        # and ignores the deprecated `pattern`: every counter comes back, the parser
+        # keeps the per-user ones
+        names = [name for name, _ in stats.query_stats("user>>>")]
+        assert "inbound>>>vless-in>>>traffic>>>uplink" in names, names
+        with pytest.raises(SourceError):  # no HandlerService
+            stats.remove_user("vless-in", "alice")

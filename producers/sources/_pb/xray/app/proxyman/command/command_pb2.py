@@ -26,7 +26,7 @@ from quotaflow.producers.sources._pb.xray.common.protocol import user_pb2 as xra
 from quotaflow.producers.sources._pb.xray.common.serial import typed_message_pb2 as xray_dot_common_dot_serial_dot_typed__message__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'xray/app/proxyman/command/command.proto\x12\x19xray.app.proxyman.command\x1a\x1fxray/common/protocol/user.proto\x1a&xray/common/serial/typed_message.proto\"<\n\x10\x41\x64\x64UserOperation\x12(\n\x04user\x18\x01 \x01(\x0b\x32\x1a.xray.common.protocol.User\"$\n\x13RemoveUserOperation\x12\r\n\x05\x65mail\x18\x01 \x01(\t\"W\n\x13\x41lterInboundRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x33\n\toperation\x18\x02 \x01(\x0b\x32 .xray.common.serial.TypedMessage\"\x16\n\x14\x41lterInboundResponse2\x83\x01\n\x0eHandlerService\x12q\n\x0c\x41lterInbound\x12..xray.app.proxyman.command.AlterInboundRequest\x1a/.xray.app.proxyman.command.AlterInboundResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'xray/app/proxyman/command/command.proto\x12\x19xray.app.proxyman.command\x1a\x1fxray/common/protocol/user.proto\x1a&xray/common/serial/typed_message.proto\"<\n\x10\x41\x64\x64UserOperation\x12(\n\x04user\x18\x01 \x01(\x0b\x32\x1a.xray.common.protocol.User\"$\n\x13RemoveUserOperation\x12\r\n\x05\x65mail\x18\x01 \x01(\t\"W\n\x13\x41lterInboundRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x33\n\toperation\x18\x02 \x01(\x0b\x32 .xray.common.serial.TypedMessage\"\x16\n\x14\x41lterInboundResponse\"3\n\x15GetInboundUserRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"C\n\x16GetInboundUserResponse\x12)\n\x05users\x18\x01 \x03(\x0b\x32\x1a.xray.common.protocol.User2\xfd\x01\n\x0eHandlerService\x12q\n\x0c\x41lterInbound\x12..xray.app.proxyman.command.AlterInboundRequest\x1a/.xray.app.proxyman.command.AlterInboundResponse\"\x00\x12x\n\x0fGetInboundUsers\x12\x30.xray.app.proxyman.command.GetInboundUserRequest\x1a\x31.xray.app.proxyman.command.GetInboundUserResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ALTERINBOUNDREQUEST']._serialized_end=330
   _globals['_ALTERINBOUNDRESPONSE']._serialized_start=332
   _globals['_ALTERINBOUNDRESPONSE']._serialized_end=354
-  _globals['_HANDLERSERVICE']._serialized_start=357
-  _globals['_HANDLERSERVICE']._serialized_end=488
+  _globals['_GETINBOUNDUSERREQUEST']._serialized_start=356
+  _globals['_GETINBOUNDUSERREQUEST']._serialized_end=407
+  _globals['_GETINBOUNDUSERRESPONSE']._serialized_start=409
+  _globals['_GETINBOUNDUSERRESPONSE']._serialized_end=476
+  _globals['_HANDLERSERVICE']._serialized_start=479
+  _globals['_HANDLERSERVICE']._serialized_end=732
 # @@protoc_insertion_point(module_scope)
