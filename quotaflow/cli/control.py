@@ -38,13 +38,14 @@ def tail_cmd(
         bool, typer.Option("--json", help="JSON lines: each command in its wire form.")
     ] = False,
     limit: Annotated[
-        int | None, typer.Option(hidden=True, min=1, help="Stop after this many commands.")
+        int | None, typer.Option(min=1, help="Stop after this many commands (for scripts).")
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option(hidden=True, min=0, help="Stop after this many seconds.")
+        float | None, typer.Option(min=0, help="Stop after this many seconds (for scripts).")
     ] = None,
 ) -> None:
-    """Print commands as they come (from the end, unless --from-beginning), until Ctrl-C."""
+    """Print commands as they come (from the end, unless --from-beginning), until Ctrl-C,
+    --limit or --timeout."""
     settings = load_settings()
     topic = settings.topics.control
 

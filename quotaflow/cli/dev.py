@@ -30,6 +30,9 @@ def simulate_cmd(
     ),
     interval: Annotated[int, typer.Option(help="Seconds between a node's reports.")] = 3600,
     malformed: int = 12,
+    name_prefix: Annotated[
+        str, typer.Option(help="Put before node and user names (keeps fleets apart).")
+    ] = "",
     out: Annotated[Path | None, typer.Option(help="Write JSON lines here, not to Kafka.")] = None,
     truth: Annotated[
         Path | None, typer.Option(help="Write ground truth JSON lines here (- for stdout).")
@@ -40,6 +43,7 @@ def simulate_cmd(
     spec = FleetSpec(
         nodes=nodes, users=users, days=days, seed=seed, start=datetime.fromisoformat(start),
         interval_s=interval, malformed=malformed, timezone=settings.timezone,
+        name_prefix=name_prefix,
     )
     sim = simulate(spec)
     calendar = Calendar(ZoneInfo(settings.timezone))

@@ -47,6 +47,7 @@ class FleetSpec:
     delta_node_share: float = 0.2
     baseline_node_share: float = 0.15
     malformed: int = 12
+    name_prefix: str = ""  # put before every node and user name, to keep fleets apart
 
 
 @dataclass
@@ -204,10 +205,12 @@ def simulate(spec: FleetSpec) -> Simulation:
     rng = random.Random(spec.seed)
     calendar = Calendar(ZoneInfo(spec.timezone))
     sim = Simulation()
-    users = [f"user-{i:05d}" for i in range(spec.users)]
+    users = [f"{spec.name_prefix}user-{i:05d}" for i in range(spec.users)]
     # heavy-tailed mean rates, bytes per second, capped at about 20 Mbit/s
     rates = {u: min(rng.paretovariate(1.2) * 2_000, 2_500_000) for u in users}
-    per_node: dict[str, list[str]] = {f"node-{n:03d}": [] for n in range(spec.nodes)}
+    per_node: dict[str, list[str]] = {
+        f"{spec.name_prefix}node-{n:03d}": [] for n in range(spec.nodes)
+    }
     nodes = list(per_node)
     for user in users:
         low, high = spec.nodes_per_user
