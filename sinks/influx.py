@@ -1,16 +1,24 @@
-"""The InfluxDB sink: `<prefix>.totals` in, `traffic_daily` and `traffic_monthly` points out.
+"""The InfluxDB sink: totals, quota states and quota commands in, InfluxDB points out.
 
-Each point holds a period's running total, so writing the same series and time
-again replaces it and redelivery never double-counts. The sink coalesces: per
-flush it writes the latest total of each (user, node, period) once. Three parts:
-the pure `Coalescer` (records in, lines out), the `InfluxWriter` (the only code
-that talks to InfluxDB) and the runner `InfluxSink` (Kafka in, commits). It commits
-its Kafka offsets only after InfluxDB accepted everything consumed before them, or
-refused it for good: a point InfluxDB refuses for what it is (a field type conflict,
-a parse error, a too large body) goes to `<prefix>.dead` and the rest of the batch
-is written. While InfluxDB is down (no answer, a timeout, 5xx, 429) it pauses its
-partitions, keeps its group membership, retries with backoff and catches up
-afterwards; a stop request ends the retries at once, without committing.
+One consumer reads three topics, and each record becomes points of its own:
+
+- `<prefix>.totals`: `traffic_daily` and `traffic_monthly`. Each point holds a
+  period's running total, raw and billed, so writing the same series and time again
+  replaces it and redelivery never double-counts. Per flush the sink writes the
+  latest total of each (user, node, period) once.
+- `<prefix>.quota`: `quota_usage`, the latest quota state of each user per flush,
+  stamped with the flush time.
+- `<prefix>.control`: `quota_events`, one point per command, at its `issued_at`.
+
+Three parts: the pure `Coalescer` (records in, lines out), the `InfluxWriter` (the
+only code that talks to InfluxDB) and the runner `InfluxSink` (Kafka in, commits). It
+commits its Kafka offsets only after InfluxDB accepted everything consumed before
+them, or refused it for good: a point InfluxDB refuses for what it is (a field type
+conflict, a parse error, a too large body) goes to `<prefix>.dead` and the rest of
+the batch is written; so does a record that is not what its topic carries. While
+InfluxDB is down (no answer, a timeout, 5xx, 429) it pauses its partitions, keeps
+its group membership, retries with backoff and catches up afterwards; a stop
+request ends the retries at once, without committing.
 """
 
 from __future__ import annotations
@@ -20,18 +28,19 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from pydantic import ValidationError
 
-from quotaflow.core.contracts import DeadLetter, PeriodKind, TotalsBatch
+from quotaflow.core.contracts import DeadLetter, PeriodKind, TotalsBatch, UserTotals
+from quotaflow.core.plans import Command, QuotaBatch
 from quotaflow.core.settings import Settings
 from quotaflow.core.topics import MAX_MESSAGE_BYTES
 from quotaflow.sinks.influxql import InfluxQL, InfluxQLError, InfluxUnreachable
@@ -39,6 +48,8 @@ from quotaflow.sinks.influxql import InfluxQL, InfluxQLError, InfluxUnreachable
 log = logging.getLogger("quotaflow.sinks.influx")
 
 MEASUREMENTS: dict[PeriodKind, str] = {"day": "traffic_daily", "month": "traffic_monthly"}
+QUOTA_USAGE = "quota_usage"
+QUOTA_EVENTS = "quota_events"
 
 OUTAGE_LOG_INTERVAL_S = 30.0
 """While InfluxDB stays unreachable, one log line per this many seconds."""
@@ -56,8 +67,21 @@ until the configuration or database is fixed, 429, 5xx) passes and is retried.
 """
 
 T = TypeVar("T")
+Precision = Literal["s", "ns"]
+"""The unit of a line's timestamp: seconds for traffic and quota usage, nanoseconds for
+quota events. One write request carries lines of one precision."""
+PRECISIONS: tuple[Precision, ...] = ("s", "ns")
 SeriesKey = tuple[PeriodKind, str, str, int]  # period, user, node, start
-Origin = tuple[int, int]  # partition and offset of the totals record that set a point
+Origin = tuple[str, int, int]  # topic, partition and offset of the record that set a point
+NO_ORIGIN: Origin = ("", -1, -1)
+QuotaState = tuple[str, datetime, int, int | None, str]
+"""A `QuotaBatch` row: user, period start, used bytes, allowance (None: unlimited), state."""
+
+EVENT_SLOTS = 1_000_000
+"""Nanoseconds in a millisecond, where a quota event's time holds its sub-millisecond slot
+(`event_slot`)."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 def _escape_tag(value: str) -> str:
@@ -75,23 +99,106 @@ def _escape_tag(value: str) -> str:
     return value.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
-def point_line(key: SeriesKey, up: int, down: int) -> str:
-    """The line-protocol line (second precision) of one series' total."""
+def _string_field(value: str) -> str:
+    r"""A string field value for line protocol: quoted, with `\` and `"` escaped.
+
+    >>> print(_string_field('say "hi" \\o/'))
+    "say \"hi\" \\o/"
+    """
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def traffic_line(key: SeriesKey, up: int, down: int, billed_up: int, billed_down: int) -> str:
+    """The line-protocol line (second precision) of one series' total, raw and billed."""
     period, user, node, start = key
     return (
         f"{MEASUREMENTS[period]},node_id={_escape_tag(node)},user_id={_escape_tag(user)} "
-        f"up_bytes={up}i,down_bytes={down}i,total_bytes={up + down}i {start}"
+        f"up_bytes={up}i,down_bytes={down}i,total_bytes={up + down}i,"
+        f"billed_up_bytes={billed_up}i,billed_down_bytes={billed_down}i,"
+        f"billed_total_bytes={billed_up + billed_down}i {start}"
     )
 
 
-def line_protocol(points: Mapping[SeriesKey, tuple[int, int]]) -> Iterator[str]:
+def line_protocol(points: Mapping[SeriesKey, tuple[int, int, int, int]]) -> Iterator[str]:
     """Line-protocol lines (second precision) for coalesced totals.
 
-    >>> print(next(line_protocol({("day", "al ice", "n1", 1763683200): (1, 2)})))
-    traffic_daily,node_id=n1,user_id=al\\ ice up_bytes=1i,down_bytes=2i,total_bytes=3i 1763683200
+    A total is up, down, billed up and billed down bytes.
+
+    >>> points = {("day", "al ice", "n1", 1763683200): (1, 2, 1, 4)}
+    >>> print(next(line_protocol(points)))  # doctest: +NORMALIZE_WHITESPACE
+    traffic_daily,node_id=n1,user_id=al\\ ice
+    up_bytes=1i,down_bytes=2i,total_bytes=3i,billed_up_bytes=1i,billed_down_bytes=4i,billed_total_bytes=5i
+    1763683200
     """
-    for key, (up, down) in points.items():
-        yield point_line(key, up, down)
+    for key, (up, down, billed_up, billed_down) in points.items():
+        yield traffic_line(key, up, down, billed_up, billed_down)
+
+
+def quota_usage_line(state: QuotaState, at: int) -> str:
+    """The line-protocol line (second precision) of a user's quota state at `at`.
+
+    `allowance_bytes` is left out when the allowance is unlimited.
+
+    >>> from datetime import timezone
+    >>> start = datetime(2026, 11, 1, tzinfo=timezone(timedelta(hours=1)))
+    >>> print(quota_usage_line(("alice", start, 40, None, "enabled"), 1763980000))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    quota_usage,user_id=alice
+    used_bytes=40i,state="enabled",period_start="2026-11-01T00:00:00+01:00"
+    1763980000
+    """
+    user, period_start, used, allowance, state_name = state
+    allowance_field = "" if allowance is None else f"allowance_bytes={allowance}i,"
+    return (
+        f"{QUOTA_USAGE},user_id={_escape_tag(user)} used_bytes={used}i,{allowance_field}"
+        f'state="{state_name}",period_start="{period_start.isoformat()}" {at}'
+    )
+
+
+def event_slot(threshold: float | None) -> int:
+    """The nanoseconds a quota event's time has beyond its `issued_at` millisecond.
+
+    The warnings of one batch share their `issued_at` and their tags (`warn`,
+    `threshold`), so at the millisecond they would be one point, the last written
+    replacing the others. A warning's slot is its threshold in millionths, which
+    keeps them apart and in the order they were issued (ascending); every other
+    command has slot 0. The slot is the command's own, so a command sent twice (the
+    worker re-sends what Kafka may not have taken before a crash) is one point.
+
+    >>> event_slot(0.5), event_slot(0.8), event_slot(None), event_slot(float("nan"))
+    (500000, 800000, 0, 0)
+    """
+    if threshold is None or not 0 <= threshold < 1:  # also NaN: InfluxDB refuses that line
+        return 0
+    return min(round(threshold * EVENT_SLOTS), EVENT_SLOTS - 1)
+
+
+def quota_event_line(command: Command) -> str:
+    """The line-protocol line (nanosecond precision) of a command.
+
+    The time is `issued_at` to the millisecond plus the command's `event_slot` in
+    nanoseconds; `allowance_bytes` and `threshold` are left out when they are null.
+
+    >>> command = Command.decode(b'{"command_id": "9f2c", "user_id": "alice",'
+    ...     b' "action": "warn", "reason": "threshold", "period_start": "2026-11-01T00:00:00Z",'
+    ...     b' "period_end": null, "used_bytes": 8, "allowance_bytes": 10, "threshold": 0.8,'
+    ...     b' "issued_at": "2026-11-24T10:00:01.234Z"}')
+    >>> print(quota_event_line(command))  # doctest: +NORMALIZE_WHITESPACE
+    quota_events,action=warn,reason=threshold,user_id=alice
+    command_id="9f2c",used_bytes=8i,allowance_bytes=10i,threshold=0.8
+    1795514401234800000
+    """
+    fields = f"command_id={_string_field(command.command_id)},used_bytes={command.used_bytes}i"
+    if command.allowance_bytes is not None:
+        fields += f",allowance_bytes={command.allowance_bytes}i"
+    if command.threshold is not None:
+        fields += f",threshold={float(command.threshold)!r}"
+    millisecond = (command.issued_at - _EPOCH) // _MILLISECOND
+    time_ns = millisecond * EVENT_SLOTS + event_slot(command.threshold)
+    return (
+        f"{QUOTA_EVENTS},action={command.action},reason={command.reason},"
+        f"user_id={_escape_tag(command.user_id)} {fields} {time_ns}"
+    )
 
 
 def _chunks(lines: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -99,20 +206,107 @@ def _chunks(lines: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(lines[start : start + size])
 
 
-class HeldPoint(NamedTuple):
-    """A coalesced point: its line, its series, its total and where the total came from."""
+class HeldPoint(Protocol):
+    """A point waiting for the next write: its line, and the record it came from."""
+
+    @property
+    def line(self) -> str:
+        """The point in line protocol."""
+        ...
+
+    @property
+    def precision(self) -> Precision:
+        """The unit of the line's timestamp."""
+        ...
+
+    @property
+    def origin(self) -> Origin:
+        """The record that set the point (the last one, when several were coalesced)."""
+        ...
+
+    def reading(self) -> dict[str, int | str]:
+        """The point as a dead letter's reading: its series and integer values."""
+        ...
+
+
+class TrafficPoint(NamedTuple):
+    """A coalesced traffic point: its line, its series, the totals row that set it and where
+    the row came from."""
 
     line: str
     key: SeriesKey
-    up: int
-    down: int
+    row: UserTotals
     origin: Origin
 
+    @property
+    def precision(self) -> Precision:
+        return "s"
+
     def reading(self) -> dict[str, int | str]:
-        """The point as a dead letter's reading."""
         period, user, node, start = self.key
+        up, down, billed_up, billed_down = _period_total(period, self.row)
         return {"user_id": user, "node_id": node, "period": period, "start": start,
-                "up": self.up, "down": self.down}
+                "up": up, "down": down, "billed_up": billed_up, "billed_down": billed_down}
+
+
+class QuotaUsagePoint(NamedTuple):
+    """A user's latest quota state, and the `<prefix>.quota` record it came from."""
+
+    line: str
+    state: QuotaState
+    origin: Origin
+
+    @property
+    def precision(self) -> Precision:
+        return "s"
+
+    def reading(self) -> dict[str, int | str]:
+        user, period_start, used, allowance, state_name = self.state
+        reading: dict[str, int | str] = {
+            "user_id": user, "period_start": period_start.isoformat(), "used_bytes": used,
+            "state": state_name,
+        }
+        if allowance is not None:
+            reading["allowance_bytes"] = allowance
+        return reading
+
+
+class QuotaEventPoint(NamedTuple):
+    """A command, and the `<prefix>.control` record it came from."""
+
+    line: str
+    command: Command
+    origin: Origin
+
+    @property
+    def precision(self) -> Precision:
+        return "ns"
+
+    def reading(self) -> dict[str, int | str]:
+        command = self.command
+        reading: dict[str, int | str] = {
+            "user_id": command.user_id, "action": command.action, "reason": command.reason,
+            "command_id": command.command_id, "used_bytes": command.used_bytes,
+        }
+        if command.allowance_bytes is not None:
+            reading["allowance_bytes"] = command.allowance_bytes
+        return reading
+
+
+def _period_total(period: PeriodKind, row: UserTotals) -> tuple[int, int, int, int]:
+    """A totals row's up, down, billed up and billed down bytes of the day or of the month.
+
+    A row without billed bytes (written before node rates existed) is billed as raw, as
+    `TotalsBatch.rows()` says; the coalescer holds rows as they came, since normalising
+    every row on the way in would cost the hot path a tuple per row.
+
+    >>> _period_total("month", ("alice", 1, 2, 10, 20)), _period_total("day", ("bob", *range(8)))
+    ((10, 20, 10, 20), (0, 1, 4, 5))
+    """
+    # a raw-only row's slice of billed bytes is empty
+    if period == "day":
+        return row[1:3] + (row[5:7] or row[1:3])
+    return row[3:5] + (row[7:9] or row[3:5])
 
 
 @dataclass
@@ -121,6 +315,8 @@ class SinkStats:
 
     records: int = 0
     totals: int = 0
+    quota_states: int = 0
+    commands: int = 0
     points: int = 0
     writes: int = 0
     failures: int = 0
@@ -131,68 +327,128 @@ class SinkStats:
     def line(self) -> str:
         """One line for logs and the status display."""
         return (
-            f"records={self.records} totals={self.totals} points={self.points} "
-            f"writes={self.writes} failures={self.failures} invalid={self.invalid} "
-            f"refused={self.refused}"
+            f"records={self.records} totals={self.totals} quota_states={self.quota_states} "
+            f"commands={self.commands} points={self.points} writes={self.writes} "
+            f"failures={self.failures} invalid={self.invalid} refused={self.refused}"
         )
 
 
 class Coalescer:
-    """The latest total of each series (period, user, node, start) since the last drain.
+    """The points of the next write: latest totals, latest quota states, every command.
 
-    Pure state: totals records go in, line-protocol lines come out, one per series.
+    Pure state: records go in, line-protocol lines come out: one per traffic series
+    (period, user, node, start) with its latest total, one per user with its latest
+    quota state, stamped with `clock()` (Unix seconds) when the lines are taken, and
+    one per command.
 
-    >>> coalescer = Coalescer()
+    >>> coalescer = Coalescer(clock=lambda: 1763980000.5)
     >>> coalescer.update(TotalsBatch.encode("n1", 86400, 0, [("alice", 1, 2, 10, 20)]))
     True
-    >>> coalescer.update(TotalsBatch.encode("n1", 86400, 0, [("alice", 5, 6, 14, 24)]))
+    >>> coalescer.update(TotalsBatch.encode("n1", 86400, 0,  # billed at a rate of 2
+    ...                                     [("alice", 5, 6, 14, 24, 10, 12, 28, 48)]))
     True
     >>> coalescer.update(b'{"node_id": "n1"}')  # not a TotalsBatch: nothing changes
     False
-    >>> len(coalescer), coalescer.totals
-    (2, 4)
-    >>> for line in coalescer.drain():
+    >>> coalescer.update_quota(QuotaBatch.encode([("alice", "2026-11-01T00:00:00Z", 76, 100,
+    ...                                            "enabled")]))
+    True
+    >>> len(coalescer), coalescer.totals, coalescer.quota_states
+    (3, 4, 1)
+    >>> for line in coalescer.drain():  # doctest: +NORMALIZE_WHITESPACE
     ...     print(line)
-    traffic_daily,node_id=n1,user_id=alice up_bytes=5i,down_bytes=6i,total_bytes=11i 86400
-    traffic_monthly,node_id=n1,user_id=alice up_bytes=14i,down_bytes=24i,total_bytes=38i 0
+    traffic_daily,node_id=n1,user_id=alice
+    up_bytes=5i,down_bytes=6i,total_bytes=11i,billed_up_bytes=10i,billed_down_bytes=12i,billed_total_bytes=22i
+    86400
+    traffic_monthly,node_id=n1,user_id=alice
+    up_bytes=14i,down_bytes=24i,total_bytes=38i,billed_up_bytes=28i,billed_down_bytes=48i,billed_total_bytes=76i
+    0
+    quota_usage,user_id=alice
+    used_bytes=76i,allowance_bytes=100i,state="enabled",period_start="2026-11-01T00:00:00+00:00"
+    1763980000
     >>> len(coalescer), coalescer.drain()
     (0, [])
     """
 
-    def __init__(self) -> None:
-        self._latest: dict[SeriesKey, tuple[int, int, Origin]] = {}
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._traffic: dict[SeriesKey, tuple[UserTotals, Origin]] = {}
+        self._quota: dict[str, tuple[QuotaState, Origin]] = {}
+        self._commands: list[tuple[Command, Origin]] = []
+        self._clock = clock
         self.totals = 0  # user totals taken in (a day's and a month's per row)
+        self.quota_states = 0  # quota rows taken in
+        self.commands = 0  # commands taken in
 
     def __len__(self) -> int:
-        return len(self._latest)
+        return len(self._traffic) + len(self._quota) + len(self._commands)
 
-    def update(self, value: bytes, origin: Origin = (-1, -1)) -> bool:
+    def update(self, value: bytes, origin: Origin = NO_ORIGIN) -> bool:
         """Coalesce one totals record into the held points; False if it is malformed.
 
-        `origin` (partition, offset) names the record in dead letters of its points.
+        `origin` (topic, partition, offset) names the record in dead letters of its points.
         """
         try:
             batch = TotalsBatch.decode(value)
         except ValidationError:
             return False
-        latest = self._latest
+        traffic = self._traffic
         node, day, month = batch.node_id, batch.day, batch.month
-        for user, day_up, day_down, month_up, month_down in batch.totals:
-            latest[("day", user, node, day)] = (day_up, day_down, origin)
-            latest[("month", user, node, month)] = (month_up, month_down, origin)
+        for row in batch.totals:
+            held = (row, origin)
+            user = row[0]
+            traffic[("day", user, node, day)] = held
+            traffic[("month", user, node, month)] = held
         self.totals += 2 * len(batch.totals)
+        return True
+
+    def update_quota(self, value: bytes, origin: Origin = NO_ORIGIN) -> bool:
+        """Coalesce one `QuotaBatch` record: each user's latest row replaces the held one.
+
+        False if the record is malformed (then nothing changes).
+        """
+        try:
+            batch = QuotaBatch.decode(value)
+        except ValidationError:
+            return False
+        quota = self._quota
+        for state in batch.states:
+            quota[state[0]] = (state, origin)
+        self.quota_states += len(batch.states)
+        return True
+
+    def add_command(self, value: bytes, origin: Origin = NO_ORIGIN) -> bool:
+        """Hold one `Command` record as a point of its own; False if it is malformed."""
+        try:
+            command = Command.decode(value)
+        except ValidationError:
+            return False
+        self._commands.append((command, origin))
+        self.commands += 1
         return True
 
     def points(self) -> Iterator[str]:
         """The held points as line protocol, without letting go of them."""
-        for key, (up, down, _) in self._latest.items():
-            yield point_line(key, up, down)
+        for key, (row, _) in self._traffic.items():
+            yield traffic_line(key, *_period_total(key[0], row))
+        now = int(self._clock())
+        for state, _ in self._quota.values():
+            yield quota_usage_line(state, now)
+        for command, _ in self._commands:
+            yield quota_event_line(command)
 
     def take(self) -> list[HeldPoint]:
-        """The held points with their series and origin; the coalescer is empty afterwards."""
-        held = [HeldPoint(point_line(key, up, down), key, up, down, origin)
-                for key, (up, down, origin) in self._latest.items()]
-        self._latest.clear()
+        """The held points with their origin; the coalescer is empty afterwards."""
+        held: list[HeldPoint] = [
+            TrafficPoint(traffic_line(key, *_period_total(key[0], row)), key, row, origin)
+            for key, (row, origin) in self._traffic.items()
+        ]
+        now = int(self._clock())
+        held += [QuotaUsagePoint(quota_usage_line(state, now), state, origin)
+                 for state, origin in self._quota.values()]
+        held += [QuotaEventPoint(quota_event_line(command), command, origin)
+                 for command, origin in self._commands]
+        self._traffic.clear()
+        self._quota.clear()
+        self._commands.clear()
         return held
 
     def drain(self) -> list[str]:
@@ -278,8 +534,8 @@ class InfluxWriter:
         )
         self._write_api = self._client.write_api()
 
-    async def write(self, lines: Sequence[str]) -> None:
-        """Write lines (second precision) in one request.
+    async def write(self, lines: Sequence[str], precision: Precision = "s") -> None:
+        """Write lines whose timestamps are in `precision` in one request.
 
         Raises `WriteRefused` when InfluxDB refuses the points themselves, and
         whatever the client raised when the write may succeed if tried again.
@@ -288,7 +544,7 @@ class InfluxWriter:
             await self._write_api.write(
                 bucket=self.settings.influx_bucket,
                 record="\n".join(lines),
-                write_precision=WritePrecision.S,  # type: ignore[arg-type]
+                write_precision=precision,  # type: ignore[arg-type]
             )
         except ApiException as exc:
             refused = refusal(exc)
@@ -355,12 +611,39 @@ def _brief(exc: BaseException) -> str:
     return text[:300]
 
 
-class InfluxSink:
-    """Consumes totals, coalesces them and writes them to InfluxDB, never dropping one.
+class _Input(NamedTuple):
+    """A topic the sink consumes: the contract of its records and how the coalescer holds one."""
 
-    The runner: Kafka in, a `Coalescer` in between, an `InfluxWriter` out. Offsets
-    are committed only after InfluxDB accepted every point consumed before them,
-    or refused it for good and it went to `<prefix>.dead`.
+    contract: type[TotalsBatch] | type[QuotaBatch] | type[Command]
+    hold: Callable[[bytes, Origin], bool]
+
+
+def _invalid_detail(contract: type[TotalsBatch] | type[QuotaBatch] | type[Command],
+                    value: bytes | None) -> str:
+    """Why a record is not a `contract` record, for its dead letter (only on that path).
+
+    >>> _invalid_detail(Command, b'{"user_id": "alice"}')
+    'not a Command record: command_id: Field required'
+    """
+    problem = "no value" if value is None else "malformed"
+    if value is not None:
+        try:
+            contract.decode(value)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            # a union's members are named by their types in `loc`: left out
+            where = ".".join(str(part) for part in error["loc"] if "[" not in str(part))
+            problem = f"{where}: {error['msg']}" if where else error["msg"]
+    return f"not a {contract.__name__} record: {problem}"[:500]
+
+
+class InfluxSink:
+    """Consumes totals, quota states and commands and writes them to InfluxDB, never dropping one.
+
+    The runner: Kafka in (one consumer of `<prefix>.totals`, `.quota` and `.control`),
+    a `Coalescer` in between, an `InfluxWriter` out. Offsets are committed only after
+    InfluxDB accepted every point consumed before them, or refused it for good and it
+    went to `<prefix>.dead`.
     """
 
     def __init__(self, settings: Settings, *, max_backoff_s: float = 30.0) -> None:
@@ -371,6 +654,15 @@ class InfluxSink:
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None
         self._outage = _OutageLog()
+
+    def _inputs(self) -> dict[str, _Input]:
+        """The topics the sink consumes, each with its contract and the coalescer's method."""
+        topics, coalescer = self.settings.topics, self.coalescer
+        return {
+            topics.totals: _Input(TotalsBatch, coalescer.update),
+            topics.quota: _Input(QuotaBatch, coalescer.update_quota),
+            topics.control: _Input(Command, coalescer.add_command),
+        }
 
     def stop(self) -> None:
         """Ask `run()` to flush what it holds and return, within a few seconds."""
@@ -425,9 +717,10 @@ class InfluxSink:
                     consumer.pause(tp)
 
     async def _write_all(
-        self, writer: InfluxWriter, consumer: AIOKafkaConsumer, lines: list[str]
+        self, writer: InfluxWriter, consumer: AIOKafkaConsumer, lines: list[str],
+        precision: Precision,
     ) -> dict[str, str]:
-        """Write the lines; the refused ones come back with InfluxDB's reason.
+        """Write the lines (all of `precision`); the refused ones come back with InfluxDB's reason.
 
         A refused chunk is not sent again as a whole: the lines InfluxDB names are
         refused; where it names none, a chunk InfluxDB dropped entirely is refused and
@@ -444,7 +737,7 @@ class InfluxSink:
             while pending:
                 chunk = pending.pop()
                 try:
-                    await self._until_stopped(writer.write(chunk))
+                    await self._until_stopped(writer.write(chunk, precision))
                 except _Stopped:
                     raise
                 except Exception as exc:  # the client raises many types
@@ -497,11 +790,11 @@ class InfluxSink:
             reason = refused.get(point.line)
             if reason is None:
                 continue
-            partition, offset = point.origin
+            topic, partition, offset = point.origin
             sent.append(await dead.send(
                 topics.dead,
                 value=DeadLetter.encode(
-                    "invalid", reason, topic=topics.totals, partition=partition,
+                    "invalid", reason, topic=topic, partition=partition,
                     offset=offset, payload=point.line.encode(), readings=(point.reading(),),
                 ),
                 partition=partition if partition >= 0 else None,
@@ -516,7 +809,7 @@ class InfluxSink:
         """Consume and write until `stop()`; commits only what InfluxDB has accepted."""
         settings = self.settings
         consumer = AIOKafkaConsumer(
-            settings.topics.totals,
+            *self._inputs(),
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.topics.influx_sink_group,
             enable_auto_commit=False,
@@ -544,6 +837,7 @@ class InfluxSink:
     ) -> None:
         settings = self.settings
         coalescer = self.coalescer
+        inputs = self._inputs()
         while True:
             try:
                 await self._until_stopped(writer.ensure_database())
@@ -558,21 +852,24 @@ class InfluxSink:
         while not self._stopping.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=20_000)
             for tp, records in batches.items():
+                contract, hold = inputs[tp.topic]
                 for record in records:
                     self.stats.records += 1
-                    origin = (tp.partition, record.offset)
-                    if record.value is None or not coalescer.update(record.value, origin):
+                    origin = (tp.topic, tp.partition, record.offset)
+                    if record.value is None or not hold(record.value, origin):
                         self.stats.invalid += 1
                         await dead.send_and_wait(
                             settings.topics.dead,
                             value=DeadLetter.encode(
-                                "invalid", "not a TotalsBatch record", topic=tp.topic,
-                                partition=tp.partition, offset=record.offset,
+                                "invalid", _invalid_detail(contract, record.value),
+                                topic=tp.topic, partition=tp.partition, offset=record.offset,
                                 payload=record.value,
                             ),
                             partition=tp.partition,
                         )
             self.stats.totals = coalescer.totals
+            self.stats.quota_states = coalescer.quota_states
+            self.stats.commands = coalescer.commands
             now = time.monotonic()
             if (
                 now - last_flush >= settings.sink_flush_interval_s
@@ -591,7 +888,11 @@ class InfluxSink:
         """
         held = self.coalescer.take()
         if held:
-            refused = await self._write_all(writer, consumer, [point.line for point in held])
+            refused: dict[str, str] = {}
+            for precision in PRECISIONS:
+                lines = [point.line for point in held if point.precision == precision]
+                if lines:
+                    refused |= await self._write_all(writer, consumer, lines, precision)
             if refused:
                 await self._dead_letter(dead, held, refused)
         try:

@@ -50,8 +50,10 @@ class InfluxQL:
             settings.influx_url, settings.influx_bucket, settings.influx_token.get_secret_value()
         )
 
-    def _request(self, statement: str, method: str, database: str | None) -> dict[str, Any]:
-        params = {"q": statement, "epoch": "s"}
+    def _request(
+        self, statement: str, method: str, database: str | None, epoch: str = "s"
+    ) -> dict[str, Any]:
+        params = {"q": statement, "epoch": epoch}
         if database:
             params["db"] = database
         data = urllib.parse.urlencode(params).encode()
@@ -75,9 +77,13 @@ class InfluxQL:
                 raise InfluxQLError(f"InfluxQL error: {result['error']}")
         return body
 
-    def query(self, statement: str) -> list[Series]:
-        """Run a read statement and return its series."""
-        body = self._request(statement, "GET", self.database)
+    def query(self, statement: str, epoch: str = "s") -> list[Series]:
+        """Run a read statement and return its series, times as integers in `epoch` units.
+
+        `epoch` is `s` (Unix seconds, the default), `ms`, `u` or `ns`; quota events keep
+        their milliseconds and more (see `quotaflow.sinks.influx.quota_event_line`).
+        """
+        body = self._request(statement, "GET", self.database, epoch)
         out: list[Series] = []
         for result in body.get("results", []):
             for series in result.get("series", []):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -13,13 +14,35 @@ from hypothesis import strategies as st
 
 from quotaflow.core.contracts import TotalsBatch, identifier_problem
 from quotaflow.core.periods import Calendar
+from quotaflow.core.plans import Command, QuotaBatch
 from quotaflow.core.settings import Settings
 from quotaflow.dev.simulation import FleetSpec, simulate
 from quotaflow.dev.truth_check import compare, read_daily_totals
 from quotaflow.producers.publisher import ReportPublisher
-from quotaflow.sinks.influx import Coalescer, line_protocol
+from quotaflow.sinks.influx import (
+    EVENT_SLOTS,
+    Coalescer,
+    QuotaEventPoint,
+    QuotaUsagePoint,
+    TrafficPoint,
+    line_protocol,
+    quota_event_line,
+)
 from quotaflow.sinks.influxql import InfluxQL, quote_ident, quote_string
 from quotaflow.streams.lag import LagProbe
+
+DAILY = "traffic_daily,node_id=n1,user_id=alice"
+MONTHLY = "traffic_monthly,node_id=n1,user_id=alice"
+
+
+def _fields(up: int, down: int, billed_up: int | None = None,
+            billed_down: int | None = None) -> str:
+    """A traffic point's fields; billed as raw unless given."""
+    billed_up = up if billed_up is None else billed_up
+    billed_down = down if billed_down is None else billed_down
+    return (f"up_bytes={up}i,down_bytes={down}i,total_bytes={up + down}i,"
+            f"billed_up_bytes={billed_up}i,billed_down_bytes={billed_down}i,"
+            f"billed_total_bytes={billed_up + billed_down}i")
 
 
 def test_coalescer_keeps_the_latest_total_of_each_series() -> None:
@@ -28,8 +51,8 @@ def test_coalescer_keeps_the_latest_total_of_each_series() -> None:
     assert coalescer.update(TotalsBatch.encode("n1", 86400, 0, [("alice", 5, 6, 14, 24)]))
     assert not coalescer.update(b'{"node_id": "n1"}')
     assert sorted(coalescer.points()) == [
-        "traffic_daily,node_id=n1,user_id=alice up_bytes=5i,down_bytes=6i,total_bytes=11i 86400",
-        "traffic_monthly,node_id=n1,user_id=alice up_bytes=14i,down_bytes=24i,total_bytes=38i 0",
+        f"{DAILY} {_fields(5, 6)} 86400",
+        f"{MONTHLY} {_fields(14, 24)} 0",
     ]
 
 
@@ -44,27 +67,295 @@ def test_coalescer_keeps_series_apart_and_drains_once() -> None:
     assert (len(coalescer), coalescer.totals) == (7, 8)
     lines = coalescer.drain()
     assert len(lines) == 7
-    day = "traffic_daily,node_id=n1,user_id=alice"
-    month = "traffic_monthly,node_id=n1,user_id=alice"
-    assert f"{day} up_bytes=1i,down_bytes=2i,total_bytes=3i 86400" in lines
-    assert f"{day} up_bytes=9i,down_bytes=9i,total_bytes=18i 172800" in lines
-    assert f"{month} up_bytes=19i,down_bytes=29i,total_bytes=48i 0" in lines
+    assert f"{DAILY} {_fields(1, 2)} 86400" in lines
+    assert f"{DAILY} {_fields(9, 9)} 172800" in lines
+    assert f"{MONTHLY} {_fields(19, 29)} 0" in lines
     assert len(coalescer) == 0 and coalescer.drain() == []
     assert list(coalescer.points()) == []
+
+
+def test_billed_bytes_are_written_beside_the_raw_ones() -> None:
+    coalescer = Coalescer()
+    rows = [("alice", 100, 200, 1000, 2000, 150, 300, 1500, 3000),  # a rate of 1.5
+            ("bob", 7, 9, 70, 90, 0, 0, 0, 0)]  # a free node
+    assert coalescer.update(TotalsBatch.encode("n1", 86400, 0, rows))
+    assert sorted(coalescer.drain()) == sorted([
+        f"{DAILY} {_fields(100, 200, 150, 300)} 86400",
+        f"{MONTHLY} {_fields(1000, 2000, 1500, 3000)} 0",
+        f"traffic_daily,node_id=n1,user_id=bob {_fields(7, 9, 0, 0)} 86400",
+        f"traffic_monthly,node_id=n1,user_id=bob {_fields(70, 90, 0, 0)} 0",
+    ])
+
+
+def test_rows_written_before_rates_existed_are_billed_as_raw() -> None:
+    """Old 5-item rows, alone or beside 9-item ones in a record, as `TotalsBatch.rows()` says."""
+    coalescer = Coalescer()
+    old = b'{"node_id":"n1","day":86400,"month":0,"totals":[["alice",1,2,10,20]]}'
+    assert coalescer.update(old)
+    assert sorted(coalescer.drain()) == [f"{DAILY} {_fields(1, 2)} 86400",
+                                         f"{MONTHLY} {_fields(10, 20)} 0"]
+    mixed = TotalsBatch.encode("n1", 86400, 0, [("alice", 3, 4, 30, 40),
+                                                ("bob", 1, 1, 1, 1, 2, 2, 2, 2)])
+    assert coalescer.update(mixed)
+    assert sorted(coalescer.drain()) == sorted([
+        f"{DAILY} {_fields(3, 4)} 86400",
+        f"{MONTHLY} {_fields(30, 40)} 0",
+        f"traffic_daily,node_id=n1,user_id=bob {_fields(1, 1, 2, 2)} 86400",
+        f"traffic_monthly,node_id=n1,user_id=bob {_fields(1, 1, 2, 2)} 0",
+    ])
+
+
+def _row_strategy() -> st.SearchStrategy[tuple[Any, ...]]:
+    counter = st.integers(0, 2**63 - 1)
+    user = st.sampled_from(["alice", "bob", "carol"])
+    return (st.tuples(user, counter, counter, counter, counter)
+            | st.tuples(user, counter, counter, counter, counter,
+                        counter, counter, counter, counter))
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_row_strategy(), min_size=1, max_size=4), min_size=1, max_size=6))
+def test_property_each_series_gets_the_last_row_raw_and_billed(
+    records: list[list[tuple[Any, ...]]],
+) -> None:
+    coalescer = Coalescer()
+    for rows in records:
+        assert coalescer.update(TotalsBatch.encode("n", 86400, 0, rows))
+    last = {row[0]: row if len(row) == 9 else (*row, *row[1:]) for rows in records for row in rows}
+    expected = set()
+    for user, du, dd, mu, md, bdu, bdd, bmu, bmd in last.values():
+        expected.add(f"traffic_daily,node_id=n,user_id={user} {_fields(du, dd, bdu, bdd)} 86400")
+        expected.add(f"traffic_monthly,node_id=n,user_id={user} {_fields(mu, md, bmu, bmd)} 0")
+    assert set(coalescer.drain()) == expected and len(expected) == 2 * len(last)
 
 
 def test_coalescer_refuses_what_is_not_a_totals_record() -> None:
     coalescer = Coalescer()
     negative = b'{"node_id": "n", "day": 0, "month": 0, "totals": [["u", -1, 0, 0, 0]]}'
-    for bad in (b"", b"not json", b"[]", negative):
+    six = b'{"node_id": "n", "day": 0, "month": 0, "totals": [["u", 1, 0, 0, 0, 1]]}'
+    for bad in (b"", b"not json", b"[]", negative, six):
         assert not coalescer.update(bad)
     assert (len(coalescer), coalescer.totals) == (0, 0)
 
 
 def test_tags_with_special_characters_are_escaped() -> None:
     # InfluxDB 1.x keeps a backslash in a tag value as it is: escaping it would double it.
-    line = next(line_protocol({("day", "a,b=c d", "n\\1", 0): (1, 1)}))
+    line = next(line_protocol({("day", "a,b=c d", "n\\1", 0): (1, 1, 1, 1)}))
     assert line.startswith("traffic_daily,node_id=n\\1,user_id=a\\,b\\=c\\ d ")
+
+
+# --- quota_usage: the latest quota state of each user, at the flush time ----------------
+
+NOVEMBER = "2026-11-01T00:00:00+01:00"
+
+
+def _quota(*rows: tuple[str, str, int, int | None, str]) -> bytes:
+    return QuotaBatch.encode(list(rows))
+
+
+def test_quota_usage_keeps_the_latest_state_of_each_user_at_the_flush_time() -> None:
+    now = [1795514401.9]
+    coalescer = Coalescer(clock=lambda: now[0])
+    assert coalescer.update_quota(_quota(("alice", NOVEMBER, 10, 100, "enabled"),
+                                         ("bob", NOVEMBER, 5, None, "enabled")))
+    assert coalescer.update_quota(_quota(("alice", NOVEMBER, 80, 100, "enabled"),
+                                         ("alice", NOVEMBER, 120, 100, "disabled")))
+    assert (len(coalescer), coalescer.quota_states) == (2, 4)
+    assert sorted(coalescer.drain()) == [
+        'quota_usage,user_id=alice used_bytes=120i,allowance_bytes=100i,state="disabled",'
+        f'period_start="{NOVEMBER}" 1795514401',
+        # unlimited: no allowance_bytes at all
+        f'quota_usage,user_id=bob used_bytes=5i,state="enabled",period_start="{NOVEMBER}"'
+        " 1795514401",
+    ]
+    now[0] += 60  # the next flush stamps its own time; what was taken is gone
+    assert coalescer.update_quota(_quota(("alice", "2026-12-01T00:00:00Z", 0, 100, "enabled")))
+    assert coalescer.drain() == [
+        'quota_usage,user_id=alice used_bytes=0i,allowance_bytes=100i,state="enabled",'
+        'period_start="2026-12-01T00:00:00+00:00" 1795514461'
+    ]
+
+
+def test_quota_usage_escapes_user_ids_like_the_traffic() -> None:
+    coalescer = Coalescer(clock=lambda: 0)
+    assert coalescer.update_quota(_quota(("a,b=c d", NOVEMBER, 1, 2, "enabled")))
+    [line] = coalescer.drain()
+    assert line.startswith("quota_usage,user_id=a\\,b\\=c\\ d used_bytes=1i,")
+    assert influx_1_8_parse(line) == [{"user_id": "a,b=c d"}]
+
+
+def test_coalescer_refuses_what_is_not_a_quota_record() -> None:
+    coalescer = Coalescer()
+    for bad in (b"", b"[]", b'{"states": [["alice", "yesterday", 1, 2, "enabled"]]}',
+                b'{"states": [["alice", "2026-11-01T00:00:00", 1, 2, "enabled"]]}',  # naive
+                b'{"states": [["alice", "2026-11-01T00:00:00Z", -1, 2, "enabled"]]}',
+                b'{"states": [["alice", "2026-11-01T00:00:00Z", 1, 2, "paused"]]}',
+                b'{"states": [], "states": []}',
+                TotalsBatch.encode("n", 0, 0, [("alice", 1, 2, 3, 4, 1, 2, 3, 4)])):
+        assert not coalescer.update_quota(bad), bad
+    assert (len(coalescer), coalescer.quota_states) == (0, 0)
+
+
+_STATE = st.tuples(
+    st.sampled_from(["alice", "bob", "carol", "dave"]),
+    st.sampled_from([NOVEMBER, "2026-12-01T00:00:00+01:00"]),
+    st.integers(0, 2**63 - 1),
+    st.none() | st.integers(0, 2**63 - 1),
+    st.sampled_from(["enabled", "disabled"]),
+)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_STATE, min_size=1, max_size=5), min_size=1, max_size=8),
+       st.data())
+def test_property_any_interleaving_of_quota_rows_gives_the_last_row_of_each_user(
+    records: list[list[tuple[str, str, int, int | None, str]]], data: st.DataObject,
+) -> None:
+    """Records of several partitions arrive interleaved; each user keeps one partition."""
+    partitions = {"alice": 0, "bob": 1, "carol": 0, "dave": 2}
+    # the records of each partition in order, then any interleaving of the partitions
+    per_partition: dict[int, list[bytes]] = {}
+    for rows in records:
+        for partition in sorted({partitions[row[0]] for row in rows}):
+            mine = [row for row in rows if partitions[row[0]] == partition]
+            per_partition.setdefault(partition, []).append(_quota(*mine))
+    queues = {p: list(values) for p, values in per_partition.items()}
+    coalescer = Coalescer(clock=lambda: 7)
+    while queues:
+        partition = data.draw(st.sampled_from(sorted(queues)))
+        assert coalescer.update_quota(queues[partition].pop(0), ("t.quota", partition, 0))
+        if not queues[partition]:
+            del queues[partition]
+    last = {row[0]: row for rows in records for row in rows}
+    held = coalescer.take()
+    assert all(isinstance(point, QuotaUsagePoint) for point in held)
+    assert {point.state[0]: (point.state[2], point.state[3], point.state[4])
+            for point in held} == {user: row[2:] for user, row in last.items()}
+    assert len(held) == len(last)
+
+
+# --- quota_events: one point per command, at issued_at ------------------------------------
+
+ISSUED = datetime(2026, 11, 24, 10, 0, 1, 234000, tzinfo=UTC)
+ISSUED_NS = 1795514401234 * EVENT_SLOTS
+
+
+def _command(command_id: str = "c1", user_id: str = "alice", action: str = "warn",
+             reason: str = "threshold", used: int = 80, allowance: int | None = 100,
+             threshold: float | None = 0.8, issued_at: datetime = ISSUED) -> Command:
+    return Command(
+        command_id=command_id, user_id=user_id, action=action,
+        reason=reason,
+        period_start=datetime(2026, 11, 1, tzinfo=ZoneInfo("Europe/Berlin")),
+        period_end=datetime(2026, 12, 1, tzinfo=ZoneInfo("Europe/Berlin")),
+        used_bytes=used, allowance_bytes=allowance, threshold=threshold, issued_at=issued_at,
+    )
+
+
+def test_each_command_is_a_point_at_its_issued_at() -> None:
+    coalescer = Coalescer()
+    assert coalescer.add_command(_command("w5", threshold=0.5, used=50).encode(),
+                                 ("t.control", 2, 41))
+    assert coalescer.add_command(_command("w8").encode(), ("t.control", 2, 42))
+    assert coalescer.add_command(
+        _command("d1", action="disable", reason="quota", used=100, threshold=None,
+                 issued_at=ISSUED + timedelta(milliseconds=5)).encode(), ("t.control", 2, 43))
+    assert coalescer.add_command(
+        _command("o1", user_id="bob", action="disable", reason="operator", used=7,
+                 allowance=None, threshold=None).encode(), ("t.control", 1, 7))
+    assert (len(coalescer), coalescer.commands) == (4, 4)
+    held = coalescer.take()
+    assert all(isinstance(p, QuotaEventPoint) and p.precision == "ns" for p in held)
+    assert [p.line for p in held] == [
+        # two warnings of one batch share issued_at: their thresholds, in millionths of
+        # a millisecond, keep them apart
+        'quota_events,action=warn,reason=threshold,user_id=alice command_id="w5",'
+        f"used_bytes=50i,allowance_bytes=100i,threshold=0.5 {ISSUED_NS + 500_000}",
+        'quota_events,action=warn,reason=threshold,user_id=alice command_id="w8",'
+        f"used_bytes=80i,allowance_bytes=100i,threshold=0.8 {ISSUED_NS + 800_000}",
+        'quota_events,action=disable,reason=quota,user_id=alice command_id="d1",'
+        f"used_bytes=100i,allowance_bytes=100i {ISSUED_NS + 5 * EVENT_SLOTS}",
+        # unlimited and not a warning: neither allowance_bytes nor threshold
+        'quota_events,action=disable,reason=operator,user_id=bob command_id="o1",'
+        f"used_bytes=7i {ISSUED_NS}",
+    ]
+    assert len(coalescer) == 0 and coalescer.drain() == []
+
+
+def test_a_command_sent_twice_is_one_point() -> None:
+    """Redelivered to the sink, or re-sent by a worker after a crash (a new offset)."""
+    value = _command().encode()
+    coalescer = Coalescer()
+    assert coalescer.add_command(value, ("t.control", 0, 17))
+    assert coalescer.add_command(value, ("t.control", 0, 17))
+    assert coalescer.add_command(value, ("t.control", 0, 3_000_018))
+    first, redelivered, resent = coalescer.drain()
+    assert first == redelivered == resent and first.endswith(f" {ISSUED_NS + 800_000}")
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.sets(st.floats(0.000001, 0.999999), min_size=1, max_size=6).filter(
+    lambda thresholds: len({round(t * EVENT_SLOTS) for t in thresholds}) == len(thresholds)))
+def test_property_the_warnings_of_one_batch_are_points_in_their_order(
+    thresholds: set[float],
+) -> None:
+    """Thresholds at least a millionth apart (plans name a few, such as 0.5, 0.8, 0.95)."""
+    coalescer = Coalescer()
+    ordered = sorted(thresholds)
+    for i, threshold in enumerate(ordered):  # the worker issues them in ascending order
+        assert coalescer.add_command(_command(f"w{i}", threshold=threshold).encode())
+    times = [int(line.rsplit(" ", 1)[1]) for line in coalescer.drain()]
+    assert times == sorted(set(times)) and len(times) == len(ordered)
+    assert all(ISSUED_NS <= t < ISSUED_NS + EVENT_SLOTS for t in times)  # within issued_at's ms
+
+
+def test_an_event_time_keeps_the_milliseconds_and_drops_finer_parts() -> None:
+    command = _command(issued_at=ISSUED + timedelta(microseconds=999), threshold=None)
+    assert quota_event_line(command).endswith(f" {ISSUED_NS}")
+    before_1970 = _command(issued_at=datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+                           threshold=0.25)
+    assert quota_event_line(before_1970).endswith(f" {-1 * EVENT_SLOTS + 250_000}")
+
+
+def test_command_ids_are_escaped_as_string_fields() -> None:
+    awkward = 'say "hi", a=b c\\'
+    line = quota_event_line(_command(awkward, user_id="a,b=c d"))
+    assert 'command_id="say \\"hi\\", a=b c\\\\",' in line
+    assert influx_1_8_parse(line) == [{"action": "warn", "reason": "threshold",
+                                       "user_id": "a,b=c d"}]
+
+
+def test_coalescer_refuses_what_is_not_a_command() -> None:
+    good = _command().encode()
+    coalescer = Coalescer()
+    for bad in (b"", b"{}", good.replace(b'"warn"', b'"ban"'),
+                good.replace(b'"issued_at":"2026-11-24T10:00:01.234Z"',
+                             b'"issued_at":"2026-11-24T10:00:01"'),  # no offset
+                good.replace(b'"used_bytes":80', b'"used_bytes":-1'),
+                good.replace(b'"command_id":"c1"', b'"command_id":"c1","command_id":"c2"'),
+                _quota(("alice", NOVEMBER, 1, 2, "enabled"))):
+        assert not coalescer.add_command(bad), bad
+    assert (len(coalescer), coalescer.commands) == (0, 0)
+
+
+def test_a_dead_letter_reading_names_the_point() -> None:
+    coalescer = Coalescer(clock=lambda: 0)
+    coalescer.update(TotalsBatch.encode("n1", 86400, 0, [("alice", 1, 2, 3, 4, 2, 4, 6, 8)]))
+    coalescer.update_quota(_quota(("bob", NOVEMBER, 5, None, "enabled")))
+    coalescer.add_command(_command(allowance=None).encode())
+    held = coalescer.take()
+    assert [type(p) for p in held] == [TrafficPoint, TrafficPoint, QuotaUsagePoint,
+                                       QuotaEventPoint]
+    readings = sorted((p.reading() for p in held), key=str)
+    assert readings == sorted([
+        {"user_id": "alice", "node_id": "n1", "period": "day", "start": 86400,
+         "up": 1, "down": 2, "billed_up": 2, "billed_down": 4},
+        {"user_id": "alice", "node_id": "n1", "period": "month", "start": 0,
+         "up": 3, "down": 4, "billed_up": 6, "billed_down": 8},
+        {"user_id": "bob", "period_start": NOVEMBER, "used_bytes": 5, "state": "enabled"},
+        {"user_id": "alice", "action": "warn", "reason": "threshold", "command_id": "c1",
+         "used_bytes": 80},
+    ], key=str)
 
 
 @pytest.mark.integration
@@ -238,8 +529,9 @@ def test_the_parser_port_reproduces_influxdb_1_8() -> None:
 @pytest.mark.parametrize("user_id", AWKWARD_IDS)
 def test_allowed_identifiers_round_trip_through_line_protocol(user_id: str) -> None:
     assert identifier_problem(user_id) is None
-    points = {("day", user_id, user_id, 86400): (1, 2), ("month", "bob", user_id, 0): (3, 4),
-              ("day", "carol", "n", 86400): (5, 6)}
+    points = {("day", user_id, user_id, 86400): (1, 2, 1, 2),
+              ("month", "bob", user_id, 0): (3, 4, 6, 8),
+              ("day", "carol", "n", 86400): (5, 6, 5, 6)}
     assert influx_1_8_parse("\n".join(line_protocol(points))) == [
         {"node_id": user_id, "user_id": user_id},
         {"node_id": user_id, "user_id": "bob"},
@@ -260,7 +552,7 @@ def test_allowed_identifiers_round_trip_through_line_protocol(user_id: str) -> N
     )
 )
 def test_property_every_allowed_identifier_round_trips(ids: list[str]) -> None:
-    points = {("day", user, ids[-1 - i], 86400 * i): (1, 1) for i, user in enumerate(ids)}
+    points = {("day", user, ids[-1 - i], 86400 * i): (1, 1, 1, 1) for i, user in enumerate(ids)}
     parsed = influx_1_8_parse("\n".join(line_protocol(points)))
     assert parsed == [{"node_id": node, "user_id": user}
                       for (_, user, node, _), _ in points.items()]
@@ -279,7 +571,15 @@ def test_awkward_identifiers_round_trip_through_influxdb(settings: Settings) -> 
     trailing = "trailing\\"
     assert identifier_problem(trailing) == "must not end with a backslash"
     ids = [*AWKWARD_IDS, "plain"]
-    points = {("day", user, f"node-{i}\\x", 86400): (i, 2 * i) for i, user in enumerate(ids, 1)}
+    points = {("day", user, f"node-{i}\\x", 86400): (i, 2 * i, 2 * i, 4 * i)
+              for i, user in enumerate(ids, 1)}
+    now = 1795514401
+    quota = Coalescer(clock=lambda: now)
+    for i, user in enumerate(ids):
+        assert quota.update_quota(QuotaBatch.encode([(user, NOVEMBER, i, i + 1, "enabled")]))
+        assert quota.add_command(_command(f'{user} "{i}"\\', user_id=user).encode(),
+                                 ("t.control", 0, i))
+    held = quota.take()
     with InfluxDBClient(url=settings.influx_url, token=settings.influx_token.get_secret_value(),
                         org=settings.influx_org) as client:
         write_api = client.write_api(write_options=SYNCHRONOUS)
@@ -287,24 +587,41 @@ def test_awkward_identifiers_round_trip_through_influxdb(settings: Settings) -> 
             bucket=settings.influx_bucket, record="\n".join(line_protocol(points)),
             write_precision=WritePrecision.S,
         )
+        for precision in ("s", "ns"):
+            write_api.write(
+                bucket=settings.influx_bucket, write_precision=precision,
+                record="\n".join(p.line for p in held if p.precision == precision),
+            )
         # Why the contract refuses a trailing backslash: no escaping can write it.
         with pytest.raises(ApiException, match="invalid tag format"):
             write_api.write(
                 bucket=settings.influx_bucket, write_precision=WritePrecision.S,
-                record=next(line_protocol({("day", trailing, "n", 0): (1, 1)})),
+                record=next(line_protocol({("day", trailing, "n", 0): (1, 1, 1, 1)})),
             )
-    for (_, user, node, _), (up, down) in points.items():
+    for (_, user, node, _), (up, down, billed_up, billed_down) in points.items():
         series = influxql.query(
-            f"SELECT up_bytes, down_bytes, total_bytes FROM traffic_daily "
+            f"SELECT up_bytes, down_bytes, total_bytes, billed_up_bytes, billed_down_bytes, "
+            f"billed_total_bytes FROM traffic_daily "
             f"WHERE user_id = {quote_string(user)} AND node_id = {quote_string(node)} "
             f"GROUP BY user_id, node_id"
         )
         assert [(s.tags, s.rows) for s in series] == [(
             {"node_id": node, "user_id": user},
-            [{"time": 86400, "up_bytes": up, "down_bytes": down, "total_bytes": up + down}],
+            [{"time": 86400, "up_bytes": up, "down_bytes": down, "total_bytes": up + down,
+              "billed_up_bytes": billed_up, "billed_down_bytes": billed_down,
+              "billed_total_bytes": billed_up + billed_down}],
         )], user
-    shown = influxql.query("SHOW TAG VALUES FROM traffic_daily WITH KEY = user_id")
-    assert sorted(row["value"] for row in shown[0].rows) == sorted(ids)
+    for measurement in ("traffic_daily", "quota_usage", "quota_events"):
+        shown = influxql.query(f"SHOW TAG VALUES FROM {measurement} WITH KEY = user_id")
+        assert sorted(row["value"] for row in shown[0].rows) == sorted(ids), measurement
+    for i, user in enumerate(ids):
+        [usage] = influxql.query(f"SELECT used_bytes, allowance_bytes FROM quota_usage "
+                                 f"WHERE user_id = {quote_string(user)}")
+        assert usage.rows == [{"time": now, "used_bytes": i, "allowance_bytes": i + 1}], user
+        [event] = influxql.query(f"SELECT command_id FROM quota_events "
+                                 f"WHERE user_id = {quote_string(user)}", epoch="ns")
+        assert event.rows == [{"time": ISSUED_NS + 800_000,
+                               "command_id": f'{user} "{i}"\\'}], user
 
 
 def test_quote_string_follows_the_influxql_scanner() -> None:
@@ -352,19 +669,25 @@ def test_property_quoted_literals_read_back_exactly(value: str) -> None:
 # --- the runner against fakes of Kafka and InfluxDB: refusals, outages, stopping -----------
 
 class _Record:
-    def __init__(self, offset: int, value: bytes) -> None:
+    def __init__(self, offset: int, value: bytes | None) -> None:
         self.offset, self.value = offset, value
 
 
-class FakeConsumer:
-    """What the sink uses of AIOKafkaConsumer: positions advance as getmany returns records."""
+TOPICS = Settings().topics  # those of `_fake_sink`'s settings
 
-    def __init__(self, topic: str, partitions: int = 1) -> None:
+
+class FakeConsumer:
+    """What the sink uses of AIOKafkaConsumer: positions advance as getmany returns records.
+
+    It is assigned `partitions` partitions of each of the sink's three topics.
+    """
+
+    def __init__(self, partitions: int = 1) -> None:
         from aiokafka.structs import TopicPartition
 
-        self.topic = topic
-        self.tp = lambda p: TopicPartition(topic, p)
-        self.assigned = {self.tp(p) for p in range(partitions)}
+        self.tp = lambda p, topic=TOPICS.totals: TopicPartition(topic, p)
+        self.assigned = {self.tp(p, topic) for p in range(partitions)
+                         for topic in (TOPICS.totals, TOPICS.quota, TOPICS.control)}
         self.queue: list[tuple[Any, _Record]] = []
         self.sent: dict[Any, list[_Record]] = {}
         self.positions: dict[Any, int] = {}
@@ -373,8 +696,8 @@ class FakeConsumer:
         self.on_idle: Any = None
         self.on_poll: Any = None  # e.g. a rebalance while the sink waits in a poll
 
-    def add(self, partition: int, value: bytes) -> _Record:
-        tp = self.tp(partition)
+    def add(self, partition: int, value: bytes | None, topic: str = TOPICS.totals) -> _Record:
+        tp = self.tp(partition, topic)
         offset = len(self.sent.setdefault(tp, []))
         record = _Record(offset, value)
         self.sent[tp].append(record)
@@ -471,12 +794,13 @@ class FakeInflux:
         self.down_for = down_for  # the first attempts that fail as if InfluxDB were down
         self.poison = poison  # lines containing this are refused like a field type conflict
         self.points: dict[str, str] = {}  # series and time -> fields, as InfluxDB keeps them
+        self.precisions: dict[str, str] = {}  # series and time -> the precision it came with
         self.attempts = self.failures = self.successes = 0
 
     def __call__(self, *_: Any, **__: Any) -> FakeInflux:
         return self  # stands in for the InfluxWriter class
 
-    async def write(self, lines: Any) -> None:
+    async def write(self, lines: Any, precision: str = "s") -> None:
         self.attempts += 1
         if self.failures < self.down_for:
             self.failures += 1
@@ -486,6 +810,7 @@ class FakeInflux:
             if line not in refused:
                 key, fields, stamp = line.rsplit(" ", 2)
                 self.points[f"{key} {stamp}"] = fields
+                self.precisions[f"{key} {stamp}"] = precision
         if refused:  # 1.8 writes the rest and names neither the points nor the series
             raise _influx_400(
                 'partial write: field type conflict: input field "up_bytes" on measurement '
@@ -526,7 +851,7 @@ async def test_a_refused_point_is_dead_lettered_and_the_rest_written(
     from quotaflow.core.contracts import DeadLetter
 
     influx = FakeInflux(poison="traffic_daily,node_id=n2,user_id=poisoned ")
-    consumer = FakeConsumer("p.totals", partitions=2)
+    consumer = FakeConsumer(partitions=2)
     sink, dead = _fake_sink(monkeypatch, influx, consumer, max_backoff_s=0.05)
     users = [f"u{i}" for i in range(30)]
     consumer.add(0, TotalsBatch.encode("n1", 86400, 0, [(u, 1, 2, 3, 4) for u in users[:15]]))
@@ -536,7 +861,7 @@ async def test_a_refused_point_is_dead_lettered_and_the_rest_written(
     await asyncio.wait_for(sink.run(), timeout=10)
 
     for user in users:
-        assert _daily(influx, user, "n1", 86400) == "up_bytes=1i,down_bytes=2i,total_bytes=3i"
+        assert _daily(influx, user, "n1", 86400) == _fields(1, 2)
     assert _daily(influx, "poisoned", "n2", 86400) is None
     [letter] = dead.letters()
     assert letter.reason == "invalid" and "field type conflict" in letter.detail
@@ -544,11 +869,11 @@ async def test_a_refused_point_is_dead_lettered_and_the_rest_written(
     assert (letter.topic, letter.partition, letter.offset) == (
         sink.settings.topics.totals, 1, poisoned.offset)
     assert letter.original() == (
-        b"traffic_daily,node_id=n2,user_id=poisoned up_bytes=5i,down_bytes=6i,total_bytes=11i"
-        b" 86400"
+        f"traffic_daily,node_id=n2,user_id=poisoned {_fields(5, 6)} 86400".encode()
     )
     assert letter.readings == ({"user_id": "poisoned", "node_id": "n2", "period": "day",
-                                "start": 86400, "up": 5, "down": 6},)
+                                "start": 86400, "up": 5, "down": 6,
+                                "billed_up": 5, "billed_down": 6},)
     assert dead.sent[0][0] == sink.settings.topics.dead and dead.sent[0][2] == 1
     assert isinstance(DeadLetter.decode(dead.sent[0][1]), DeadLetter)
     assert consumer.commits[-1] == {consumer.tp(0): 1, consumer.tp(1): 2}
@@ -559,7 +884,7 @@ async def test_refused_points_are_found_by_bisection(monkeypatch: pytest.MonkeyP
     import asyncio
 
     influx = FakeInflux(poison="user_id=bad")
-    consumer = FakeConsumer("p.totals")
+    consumer = FakeConsumer()
     sink, dead = _fake_sink(monkeypatch, influx, consumer, max_backoff_s=0.05)
     users = [f"bad{i}" if i % 17 == 3 else f"ok{i}" for i in range(100)]
     consumer.add(0, TotalsBatch.encode("n", 86400, 0, [(u, i, i, i, i) for i, u in
@@ -573,11 +898,92 @@ async def test_refused_points_are_found_by_bisection(monkeypatch: pytest.MonkeyP
     assert consumer.commits[-1] == {consumer.tp(0): 1}
 
 
+async def test_quota_states_and_commands_are_written_and_bad_records_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One consumer of the three topics: each record's points, one commit for all of them."""
+    import asyncio
+
+    influx = FakeInflux()
+    consumer = FakeConsumer(partitions=2)
+    sink, dead = _fake_sink(monkeypatch, influx, consumer)
+    sink.coalescer = Coalescer(clock=lambda: 1795514401)
+    consumer.add(0, TotalsBatch.encode("n1", 86400, 0, [("alice", 1, 2, 3, 4, 2, 4, 6, 8)]))
+    consumer.add(1, _quota(("alice", NOVEMBER, 10, 100, "enabled")), TOPICS.quota)
+    bad_quota = consumer.add(1, b'{"states": [["alice", "now", 1, 2, "enabled"]]}', TOPICS.quota)
+    consumer.add(1, _quota(("alice", NOVEMBER, 120, 100, "disabled"),
+                           ("bob", NOVEMBER, 5, None, "enabled")), TOPICS.quota)
+    consumer.add(1, _command("w5", threshold=0.5).encode(), TOPICS.control)
+    bad_command = consumer.add(1, b"not json", TOPICS.control)
+    tombstone = consumer.add(1, None, TOPICS.control)
+    consumer.add(1, _command("w8").encode(), TOPICS.control)
+    consumer.on_idle = lambda: influx.successes and sink.stop()
+    await asyncio.wait_for(sink.run(), timeout=10)
+
+    assert _daily(influx, "alice", "n1", 86400) == _fields(1, 2, 2, 4)
+    usage = {key: fields for key, fields in influx.points.items()
+             if key.startswith("quota_usage,")}
+    assert usage == {
+        "quota_usage,user_id=alice 1795514401":
+            f'used_bytes=120i,allowance_bytes=100i,state="disabled",period_start="{NOVEMBER}"',
+        "quota_usage,user_id=bob 1795514401":
+            f'used_bytes=5i,state="enabled",period_start="{NOVEMBER}"',
+    }
+    events = {key: fields for key, fields in influx.points.items()
+              if key.startswith("quota_events,")}
+    assert events == {
+        f"quota_events,action=warn,reason=threshold,user_id=alice {ISSUED_NS + slot}":
+            f'command_id="{name}",used_bytes=80i,allowance_bytes=100i,threshold={threshold}'
+        for name, threshold, slot in (("w5", 0.5, 500_000), ("w8", 0.8, 800_000))
+    }
+    assert {key: precision for key, precision in influx.precisions.items()
+            if precision != "s"} == {key: "ns" for key in events}
+
+    letters = {(d.topic, d.offset): d for d in dead.letters()}
+    assert set(letters) == {(TOPICS.quota, bad_quota.offset), (TOPICS.control, bad_command.offset),
+                            (TOPICS.control, tombstone.offset)}
+    assert all(d.reason == "invalid" and d.partition == 1 for d in letters.values())
+    assert letters[TOPICS.quota, bad_quota.offset].detail.startswith(
+        "not a QuotaBatch record: states.0.1: Input should be a valid datetime")
+    assert letters[TOPICS.quota, bad_quota.offset].original() == bad_quota.value
+    assert letters[TOPICS.control, bad_command.offset].detail.startswith(
+        "not a Command record: Invalid JSON")
+    assert letters[TOPICS.control, tombstone.offset].detail == "not a Command record: no value"
+    assert consumer.commits[-1] == {consumer.tp(0): 1, consumer.tp(1, TOPICS.quota): 3,
+                                    consumer.tp(1, TOPICS.control): 4}
+    assert (sink.stats.invalid, sink.stats.quota_states, sink.stats.commands) == (3, 3, 2)
+
+
+async def test_a_refused_quota_event_is_dead_lettered_with_its_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    influx = FakeInflux(poison='command_id="refused"')
+    consumer = FakeConsumer()
+    sink, dead = _fake_sink(monkeypatch, influx, consumer, max_backoff_s=0.05)
+    consumer.add(0, _command("ok1", threshold=0.5).encode(), TOPICS.control)
+    refused = consumer.add(0, _command("refused", allowance=None).encode(), TOPICS.control)
+    consumer.add(0, _command("ok2", issued_at=ISSUED + timedelta(seconds=1)).encode(),
+                 TOPICS.control)
+    consumer.on_idle = lambda: influx.attempts and not consumer.queue and sink.stop()
+    await asyncio.wait_for(sink.run(), timeout=10)
+    assert sorted(fields.split(",")[0] for fields in influx.points.values()) == [
+        'command_id="ok1"', 'command_id="ok2"']
+    [letter] = dead.letters()
+    assert (letter.topic, letter.partition, letter.offset) == (TOPICS.control, 0, refused.offset)
+    assert letter.original().startswith(b'quota_events,action=warn,reason=threshold,user_id=alice '
+                                        b'command_id="refused",used_bytes=80i,threshold=0.8 ')
+    assert letter.readings == ({"user_id": "alice", "action": "warn", "reason": "threshold",
+                                "command_id": "refused", "used_bytes": 80},)
+    assert consumer.commits[-1] == {consumer.tp(0, TOPICS.control): 3}
+
+
 async def test_stop_ends_the_retries_without_committing(monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
     influx = FakeInflux(down_for=10**9)
-    consumer = FakeConsumer("p.totals")
+    consumer = FakeConsumer()
     sink, _ = _fake_sink(monkeypatch, influx, consumer, max_backoff_s=30.0)
     consumer.add(0, TotalsBatch.encode("n", 86400, 0, [("alice", 1, 2, 3, 4)]))
     task = asyncio.ensure_future(sink.run())
@@ -594,7 +1000,7 @@ async def test_stop_ends_the_wait_for_influxdb_at_start(monkeypatch: pytest.Monk
     import asyncio
 
     influx = FakeInflux(down_for=10**9, down_at_start=True)
-    consumer = FakeConsumer("p.totals")
+    consumer = FakeConsumer()
     sink, _ = _fake_sink(monkeypatch, influx, consumer)
     task = asyncio.ensure_future(sink.run())
     await asyncio.sleep(0.3)
@@ -609,7 +1015,7 @@ async def test_records_of_partitions_assigned_during_an_outage_are_not_lost(
     """A rebalance hands the sink a new partition while InfluxDB is down."""
     import asyncio
 
-    consumer = FakeConsumer("p.totals", partitions=1)
+    consumer = FakeConsumer(partitions=1)
 
     def rebalance() -> None:  # after the sink paused what it had, during a poll
         if influx.failures == 2 and consumer.tp(1) not in consumer.assigned:
@@ -638,7 +1044,7 @@ async def test_an_outage_is_logged_once_and_its_end_with_its_duration(
     import logging
 
     influx = FakeInflux(down_for=25)
-    consumer = FakeConsumer("p.totals")
+    consumer = FakeConsumer()
     sink, _ = _fake_sink(monkeypatch, influx, consumer, max_backoff_s=0.01)
     consumer.add(0, TotalsBatch.encode("n", 86400, 0, [("alice", 1, 2, 3, 4)]))
     consumer.on_idle = lambda: influx.successes and sink.stop()
@@ -664,7 +1070,7 @@ async def test_a_long_outage_is_logged_every_interval(
 
     monkeypatch.setattr(module, "OUTAGE_LOG_INTERVAL_S", 0.2, raising=False)
     influx = FakeInflux(down_for=10**9)
-    consumer = FakeConsumer("p.totals")
+    consumer = FakeConsumer()
     sink, _ = _fake_sink(monkeypatch, influx, consumer, max_backoff_s=0.01)
     consumer.add(0, TotalsBatch.encode("n", 86400, 0, [("alice", 1, 2, 3, 4)]))
     monkeypatch.setattr(caplog.handler, "filters", [])  # see the test above
@@ -679,7 +1085,7 @@ async def test_a_long_outage_is_logged_every_interval(
     assert sum("still unreachable" in line for line in lines) >= 3, lines
 
 
-# --- the sink process on the real servers: a refused point, and SIGTERM during an outage ---
+# --- the sink process on the real servers: quota data, a refused point, SIGTERM in an outage
 
 def _start_sink(settings: Settings, log_path: Any) -> Any:
     import subprocess
@@ -693,21 +1099,32 @@ def _start_sink(settings: Settings, log_path: Any) -> Any:
     )
 
 
-def _publish_totals(settings: Settings, records: list[tuple[int, bytes]]) -> None:
+def _publish(settings: Settings, records: list[tuple[str, int, bytes]]) -> list[int]:
+    """Publish (topic, partition, value) records in order; their offsets."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    for partition, value in records:
-        producer.send(settings.topics.totals, value=value, partition=partition)
+    sent = [producer.send(topic, value=value, partition=partition)
+            for topic, partition, value in records]
     producer.flush()
+    offsets = [future.get(timeout=30).offset for future in sent]
     producer.close()
+    return offsets
+
+
+def _publish_totals(settings: Settings, records: list[tuple[int, bytes]]) -> None:
+    _publish(settings, [(settings.topics.totals, partition, value)
+                        for partition, value in records])
 
 
 def _wait_committed(settings: Settings, log_path: Any, timeout_s: float = 90.0) -> None:
+    """Wait until the sink has committed everything published to its three topics."""
+    topics = settings.topics
     probe = LagProbe(settings)
     deadline = time.monotonic() + timeout_s
     try:
-        while probe.behind(settings.topics.totals, settings.topics.influx_sink_group):
+        while any(probe.behind(topic, topics.influx_sink_group)
+                  for topic in (topics.totals, topics.quota, topics.control)):
             if time.monotonic() > deadline:
                 pytest.fail(f"the sink did not commit; log: {log_path.read_text()[-3000:]}")
             time.sleep(0.5)
@@ -721,6 +1138,178 @@ def _stored(settings: Settings, measurement: str) -> dict[tuple[str, str, int], 
     )
     return {(s.tags["user_id"], s.tags["node_id"], r["time"]):
             (r["up_bytes"], r["down_bytes"], r["total_bytes"]) for s in series for r in s.rows}
+
+
+@pytest.mark.integration
+def test_billed_totals_quota_states_and_commands_reach_influxdb(
+    services: Any, settings: Settings, tmp_path: Any
+) -> None:
+    """The sink process on the real servers, read back with the InfluxQL documented for it."""
+    import signal
+
+    from kafka import KafkaConsumer
+
+    from quotaflow.admin import ensure_topics
+    from quotaflow.core.contracts import DeadLetter
+    from quotaflow.core.partitioning import partition_of
+
+    ensure_topics(settings)
+    topics = settings.topics
+    influxql = InfluxQL.from_settings(settings)
+    influxql.create_database()
+    day, month = 1795478400, 1793491200  # 2026-11-24 and 2026-11-01, UTC
+    alice, bob = (partition_of(user, settings.partitions) for user in ("alice", "bob"))
+    assert alice != bob
+
+    def usage(user: str, used: int, allowance: int | None, state: str) -> bytes:
+        return _quota((user, NOVEMBER, used, allowance, state))
+
+    log_path = tmp_path / "sink.log"
+    sink = _start_sink(settings, log_path)
+    try:
+        # totals with billed bytes (a rate of 1.5 on node-a), and an old record without
+        _publish(settings, [
+            (topics.totals, 0, TotalsBatch.encode("node-a", day, month, [
+                ("alice", 100, 200, 1000, 2000, 150, 300, 1500, 3000)])),
+            (topics.totals, 2, b'{"node_id": "node-b", "day": %d, "month": %d,'
+                               b' "totals": [["bob", 7, 9, 70, 90]]}' % (day, month)),
+            (topics.quota, alice, usage("alice", 100, 1000, "enabled")),
+        ])
+        _wait_committed(settings, log_path)
+        [first] = influxql.query("SELECT last(used_bytes) FROM quota_usage "
+                                 "WHERE user_id = 'alice'")
+        assert first.rows[0]["last"] == 100
+        time.sleep(1.1)  # the next flush is in another second: a point of its own
+
+        # two warnings of one batch share their issued_at to the millisecond, and a
+        # disable follows in the same second; bad records come first on both topics;
+        # one warning is sent twice
+        later = ISSUED + timedelta(milliseconds=400)
+        bad_quota = b'{"states": [["alice", "yesterday", 1, 2, "enabled"]]}'
+        bad_command = b'{"command_id": "broken", "user_id": "alice"}'
+        warn_50 = _command("w50", threshold=0.5, used=500, allowance=1000).encode()
+        warn_80 = _command("w80", threshold=0.8, used=800, allowance=1000).encode()
+        nan = _command("nan", threshold=None, issued_at=later).encode().replace(
+            b'"threshold":null', b'"threshold":NaN')  # a valid Command InfluxDB refuses
+        disable = _command("d1", action="disable", reason="quota", used=1200, allowance=1000,
+                           threshold=None, issued_at=later).encode()
+        operator = _command("op1", user_id="bob", action="disable", reason="operator",
+                            used=5000, allowance=None, threshold=None).encode()
+        records = [
+            (topics.quota, alice, bad_quota),
+            (topics.quota, alice, usage("alice", 900, 1000, "enabled")),
+            (topics.quota, alice, usage("alice", 1200, 1000, "disabled")),
+            (topics.quota, bob, usage("bob", 5000, None, "enabled")),
+            (topics.control, alice, bad_command),
+            (topics.control, alice, warn_50),
+            (topics.control, alice, warn_80),
+            (topics.control, alice, nan),
+            (topics.control, alice, warn_80),  # re-sent by a worker after a crash: one point
+            (topics.control, alice, disable),
+            (topics.control, bob, operator),
+        ]
+        offsets = dict(zip([value for _, _, value in records], _publish(settings, records),
+                           strict=True))
+        _wait_committed(settings, log_path)
+        assert sink.poll() is None, "the sink keeps running"
+
+        # traffic: billed beside raw; the old record billed as raw
+        fields = ("up_bytes, down_bytes, total_bytes, billed_up_bytes, billed_down_bytes, "
+                  "billed_total_bytes")
+        stored = {
+            (s.name, s.tags["user_id"], s.tags["node_id"]): [tuple(r.values()) for r in s.rows]
+            for measurement in ("traffic_daily", "traffic_monthly")
+            for s in influxql.query(f"SELECT {fields} FROM {measurement} "
+                                    f"GROUP BY user_id, node_id")
+        }
+        assert stored == {
+            ("traffic_daily", "alice", "node-a"): [(day, 100, 200, 300, 150, 300, 450)],
+            ("traffic_monthly", "alice", "node-a"): [(month, 1000, 2000, 3000, 1500, 3000, 4500)],
+            ("traffic_daily", "bob", "node-b"): [(day, 7, 9, 16, 7, 9, 16)],
+            ("traffic_monthly", "bob", "node-b"): [(month, 70, 90, 160, 70, 90, 160)],
+        }
+
+        # quota_usage: last() is the latest state; one point per flush that had one
+        [last] = influxql.query("SELECT last(used_bytes) FROM quota_usage "
+                                "WHERE user_id = 'alice'")
+        assert last.rows[0]["last"] == 1200
+        [history] = influxql.query("SELECT used_bytes, allowance_bytes, state, period_start "
+                                   "FROM quota_usage WHERE user_id = 'alice'")
+        assert len(history.rows) >= 2 and history.rows[0]["used_bytes"] == 100
+        assert [r["time"] for r in history.rows] == sorted({r["time"] for r in history.rows})
+        assert {k: v for k, v in history.rows[-1].items() if k != "time"} == {
+            "used_bytes": 1200, "allowance_bytes": 1000, "state": "disabled",
+            "period_start": NOVEMBER}
+        [unlimited] = influxql.query("SELECT * FROM quota_usage WHERE user_id = 'bob'")
+        assert [{k: v for k, v in r.items() if k != "time"} for r in unlimited.rows] == [
+            {"allowance_bytes": None, "period_start": NOVEMBER, "state": "enabled",
+             "used_bytes": 5000, "user_id": "bob"}]
+        assert influxql.query("SELECT count(allowance_bytes) FROM quota_usage "
+                              "WHERE user_id = 'bob'") == []
+
+        # quota_events: one point per command, at issued_at (ns, the offset below the ms)
+        events = {
+            (s.tags["user_id"], s.tags["action"], s.tags["reason"]): s.rows
+            for s in influxql.query("SELECT command_id, used_bytes, allowance_bytes, threshold "
+                                    "FROM quota_events GROUP BY user_id, action, reason",
+                                    epoch="ns")
+        }
+        assert events == {
+            ("alice", "warn", "threshold"): [
+                {"time": ISSUED_NS + 500_000, "command_id": "w50", "used_bytes": 500,
+                 "allowance_bytes": 1000, "threshold": 0.5},
+                {"time": ISSUED_NS + 800_000, "command_id": "w80", "used_bytes": 800,
+                 "allowance_bytes": 1000, "threshold": 0.8},
+            ],
+            ("alice", "disable", "quota"): [
+                {"time": ISSUED_NS + 400 * EVENT_SLOTS, "command_id": "d1", "used_bytes": 1200,
+                 "allowance_bytes": 1000, "threshold": None}],
+            ("bob", "disable", "operator"): [
+                {"time": ISSUED_NS, "command_id": "op1",
+                 "used_bytes": 5000, "allowance_bytes": None, "threshold": None}],
+        }
+        [in_one_second] = influxql.query(
+            "SELECT count(command_id) FROM quota_events WHERE user_id = 'alice' "
+            "AND time >= '2026-11-24T10:00:01Z' AND time < '2026-11-24T10:00:02Z'")
+        assert in_one_second.rows[0]["count"] == 3
+
+        field_types = {
+            measurement: {r["fieldKey"]: r["fieldType"] for r in series.rows}
+            for measurement in ("traffic_daily", "quota_usage", "quota_events")
+            for series in influxql.query(f"SHOW FIELD KEYS FROM {measurement}")
+        }
+        assert field_types == {
+            "traffic_daily": dict.fromkeys(
+                ["billed_down_bytes", "billed_total_bytes", "billed_up_bytes", "down_bytes",
+                 "total_bytes", "up_bytes"], "integer"),
+            "quota_usage": {"allowance_bytes": "integer", "period_start": "string",
+                            "state": "string", "used_bytes": "integer"},
+            "quota_events": {"allowance_bytes": "integer", "command_id": "string",
+                             "threshold": "float", "used_bytes": "integer"},
+        }
+
+        # the bad records and the refused point are in .dead, with the reason
+        consumer = KafkaConsumer(topics.dead, bootstrap_servers=settings.kafka_bootstrap,
+                                 auto_offset_reset="earliest", consumer_timeout_ms=5000)
+        letters = {(d.topic, d.offset): d for d in
+                   (DeadLetter.decode(m.value) for m in consumer)}
+        consumer.close()
+        assert set(letters) == {(topics.quota, offsets[bad_quota]),
+                                (topics.control, offsets[bad_command]),
+                                (topics.control, offsets[nan])}
+        assert letters[topics.quota, offsets[bad_quota]].detail.startswith(
+            "not a QuotaBatch record: states.0.1: Input should be a valid datetime")
+        assert letters[topics.control, offsets[bad_command]].detail.startswith(
+            "not a Command record: ")
+        assert letters[topics.control, offsets[bad_command]].original() == bad_command
+        refused = letters[topics.control, offsets[nan]]
+        assert "invalid number" in refused.detail and refused.partition == alice
+        assert b'command_id="nan"' in refused.original()
+        assert refused.readings[0]["command_id"] == "nan"
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(timeout=30)
+    assert sink.returncode == 0
 
 
 @pytest.mark.integration
@@ -777,7 +1366,8 @@ def test_a_point_influxdb_refuses_is_dead_lettered_and_the_sink_goes_on(
         assert partition == 1 and letter.reason == "invalid"
         assert "field type conflict" in letter.detail and letter.topic == settings.topics.totals
         assert letter.readings == ({"user_id": "poisoned", "node_id": "node-p", "period": "day",
-                                    "start": bad_day, "up": 5, "down": 6},)
+                                    "start": bad_day, "up": 5, "down": 6,
+                                    "billed_up": 5, "billed_down": 6},)
         assert letter.original().startswith(b"traffic_daily,node_id=node-p,user_id=poisoned ")
 
         # and it goes on: later totals are written and committed
