@@ -22,15 +22,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Lag:
-    """Messages not yet handled by the worker (raw) and by the InfluxDB sink (totals)."""
+    """Messages not yet handled by the worker (raw) and by the InfluxDB sink (totals,
+    quota states and commands)."""
 
     raw: int
-    totals: int
+    sink: int
 
     @property
     def done(self) -> bool:
         """True when nothing published is waiting."""
-        return self.raw == 0 and self.totals == 0
+        return self.raw == 0 and self.sink == 0
 
 
 class LagProbe:
@@ -74,13 +75,17 @@ class LagProbe:
         """The current lag of both stages."""
         s = self.settings
         raw = self.behind(s.topics.raw, s.topics.worker_group)
-        return Lag(raw=raw, totals=self.behind(s.topics.totals, s.topics.influx_sink_group))
+        sink = sum(
+            self.behind(topic, s.topics.influx_sink_group)
+            for topic in (s.topics.totals, s.topics.quota, s.topics.control)
+        )
+        return Lag(raw=raw, sink=sink)
 
     def wait_until_done(self, timeout_s: float, poll_s: float = 0.5) -> Lag:
         """Poll until everything published is in InfluxDB, or the timeout passes.
 
-        Raw must be drained before totals are looked at, since draining raw is
-        what adds totals.
+        Raw must be drained before the sink's topics are looked at, since draining
+        raw is what adds to them.
         """
         deadline = time.monotonic() + timeout_s
         lag = Lag(-1, -1)  # unknown until Kafka answers

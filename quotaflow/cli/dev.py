@@ -99,7 +99,7 @@ def _wait_for_pipeline(settings: Settings, timeout: float) -> None:
     finally:
         probe.close()
     if not lag.done:
-        console.print(f"[red]timed out[/red]: worker lag {lag.raw}, sink lag {lag.totals}")
+        console.print(f"[red]timed out[/red]: worker lag {lag.raw}, sink lag {lag.sink}")
         raise typer.Exit(1)
     console.print("everything published is in InfluxDB")
 

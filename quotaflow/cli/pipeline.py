@@ -84,7 +84,7 @@ def run_cmd(
                         children[name] = _spawn(commands[name])
                 try:
                     lag = probe.lag()
-                    text = f"worker lag {lag.raw:>8}  sink lag {lag.totals:>8}"
+                    text = f"worker lag {lag.raw:>8}  sink lag {lag.sink:>8}"
                 except Exception as exc:  # the display must not stop the pipeline
                     text = f"lag unknown ({type(exc).__name__})"
                 live.update(f"quotaflow run  {time.monotonic() - started:7.0f}s  {text}"

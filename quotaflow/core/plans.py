@@ -430,9 +430,9 @@ class Command(_Record):
     reason: Reason
     period_start: AwareDatetime
     period_end: AwareDatetime | None
-    used_bytes: Annotated[StrictInt, Field(ge=0)]
-    allowance_bytes: Annotated[StrictInt, Field(ge=0)] | None
-    threshold: float | None
+    used_bytes: Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)]
+    allowance_bytes: Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)] | None
+    threshold: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None
     issued_at: AwareDatetime
 
     @field_serializer("issued_at")
@@ -521,8 +521,8 @@ def fraction(threshold: float) -> tuple[int, int]:
 QuotaStateName = Literal["enabled", "disabled"]
 # user_id, period_start (RFC 3339, in the plan's zone), used_bytes, allowance_bytes
 # (null: unlimited), state
-QuotaRow = tuple[Identifier, AwareDatetime, Annotated[StrictInt, Field(ge=0)],
-                 Annotated[StrictInt, Field(ge=0)] | None, QuotaStateName]
+QuotaRow = tuple[Identifier, AwareDatetime, Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)],
+                 Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)] | None, QuotaStateName]
 
 
 class QuotaBatch(_Record):
