@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The end-to-end demo: local Kafka and InfluxDB, a simulated fleet through the
 # pipeline, per-user totals from InfluxDB and the truth check against the
-# simulator's ground truth. Run through `make demo`.
+# simulator's ground truth, then quota plans for a small live fleet and the
+# commands they cause. Run through `make demo`.
 set -euo pipefail
 
 work=$(mktemp -d -t quotaflow-demo-XXXXXX)
+export COLUMNS="${COLUMNS:-120}"  # tables wider than a pipe's default 80
 echo "== starting local Kafka and InfluxDB (the first run installs them)"
 eval "$(quotaflow local up --env)"
 run_id=$(date +%Y%m%d%H%M%S)
@@ -30,6 +32,30 @@ quotaflow usage --user user-00042 --period month
 
 echo "== truth check against the simulator's ground truth"
 quotaflow check --truth "$work/truth.jsonl"
+
+echo "== quotas: plans for four users of a small live fleet, published before its traffic"
+since=$(date -u -d '-1 day' +%Y-%m-%dT%H:%M:%SZ)
+cat > "$work/plans.jsonl" <<PLANS
+{"user_id": "live-user-00000", "quota_bytes": null, "period": {"kind": "none"}, "starts_at": "$since", "enabled": true}
+{"user_id": "live-user-00001", "quota_bytes": 200000000, "period": {"kind": "none"}, "starts_at": "$since", "warn_at": [0.5, 0.8], "enabled": true}
+{"user_id": "live-user-00002", "quota_bytes": 150000000, "period": {"kind": "none"}, "starts_at": "$since", "enabled": true}
+{"user_id": "live-user-00003", "quota_bytes": 10000000000, "period": {"kind": "calendar_month"}, "enabled": false}
+PLANS
+quotaflow plans import "$work/plans.jsonl"
+quotaflow simulate --nodes 2 --users 4 --days 0.5 --seed 11 --malformed 0 --interval 600 \
+  --name-prefix live- --start "$(date -u -d '-13 hours' +%Y-%m-%dT%H:%M:%S+00:00)" \
+  --out "$work/live.jsonl"
+quotaflow replay "$work/live.jsonl" --wait --timeout 300
+
+echo "== the commands the worker issued (quotaflow control tail)"
+quotaflow control tail --from-beginning --limit 4 --timeout 30
+
+echo "== live-user-00002 buys a 100 MB pack while disabled, and is let back in"
+quotaflow plans set live-user-00002 --add-pack 100MB
+quotaflow control tail --from-beginning --limit 5 --timeout 30 | tail -n 1
+sleep 3  # the sink writes the quota state within a second or two
+quotaflow plans show live-user-00002
+quotaflow plans list
 
 echo
 echo "Kafka and InfluxDB keep running: eval \"\$(.venv/bin/quotaflow local up --env)\" to use"
