@@ -20,10 +20,11 @@ Quotas: before it bills a report, the worker reads `<prefix>.plans` and
 `<prefix>.nodes` up to where they were when the report was appended
 (`quotaflow.streams.side_inputs.SideInputs`), applies the plan changes, bills
 the report at its node's rate, and lets `quotaflow.streams.quotas.QuotaKeeper`
-decide; the quota books are a second table, one record per user. A timer does
+decide; the quota books are kept in the ledgers' table. A timer does
 the same for what the clock decides (period resets, expiries), every second,
 over the users whose decision is due. Commands go to `<prefix>.control` and
-quota states to `<prefix>.quota` as soon as they are decided, in order.
+quota states to `<prefix>.quota` every half second. How the quota records are
+written so that a crash loses and doubles nothing is in `quotaflow.streams.quotas`.
 """
 
 from __future__ import annotations
@@ -181,16 +182,10 @@ def create_app(settings: Settings) -> faust.App:
     )
     control = app.topic(settings.topics.control, partitions=settings.partitions)
     quota = app.topic(settings.topics.quota, partitions=settings.partitions)
-    quota_table = app.Table(
-        "quotas",
-        default=None,
-        partitions=settings.partitions,
-        key_type=bytes,
-        value_type=bytes,
-        extra_topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
-    )
     side = SideInputs(settings)
-    keeper = QuotaKeeper(settings, TableStore(quota_table))
+    # quota records share the ledgers' table: a message's journal record and its
+    # ledger record then go to one changelog partition, in that order
+    keeper = QuotaKeeper(settings, TableStore(table))
     handler = RawHandler(settings, table, rate=side.rate, quotas=keeper)
     app.handler = handler  # type: ignore[attr-defined]
     owned: set[int] = set()  # raw partitions assigned to this worker
@@ -299,6 +294,8 @@ def create_app(settings: Settings) -> faust.App:
             outcome = handler.handle(event.value, partition, offset, message.key)
             if outcome.quota is not None:
                 publish(partition, outcome.quota)
+                if keeper.must_flush(partition):
+                    publish(partition, keeper.flush(partition))
             for fragment in outcome.rerouted:
                 await raw.send(key=fragment.key, value=fragment.value,
                                partition=fragment.partition)
@@ -324,6 +321,13 @@ def create_app(settings: Settings) -> faust.App:
             while keeper.loaded(partition) and keeper.due(partition, now):
                 publish(partition, keeper.tick(partition, now, CLOCK_CHUNK_USERS))
                 await asyncio.sleep(0)
+
+    @app.timer(interval=0.5)  # type: ignore[untyped-decorator]
+    async def _flush_quotas() -> None:
+        """Write the users that changed, and publish their quota states."""
+        for partition in sorted(owned):
+            if keeper.loaded(partition):
+                publish(partition, keeper.flush(partition))
 
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def _status() -> None:

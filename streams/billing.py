@@ -108,7 +108,7 @@ class Biller:
         return any(owner(c.user_id, n) != partition for c in report.counters)
 
     def bill(self, report: CounterReport, partition: int) -> Billing:
-        """Apply one fragment that belongs to `partition`, and persist the ledger."""
+        """Apply one fragment that belongs to `partition`; `persist()` writes the ledger."""
         if not self.stats.messages:
             self.stats.started = time.monotonic()
             log.info("first message at %.3f", time.time())  # read by bench/throughput.py
@@ -118,11 +118,15 @@ class Biller:
             report.node_id, int(report.observed_at.timestamp())
         )
         billing = ledger.update(report, self.policy, rate)
-        self.table[key] = ledger.to_bytes()
         self.stats.messages += 1
         self.stats.readings += len(report.counters)
         self.stats.billed_bytes += billing.billed_bytes
         return billing
+
+    def persist(self, node_id: str, partition: int) -> None:
+        """Write the node's ledger of `partition` to the table, as one record."""
+        key = f"{node_id}|{partition}".encode()
+        self.table[key] = self._live[key].to_bytes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,22 +222,25 @@ class RawHandler:
             self.stats.rerouted += len(rerouted)
             if not report.counters and report.kind == "cumulative":
                 return Outcome(rerouted=rerouted)
+        quota: Decided | None = None
         try:
             billing = self.biller.bill(report, partition)
+            quotas = self.quotas
+            if quotas is not None and billing.billed:
+                # journaled before the ledger record, on the same changelog partition
+                observed = int(report.observed_at.timestamp())
+                quota = quotas.update(
+                    partition, offset,
+                    [(user, observed, bytes_) for user, bytes_ in billing.rated()],
+                    datetime.fromtimestamp(self.now(), UTC),
+                )
+            self.biller.persist(report.node_id, partition)
         except Exception as exc:  # a bug must not stop the partition: keep the message
             log.exception("cannot bill %s[%d]@%d", self.raw_topic, partition, offset)
             self.biller.forget_live()  # the ledger may be half updated; reload from the table
             return Outcome(rerouted=rerouted, dead=(self._dead(
                 value, partition, offset, "error", f"{type(exc).__name__}: {exc}"[:500]
             ),))
-        quota: Decided | None = None
-        quotas = self.quotas
-        if quotas is not None and billing.billed:
-            observed = int(report.observed_at.timestamp())
-            quota = quotas.update(
-                partition, [(user, observed, bytes_) for user, bytes_ in billing.rated()],
-                datetime.fromtimestamp(self.now(), UTC),
-            )
         totals: tuple[Keyed, ...] = ()
         if billing.totals:
             totals = (Keyed(partition, report.node_id.encode(), TotalsBatch.encode(

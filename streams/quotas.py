@@ -1,11 +1,26 @@
 """The worker's quota step, without Faust: plans and billed bytes in, commands out.
 
 A `QuotaKeeper` holds one `quotaflow.core.quota.QuotaBook` per partition the
-worker owns, and persists every change of it into a `QuotaStore` (a Faust table
-in the worker, a dict in tests), one state record and one history record per
-user, under keys that carry the partition. Each call returns a `Decided`: the
-commands to send to `<prefix>.control`, in order, and the quota states of the
-users it touched, for `<prefix>.quota`.
+worker owns, and keeps it in a `QuotaStore` (the worker's ledger table, a dict in
+tests) under keys that carry the partition. Each call returns a `Decided`: the
+commands to send to `<prefix>.control`, in order, and, from `flush()`, the quota
+states of the users that changed, for `<prefix>.quota`.
+
+What is written, and when, so that a crash at any moment neither loses nor
+doubles a byte of usage and announces no change twice with different ids:
+
+- **A journal record per billed message**, written before the message's ledger
+  record, to the same changelog partition: the message's offset and its billed
+  readings. A ledger record that reached Kafka therefore has its journal record
+  there too. Journal keys are slots of a ring, so old records are overwritten
+  rather than deleted.
+- **Users' state records at `flush()`** (the worker flushes every half second,
+  and before the ring could come round to a journal record not yet folded in):
+  one per user that changed, holding the offset of the last message it includes.
+  Loading a book replays the journal records above each user's offset.
+- **Commands at once**: a command is stored as unsent, with the state of its
+  user, before it is sent, and struck off once Kafka has it (`sent()`). A worker
+  that restarts sends the unsent ones again, with their ids.
 
 >>> from datetime import datetime, UTC
 >>> from quotaflow.core.plans import CalendarMonth, Plan
@@ -18,15 +33,13 @@ users it touched, for `<prefix>.quota`.
 ...             period=CalendarMonth(kind="calendar_month"))
 >>> keeper.set_plans(1, [("alice", plan)], now).commands
 []
->>> decided = keeper.update(1, [("alice", int(now.timestamp()), 1200)], now)
+>>> decided = keeper.update(1, 7, [("alice", int(now.timestamp()), 1200)], now)
 >>> [(c.action, c.reason) for c in decided.commands]
 [('warn', 'threshold'), ('disable', 'quota')]
->>> decided.states
+>>> keeper.flush(1).states
 b'{"states":[["alice","2026-11-01T00:00:00+00:00",1200,1000,"disabled"]]}'
 
-Commands are written to the store, beside the state that issued them, before they
-are sent, and struck off once Kafka has them (`sent()`); a worker that restarts
-after a crash sends again, with the same ids, those it may not have sent:
+A worker that restarts before Kafka acknowledged the commands sends them again:
 
 >>> [c.action for c in QuotaKeeper(Settings(), store).load(1, {"alice": plan}, now).commands]
 ['warn', 'disable']
@@ -35,8 +48,10 @@ after a crash sends again, with the same ids, those it may not have sent:
 >>> again = QuotaKeeper(Settings(), store)
 >>> again.load(1, {"alice": plan}, now).commands
 []
->>> again.update(1, [("alice", int(now.timestamp()), 1)], now).commands
+>>> again.update(1, 7, [("alice", int(now.timestamp()), 1200)], now).commands  # offset 7 again
 []
+>>> again.books[1].status("alice").used
+1200
 """
 
 from __future__ import annotations
@@ -56,10 +71,13 @@ from quotaflow.core.settings import Settings
 _SEP = "\x1f"  # no identifier holds a control character
 _HISTORY = b"\x1fh"
 _UNSENT = b"\x1fc"
+_JOURNAL = "\x1fj\x1f"
+JOURNAL_SLOTS = 4096
+"""Journal records kept per partition; a flush is forced after half as many messages."""
 
 
 class QuotaStore(Protocol):
-    """Where quota records live: keys `P<US>user` and `P<US>user<US>h` (a Faust table, a dict)."""
+    """Where quota records live, under keys that start with `P<US>` (a Faust table, a dict)."""
 
     def get(self, key: bytes, /) -> bytes | None: ...
 
@@ -68,7 +86,7 @@ class QuotaStore(Protocol):
         ...
 
     def keys_of(self, partition: int) -> Iterator[bytes]:
-        """The keys stored for `partition`."""
+        """The keys stored for `partition` (those starting with `P<US>`)."""
         ...
 
 
@@ -97,12 +115,25 @@ def state_key(partition: int, user_id: str) -> bytes:
     return f"{partition}{_SEP}{user_id}".encode()
 
 
+def journal_key(partition: int, offset: int) -> bytes:
+    """The store key of the journal slot that the message at `offset` writes."""
+    return f"{partition}{_JOURNAL}{offset % JOURNAL_SLOTS}".encode()
+
+
 @dataclass(slots=True)
 class Decided:
     """What one quota step makes the worker publish."""
 
     commands: list[Command] = field(default_factory=list)
     states: bytes | None = None  # a `QuotaBatch` record; None when no planned user changed
+
+
+@dataclass(slots=True)
+class _Partition:
+    book: QuotaBook
+    handled: int = -1  # the offset of the last message whose readings are in the book
+    replayed: int = -1  # the last offset replayed from the journal at load
+    since_flush: int = 0  # messages journaled since the last flush
 
 
 class QuotaKeeper:
@@ -112,122 +143,136 @@ class QuotaKeeper:
         self.store = store
         self.default_tz = ZoneInfo(settings.timezone)
         self.lateness_days = settings.lateness_days
-        self.books: dict[int, QuotaBook] = {}
+        self.partitions: dict[int, _Partition] = {}
         # (partition, user) -> the user's commands not yet known to be in Kafka, in order
         self.unsent: dict[tuple[int, str], list[Command]] = {}
 
+    @property
+    def books(self) -> dict[int, QuotaBook]:
+        """The book of every loaded partition."""
+        return {p: held.book for p, held in self.partitions.items()}
+
     def loaded(self, partition: int) -> bool:
         """Whether the partition's book is in memory."""
-        return partition in self.books
+        return partition in self.partitions
 
     def forget_all(self) -> None:
         """Drop the books (after a rebalance the store is the truth)."""
-        self.books.clear()
+        self.partitions.clear()
         self.unsent.clear()
 
     def load(self, partition: int, plans: Mapping[str, Plan], now: datetime) -> Decided:
         """Read the partition's book from the store and bring it in line with `plans`.
 
-        `plans` are the latest plan of every user of the partition that has one.
-        A plan that differs from the one the book holds (it changed while no
+        The journal records above each user's stored offset are replayed first.
+        `plans` are the latest plan of every user of the partition that has one:
+        a plan that differs from the one the book holds (it changed while no
         worker owned the partition) is applied now; a plan the book holds that is
         gone was deleted.
         """
         book = QuotaBook(self.default_tz, self.lateness_days)
         states: dict[str, bytes] = {}
         histories: dict[str, bytes] = {}
+        journal: list[tuple[int, list[tuple[str, int, int]]]] = []
         resend: list[Command] = []
-        prefix_len = len(f"{partition}{_SEP}".encode())
+        prefix = f"{partition}{_SEP}".encode()
+        journal_prefix = f"{partition}{_JOURNAL}".encode()
         for key in sorted(self.store.keys_of(partition)):
             value = self.store.get(key)
             if value is None:
                 continue
-            if key.endswith(_UNSENT):
-                user_id = key[prefix_len:-len(_UNSENT)].decode()
+            if key.startswith(journal_prefix):
+                offset, readings = orjson.loads(value)
+                journal.append((offset, [tuple(r) for r in readings]))
+            elif key.endswith(_UNSENT):
+                user_id = key[len(prefix):-len(_UNSENT)].decode()
                 unsent = [Command.decode(c) for c in orjson.loads(value)]
                 self.unsent[partition, user_id] = unsent
                 resend += unsent
             elif key.endswith(_HISTORY):
-                histories[key[prefix_len:-len(_HISTORY)].decode()] = value
+                histories[key[len(prefix):-len(_HISTORY)].decode()] = value
             else:
-                states[key[prefix_len:].decode()] = value
+                states[key[len(prefix):].decode()] = value
         for user_id, state in states.items():
             book.load_user(user_id, state, histories.get(user_id))
-        self.books[partition] = book
-        held = {u for u, user in book.users.items() if user.rules is not None}
-        changes: list[tuple[str, Plan | None]] = [(u, None) for u in sorted(held - set(plans))]
+        held = self.partitions[partition] = _Partition(book)
+        held.handled = max((user.through for user in book.users.values()), default=-1)
+        commands = list(resend)
+        for offset, readings in sorted(journal):
+            users = book.users
+            missing = [
+                r for r in readings if r[0] not in users or offset > users[r[0]].through
+            ]
+            if missing:
+                commands += book.update(missing, now)
+            held.replayed = held.handled = max(held.handled, offset)
+        planned = {u for u, user in book.users.items() if user.rules is not None}
+        changes: list[tuple[str, Plan | None]] = [(u, None) for u in sorted(planned - set(plans))]
         changes += sorted(plans.items())
         decided = self.set_plans(partition, changes, now)
+        decided.commands[:0] = commands[len(resend):]
+        self._store_commands(partition, commands[len(resend):])
         decided.commands[:0] = resend
         return decided
-
-    def sent(self, partition: int, command: Command) -> None:
-        """Kafka has `command`: strike it off the user's unsent commands."""
-        key = (partition, command.user_id)
-        unsent = self.unsent.get(key)
-        if unsent is None or partition not in self.books:
-            return
-        left = [c for c in unsent if c.command_id != command.command_id]
-        if left:
-            self.unsent[key] = left
-        else:
-            del self.unsent[key]
-        self._put_unsent(partition, command.user_id, left)
-
-    def _put_unsent(self, partition: int, user_id: str, unsent: list[Command]) -> None:
-        self.store.put(
-            partition, state_key(partition, user_id) + _UNSENT,
-            orjson.dumps([c.encode().decode() for c in unsent]) if unsent else None,
-        )
 
     def set_plans(
         self, partition: int, changes: Iterable[tuple[str, Plan | None]], now: datetime
     ) -> Decided:
         """Apply plan changes (None: deleted) in order; an unchanged plan is skipped."""
-        book = self.books[partition]
+        book = self.partitions[partition].book
         commands: list[Command] = []
         for user_id, plan in changes:
             user = book.users.get(user_id)
             held = None if user is None or user.rules is None else user.rules.plan
             if held != plan:
                 commands += book.set_plan(user_id, plan, now)
-        return self._finish(partition, book, commands)
+        self._store_commands(partition, commands)
+        return Decided(commands)
 
     def update(
-        self, partition: int, readings: Iterable[tuple[str, int, int]], now: datetime
+        self, partition: int, offset: int, readings: list[tuple[str, int, int]], now: datetime
     ) -> Decided:
-        """Add billed readings `(user, observed_at Unix s, billed bytes)` of one batch."""
-        book = self.books[partition]
-        return self._finish(partition, book, book.update(readings, now))
+        """Add the billed readings `(user, observed_at Unix s, billed bytes)` of the message
+        at `offset`; journal them before the message's ledger record is written.
+
+        A message at or below the offsets replayed from the journal at load is
+        in the book already, and changes nothing.
+        """
+        held = self.partitions[partition]
+        if offset <= held.replayed:
+            return Decided()
+        held.handled = max(held.handled, offset)
+        commands = held.book.update(readings, now)
+        self.store.put(partition, journal_key(partition, offset), orjson.dumps([offset, readings]))
+        held.since_flush += 1
+        self._store_commands(partition, commands)
+        return Decided(commands)
 
     def tick(self, partition: int, now: datetime, max_users: int) -> Decided:
         """Decide for at most `max_users` users whose clock came due."""
-        book = self.books[partition]
-        return self._finish(partition, book, book.tick(now, max_users))
+        commands = self.partitions[partition].book.tick(now, max_users)
+        self._store_commands(partition, commands)
+        return Decided(commands)
 
     def due(self, partition: int, now: datetime) -> bool:
         """Whether some user of the partition has a decision due by the clock."""
-        due = self.books[partition].next_due()
+        due = self.partitions[partition].book.next_due()
         return due is not None and due <= int(now.timestamp())
 
-    def _finish(self, partition: int, book: QuotaBook, commands: list[Command]) -> Decided:
-        """Persist what changed; the quota states of the planned users among them.
+    def must_flush(self, partition: int) -> bool:
+        """Whether the journal ring would soon come round to records not yet folded in."""
+        return self.partitions[partition].since_flush >= JOURNAL_SLOTS // 2
 
-        The commands are stored as unsent before the state that issued them, on
-        the same changelog partition, so a state that reached Kafka has its
-        commands there too.
-        """
+    def flush(self, partition: int) -> Decided:
+        """Write the state of every user that changed since the last flush; their quota states."""
+        held = self.partitions[partition]
+        book = held.book
         put = self.store.put
-        for command in commands:
-            unsent = self.unsent.setdefault((partition, command.user_id), [])
-            unsent.append(command)
-        for user_id in {c.user_id for c in commands}:
-            self._put_unsent(partition, user_id, self.unsent[partition, user_id])
         for user_id in book.take_history_changed():
             put(partition, state_key(partition, user_id) + _HISTORY, book.history_bytes(user_id))
         rows: list[tuple[str, str, int, int | None, str]] = []
-        for user_id in book.take_changed():
-            put(partition, state_key(partition, user_id), book.user_bytes(user_id))
+        for user_id in sorted(book.take_changed()):
+            self._put_state(partition, held, user_id)
             status = book.status(user_id)
             if status is not None:
                 tz = book.users[user_id].rules.tz  # type: ignore[union-attr]
@@ -238,5 +283,45 @@ class QuotaKeeper:
                     status.allowance,
                     "disabled" if status.disabled else "enabled",
                 ))
-        rows.sort()
-        return Decided(commands, QuotaBatch.encode(rows) if rows else None)
+        held.since_flush = 0
+        return Decided(states=QuotaBatch.encode(rows) if rows else None)
+
+    def sent(self, partition: int, command: Command) -> None:
+        """Kafka has `command`: strike it off the user's unsent commands."""
+        key = (partition, command.user_id)
+        unsent = self.unsent.get(key)
+        if unsent is None or partition not in self.partitions:
+            return
+        left = [c for c in unsent if c.command_id != command.command_id]
+        if left:
+            self.unsent[key] = left
+        else:
+            del self.unsent[key]
+        self._put_unsent(partition, command.user_id, left)
+
+    def _put_state(self, partition: int, held: _Partition, user_id: str) -> None:
+        user = held.book.users.get(user_id)
+        if user is not None:
+            user.through = held.handled
+        self.store.put(partition, state_key(partition, user_id), held.book.user_bytes(user_id))
+
+    def _put_unsent(self, partition: int, user_id: str, unsent: list[Command]) -> None:
+        self.store.put(
+            partition, state_key(partition, user_id) + _UNSENT,
+            orjson.dumps([c.encode().decode() for c in unsent]) if unsent else None,
+        )
+
+    def _store_commands(self, partition: int, commands: list[Command]) -> None:
+        """Store the commands as unsent, after the state of the users that issued them.
+
+        Both go to the same changelog partition, in this order, so an unsent
+        record that reached Kafka has the state that issued it there too.
+        """
+        if not commands:
+            return
+        held = self.partitions[partition]
+        for command in commands:
+            self.unsent.setdefault((partition, command.user_id), []).append(command)
+        for user_id in {c.user_id for c in commands}:
+            self._put_state(partition, held, user_id)
+            self._put_unsent(partition, user_id, self.unsent[partition, user_id])

@@ -76,9 +76,12 @@ class SideInputs:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id="quotaflow-side-inputs",
+            # a read to the end waits for fetches: the default 500 ms would be the
+            # floor of every barrier, and so of every quota decision's latency
+            fetch_max_wait_ms=10,
         )
         await self._consumer.start()
-        self._assign()
+        await self._assign()
         self._started.set()
 
     async def stop(self) -> None:
@@ -92,7 +95,7 @@ class SideInputs:
         self._plans = {p: self._plans.get(p, _Plans()) for p in partitions}
         self._synced_at = 0.0  # the next barrier reads, and assigns first
 
-    def _assign(self) -> None:
+    async def _assign(self) -> None:
         if self._consumer is None:
             return
         n = self.settings.partitions
@@ -105,7 +108,7 @@ class SideInputs:
                 plans.latest.clear()
                 plans.changes.clear()
                 plans.complete = False
-            self._consumer.seek_to_beginning()
+            await self._consumer.seek_to_beginning()
 
     def complete(self, partition: int) -> bool:
         """Whether the partition's plans have been read to the end since it was assigned."""
@@ -142,7 +145,7 @@ class SideInputs:
     async def _read_to_end(self) -> None:
         consumer = self._consumer
         assert consumer is not None, "start() first"
-        self._assign()
+        await self._assign()
         tps = list(consumer.assignment())
         ends = await consumer.end_offsets(tps)
         behind = {tp for tp in tps if await consumer.position(tp) < ends[tp]}

@@ -129,10 +129,13 @@ class Status:
 class _Rules:
     """A plan compiled for the hot path: Unix seconds, integer fractions, packs in order."""
 
-    __slots__ = ("count_from", "expires", "packs", "plan", "quota", "starts", "tz", "warns")
+    __slots__ = (
+        "count_from", "expires", "packs", "plan", "plan_json", "quota", "starts", "tz", "warns",
+    )
 
     def __init__(self, plan: Plan, default_tz: ZoneInfo) -> None:
         self.plan = plan
+        self.plan_json = plan.encode().decode()  # written with every state record
         self.tz = plan.zone(default_tz)
         self.starts = None if plan.starts_at is None else unix(plan.starts_at)
         self.count_from = _BEFORE_ALL if self.starts is None else self.starts
@@ -171,7 +174,7 @@ class _User:
 
     __slots__ = (
         "at", "causes", "drawn", "due", "end", "given", "hours", "lo", "mark", "n", "newest",
-        "rules", "start", "usage", "used", "warned",
+        "rules", "start", "through", "usage", "used", "warned",
     )
 
     def __init__(self) -> None:
@@ -180,6 +183,8 @@ class _User:
         # the latest hour with traffic: its bucket is in the state record, the older
         # ones in the history record, which changes about once an hour
         self.newest = -1
+        # for whoever stores the record: the last input position it holds (-1: none)
+        self.through = -1
         self.rules: _Rules | None = None
         self._clear()
 
@@ -206,9 +211,9 @@ class _User:
             newest = self.newest
             flat = [newest, hours[newest]] if newest in hours else []
         if self.rules is None:
-            return {"n": self.n, "h": flat}
+            return {"n": self.n, "h": flat, "k": self.through}
         return {
-            "n": self.n, "h": flat, "p": self.rules.plan.encode().decode(),
+            "n": self.n, "h": flat, "k": self.through, "p": self.rules.plan_json,
             "s": self.start, "e": self.end, "u": self.used,
             "o": [x for pair in self.usage.items() for x in pair],
             "d": self.drawn, "g": self.given, "w": self.warned, "c": self.causes,
@@ -222,6 +227,7 @@ class _User:
         flat: list[int] = raw["h"]  # type: ignore[assignment]
         user.hours = dict(zip(flat[::2], flat[1::2], strict=True))
         user.newest = max(user.hours, default=-1)
+        user.through = raw.get("k", -1)  # type: ignore[assignment]
         plan = raw.get("p")
         if plan is None:
             return user

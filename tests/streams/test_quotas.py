@@ -1,16 +1,31 @@
-"""The worker's quota step without Faust: the store, reconciling plans, unsent commands."""
+"""The worker's quota step without Faust: the journal, flushes, plans at load, unsent commands.
+
+A crash is a copy of the store taken at some moment (what had reached Kafka)
+given to a new keeper, which then sees the messages after the committed offset
+again, as the worker would.
+"""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quotaflow.core.plans import CalendarMonth, Command, Plan, QuotaBatch
 from quotaflow.core.settings import Settings
-from quotaflow.streams.quotas import DictStore, QuotaKeeper, state_key
+from quotaflow.streams.quotas import (
+    JOURNAL_SLOTS,
+    DictStore,
+    QuotaKeeper,
+    journal_key,
+    state_key,
+)
 
 NOW = datetime(2026, 11, 24, 10, tzinfo=UTC)
+T = int(NOW.timestamp())
 
 
 def plan(user: str, quota: int | None = 1000, **fields: object) -> Plan:
@@ -22,6 +37,12 @@ def acts(commands: list[Command]) -> list[tuple[str, str, str]]:
     return [(c.user_id, c.action, c.reason) for c in commands]
 
 
+def copy(store: DictStore) -> DictStore:
+    crashed = DictStore()
+    crashed.data = dict(store.data)
+    return crashed
+
+
 def test_a_plan_that_changed_or_went_while_nobody_owned_the_partition_is_applied_at_load() -> None:
     store = DictStore()
     keeper = QuotaKeeper(Settings(), store)
@@ -29,21 +50,25 @@ def test_a_plan_that_changed_or_went_while_nobody_owned_the_partition_is_applied
     keeper.set_plans(2, [("ann", plan("ann")), ("ben", plan("ben", enabled=False))], NOW)
     for c in keeper.unsent.get((2, "ben"), []):
         keeper.sent(2, c)
+    keeper.flush(2)
     # while no worker owned partition 2: ann's plan switched her off, ben's plan was deleted
     later = QuotaKeeper(Settings(), store)
     decided = later.load(2, {"ann": plan("ann", enabled=False)}, NOW + timedelta(hours=1))
     assert acts(decided.commands) == [
         ("ben", "enable", "plan_removed"), ("ann", "disable", "operator"),
     ]
-    assert decided.states is not None
-    assert [row[0] for row in QuotaBatch.decode(decided.states).states] == ["ann"]
+    states = later.flush(2).states
+    assert states is not None
+    assert [row[0] for row in QuotaBatch.decode(states).states] == ["ann"]
 
 
 def test_an_unchanged_plan_is_not_applied_again() -> None:
     keeper = QuotaKeeper(Settings(), DictStore())
     keeper.load(0, {}, NOW)
     keeper.set_plans(0, [("ann", plan("ann"))], NOW)
-    assert keeper.set_plans(0, [("ann", plan("ann"))], NOW).states is None
+    keeper.flush(0)
+    keeper.set_plans(0, [("ann", plan("ann"))], NOW)
+    assert keeper.flush(0).states is None
 
 
 def test_unsent_commands_are_kept_in_order_until_kafka_has_them() -> None:
@@ -51,20 +76,37 @@ def test_unsent_commands_are_kept_in_order_until_kafka_has_them() -> None:
     keeper = QuotaKeeper(Settings(), store)
     keeper.load(1, {}, NOW)
     keeper.set_plans(1, [("cat", plan("cat"))], NOW)
-    first = keeper.update(1, [("cat", int(NOW.timestamp()), 900)], NOW).commands
-    second = keeper.update(1, [("cat", int(NOW.timestamp()), 200)], NOW).commands
+    first = keeper.update(1, 0, [("cat", T, 900)], NOW).commands
+    second = keeper.update(1, 1, [("cat", T, 200)], NOW).commands
     assert acts(first + second) == [("cat", "warn", "threshold"), ("cat", "disable", "quota")]
     key = state_key(1, "cat") + b"\x1fc"
     assert [Command.decode(c) for c in orjson.loads(store.data[key])] == first + second
     keeper.sent(1, first[0])
     assert [Command.decode(c) for c in orjson.loads(store.data[key])] == second
-    resent = QuotaKeeper(Settings(), store).load(1, {"cat": plan("cat")}, NOW).commands
+    resent = QuotaKeeper(Settings(), copy(store)).load(1, {"cat": plan("cat")}, NOW).commands
     assert resent == second  # the same id: consumers deduplicate
     keeper.sent(1, second[0])
     assert key not in store.data
 
 
-def test_a_batch_writes_a_small_state_record_and_the_history_about_once_an_hour() -> None:
+def test_between_flushes_a_message_writes_one_journal_record_and_no_state() -> None:
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(3, {}, NOW)
+    keeper.flush(3)
+    before = set(store.data)
+    for offset in range(10):
+        keeper.update(3, offset, [(f"u{i}", T, 5) for i in range(100)], NOW)
+    assert set(store.data) - before == {journal_key(3, o) for o in range(10)}
+    keeper.flush(3)
+    assert {state_key(3, f"u{i}") for i in range(100)} <= set(store.data)
+    assert not keeper.must_flush(3)
+    for offset in range(10, 10 + JOURNAL_SLOTS // 2):
+        keeper.update(3, offset, [("u0", T, 1)], NOW)
+    assert keeper.must_flush(3)
+
+
+def test_a_users_history_is_written_about_once_an_hour() -> None:
     store = DictStore()
     keeper = QuotaKeeper(Settings(), store)
     keeper.load(3, {}, NOW)
@@ -77,10 +119,67 @@ def test_a_batch_writes_a_small_state_record_and_the_history_about_once_an_hour(
         real_put(partition, key, value)
 
     store.put = put  # type: ignore[method-assign]
-    start = int(NOW.timestamp()) - 20 * 86400
-    for minute in range(20 * 24 * 60):  # twenty days, a reading a minute
-        keeper.update(3, [("dan", start + 60 * minute, 1000)], NOW)
+    start = T - 20 * 86400
+    for minute in range(20 * 24 * 60):  # twenty days, a reading a minute, a flush each
+        keeper.update(3, minute, [("dan", start + 60 * minute, 1000)], NOW)
+        keeper.flush(3)
     history = [k for k in writes if k.endswith(b"\x1fh")]
     assert len(history) == 20 * 24 - 1  # once per hour that became history
     assert len(store.data[state_key(3, "dan")]) < 1000
     assert len(store.data[state_key(3, "dan") + b"\x1fh"]) > 5000
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    amounts=st.lists(st.lists(st.tuples(st.sampled_from(["ann", "ben", "cy"]),
+                                        st.integers(0, 400)), max_size=4),
+                     min_size=1, max_size=20),
+    flushes=st.sets(st.integers(0, 20)),
+    crash_at=st.integers(0, 20),
+    committed=st.integers(0, 20),
+    ledger_landed=st.booleans(),
+)
+def test_a_crash_anywhere_neither_loses_nor_doubles_usage_and_keeps_command_ids(
+    amounts: list[list[tuple[str, int]]], flushes: set[int], crash_at: int, committed: int,
+    ledger_landed: bool,
+) -> None:
+    """Messages 0..n-1 are billed; the store is copied after message `crash_at` (what
+    reached Kafka); offsets below `committed` are not seen again; a message whose ledger
+    record landed bills nothing when seen again, others bill again."""
+    crash_at = min(crash_at, len(amounts) - 1)
+    committed = min(committed, crash_at + 1)
+    plans = {u: plan(u, 1500, warn_at=(0.5,)) for u in ("ann", "ben", "cy")}
+
+    def run(keeper: QuotaKeeper, offsets: range, billed: set[int]) -> list[Command]:
+        out: list[Command] = []
+        for offset in offsets:
+            if offset in billed:
+                continue  # its ledger record says it was billed: no readings
+            readings = [(u, T, b) for u, b in amounts[offset] if b]
+            if readings:
+                out += keeper.update(1, offset, readings, NOW).commands
+            if offset in flushes:
+                keeper.flush(1)
+        return out
+
+    truth = QuotaKeeper(Settings(), DictStore())
+    truth.load(1, plans, NOW)
+    expected = run(truth, range(len(amounts)), set())
+
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(1, plans, NOW)
+    before = run(keeper, range(crash_at + 1), set())
+    crashed = copy(store)  # with ledger_landed False: the last journal record is in, its
+    again = QuotaKeeper(Settings(), crashed)
+    after = again.load(1, plans, NOW).commands
+    # ledger record is not, so that message bills again when it is seen again
+    billed = set(range(crash_at + 1)) if ledger_landed else set(range(crash_at))
+    after += run(again, range(committed, len(amounts)), billed)
+    for user in ("ann", "ben", "cy"):
+        got, want = again.books[1].status(user), truth.books[1].status(user)
+        assert got is not None and want is not None and got.used == want.used
+    # every change is announced with the id the uncrashed run gave it
+    assert {c.command_id for c in itertools.chain(before, after)} == {
+        c.command_id for c in expected
+    }
