@@ -23,7 +23,7 @@ the report at its node's rate, and lets `quotaflow.streams.quotas.QuotaKeeper`
 decide; the quota books are kept in the ledgers' table. A timer does
 the same for what the clock decides (period resets, expiries), every second,
 over the users whose decision is due. Commands go to `<prefix>.control` and
-quota states to `<prefix>.quota` every half second. How the quota records are
+quota states to `<prefix>.quota` every second. How the quota records are
 written so that a crash loses and doubles nothing is in `quotaflow.streams.quotas`.
 """
 
@@ -162,6 +162,8 @@ class TableStore:
         return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
 
 
+QUOTA_FLUSH_S = 10.0
+"""How often the worker writes the quota state of the users that changed."""
 CLOCK_CHUNK_USERS = 5000
 """Users decided by the clock between two yields to the event loop."""
 
@@ -192,14 +194,12 @@ def create_app(settings: Settings) -> faust.App:
     recovered = asyncio.Event()  # the tables hold everything of the owned partitions
 
     def publish(partition: int, decided: Decided) -> None:
-        """Send a quota step's commands and states now, in the order they were decided."""
+        """Send a quota step's commands now, in the order they were decided."""
         for command in decided.commands:
             future = control.send_soon(
                 key=command.user_id.encode(), value=command.encode(), partition=partition,
             )
             future.add_done_callback(_when_sent(keeper, partition, command))
-        if decided.states is not None:
-            quota.send_soon(value=decided.states, partition=partition)
 
     def dead_letter_side_inputs() -> None:
         for bad in side.bad:
@@ -295,7 +295,7 @@ def create_app(settings: Settings) -> faust.App:
             if outcome.quota is not None:
                 publish(partition, outcome.quota)
                 if keeper.must_flush(partition):
-                    publish(partition, keeper.flush(partition))
+                    keeper.flush(partition)
             for fragment in outcome.rerouted:
                 await raw.send(key=fragment.key, value=fragment.value,
                                partition=fragment.partition)
@@ -322,12 +322,21 @@ def create_app(settings: Settings) -> faust.App:
                 publish(partition, keeper.tick(partition, now, CLOCK_CHUNK_USERS))
                 await asyncio.sleep(0)
 
-    @app.timer(interval=0.5)  # type: ignore[untyped-decorator]
-    async def _flush_quotas() -> None:
-        """Write the users that changed, and publish their quota states."""
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def _report_quotas() -> None:
+        """Publish the quota states of the users that changed."""
         for partition in sorted(owned):
             if keeper.loaded(partition):
-                publish(partition, keeper.flush(partition))
+                states = keeper.report(partition)
+                if states is not None:
+                    quota.send_soon(value=states, partition=partition)
+
+    @app.timer(interval=QUOTA_FLUSH_S)  # type: ignore[untyped-decorator]
+    async def _flush_quotas() -> None:
+        """Write the users that changed (the journal holds what came since)."""
+        for partition in sorted(owned):
+            if keeper.loaded(partition):
+                keeper.flush(partition)
 
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def _status() -> None:

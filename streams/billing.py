@@ -153,7 +153,7 @@ class Outcome:
     totals: tuple[Keyed, ...] = ()
     dead: tuple[Dead, ...] = ()
     rerouted: tuple[Keyed, ...] = ()
-    quota: Decided | None = None  # commands and quota states, when a planned user changed
+    quota: Decided | None = None  # the quota step's commands, when the message billed bytes
 
 
 class RawHandler:

@@ -3,8 +3,8 @@
 A `QuotaKeeper` holds one `quotaflow.core.quota.QuotaBook` per partition the
 worker owns, and keeps it in a `QuotaStore` (the worker's ledger table, a dict in
 tests) under keys that carry the partition. Each call returns a `Decided`: the
-commands to send to `<prefix>.control`, in order, and, from `flush()`, the quota
-states of the users that changed, for `<prefix>.quota`.
+commands to send to `<prefix>.control`, in order; `report()` gives the quota
+states of the users that changed since it was last called, for `<prefix>.quota`.
 
 What is written, and when, so that a crash at any moment neither loses nor
 doubles a byte of usage and announces no change twice with different ids:
@@ -14,10 +14,11 @@ doubles a byte of usage and announces no change twice with different ids:
   readings. A ledger record that reached Kafka therefore has its journal record
   there too. Journal keys are slots of a ring, so old records are overwritten
   rather than deleted.
-- **Users' state records at `flush()`** (the worker flushes every half second,
+- **Users' state records at `flush()`** (the worker flushes every ten seconds,
   and before the ring could come round to a journal record not yet folded in):
   one per user that changed, holding the offset of the last message it includes.
-  Loading a book replays the journal records above each user's offset.
+  Loading a book replays the journal records above each user's offset. Between
+  flushes a message costs one journal record, however many users it names.
 - **Commands at once**: a command is stored as unsent, with the state of its
   user, before it is sent, and struck off once Kafka has it (`sent()`). A worker
   that restarts sends the unsent ones again, with their ids.
@@ -36,8 +37,9 @@ doubles a byte of usage and announces no change twice with different ids:
 >>> decided = keeper.update(1, 7, [("alice", int(now.timestamp()), 1200)], now)
 >>> [(c.action, c.reason) for c in decided.commands]
 [('warn', 'threshold'), ('disable', 'quota')]
->>> keeper.flush(1).states
+>>> keeper.report(1)
 b'{"states":[["alice","2026-11-01T00:00:00+00:00",1200,1000,"disabled"]]}'
+>>> keeper.flush(1)
 
 A worker that restarts before Kafka acknowledged the commands sends them again:
 
@@ -125,7 +127,6 @@ class Decided:
     """What one quota step makes the worker publish."""
 
     commands: list[Command] = field(default_factory=list)
-    states: bytes | None = None  # a `QuotaBatch` record; None when no planned user changed
 
 
 @dataclass(slots=True)
@@ -263,16 +264,23 @@ class QuotaKeeper:
         """Whether the journal ring would soon come round to records not yet folded in."""
         return self.partitions[partition].since_flush >= JOURNAL_SLOTS // 2
 
-    def flush(self, partition: int) -> Decided:
-        """Write the state of every user that changed since the last flush; their quota states."""
+    def flush(self, partition: int) -> None:
+        """Write the state of every user that changed since the last flush."""
         held = self.partitions[partition]
         book = held.book
         put = self.store.put
         for user_id in book.take_history_changed():
             put(partition, state_key(partition, user_id) + _HISTORY, book.history_bytes(user_id))
-        rows: list[tuple[str, str, int, int | None, str]] = []
-        for user_id in sorted(book.take_changed()):
+        for user_id in book.take_changed():
             self._put_state(partition, held, user_id)
+        held.since_flush = 0
+
+    def report(self, partition: int) -> bytes | None:
+        """The quota states of the planned users that changed since the last report, as a
+        `QuotaBatch` record (None if none did)."""
+        book = self.partitions[partition].book
+        rows: list[tuple[str, str, int, int | None, str]] = []
+        for user_id in sorted(book.take_unreported()):
             status = book.status(user_id)
             if status is not None:
                 tz = book.users[user_id].rules.tz  # type: ignore[union-attr]
@@ -283,8 +291,7 @@ class QuotaKeeper:
                     status.allowance,
                     "disabled" if status.disabled else "enabled",
                 ))
-        held.since_flush = 0
-        return Decided(states=QuotaBatch.encode(rows) if rows else None)
+        return QuotaBatch.encode(rows) if rows else None
 
     def sent(self, partition: int, command: Command) -> None:
         """Kafka has `command`: strike it off the user's unsent commands."""

@@ -252,7 +252,9 @@ class QuotaBook:
     mid-period.
     """
 
-    __slots__ = ("_changed", "_due", "_history_changed", "default_tz", "history_s", "users")
+    __slots__ = (
+        "_changed", "_due", "_history_changed", "_unreported", "default_tz", "history_s", "users",
+    )
 
     def __init__(self, default_tz: ZoneInfo, lateness_days: int = 3) -> None:
         self.default_tz = default_tz
@@ -261,6 +263,7 @@ class QuotaBook:
         self._due: list[tuple[int, str]] = []  # (due, user_id), stale entries skipped
         self._changed: set[str] = set()
         self._history_changed: set[str] = set()
+        self._unreported: set[str] = set()  # changed since `take_unreported()`
 
     # ------------------------------------------------------------------ the three calls
 
@@ -292,6 +295,7 @@ class QuotaBook:
                     history_changed.add(user_id)
             seen[user_id] = user
         self._changed.update(seen)
+        self._unreported.update(seen)
         oldest_hour = (now_s - self.history_s) // BUCKET_S
         commands: list[Command] = []
         for user_id, user in seen.items():
@@ -314,6 +318,7 @@ class QuotaBook:
                 return []
             user = self.users[user_id] = _User()
         self._changed.add(user_id)
+        self._unreported.add(user_id)
         old = user.rules
         if plan is None:
             if old is None:
@@ -370,6 +375,7 @@ class QuotaBook:
             if user is None or user.rules is None or user.due != when:
                 continue  # a stale entry: the user's due moved
             self._changed.add(user_id)
+            self._unreported.add(user_id)
             commands.extend(self._decide(user_id, user, now_s, now, ()))
             budget -= 1
         return commands
@@ -410,6 +416,11 @@ class QuotaBook:
     def take_changed(self) -> set[str]:
         """The users whose state records changed since the last call (for the changelog)."""
         changed, self._changed = self._changed, set()
+        return changed
+
+    def take_unreported(self) -> set[str]:
+        """The users whose state changed since the last call (to report their quota states)."""
+        changed, self._unreported = self._unreported, set()
         return changed
 
     def take_history_changed(self) -> set[str]:

@@ -57,7 +57,7 @@ def test_a_plan_that_changed_or_went_while_nobody_owned_the_partition_is_applied
     assert acts(decided.commands) == [
         ("ben", "enable", "plan_removed"), ("ann", "disable", "operator"),
     ]
-    states = later.flush(2).states
+    states = later.report(2)
     assert states is not None
     assert [row[0] for row in QuotaBatch.decode(states).states] == ["ann"]
 
@@ -66,9 +66,9 @@ def test_an_unchanged_plan_is_not_applied_again() -> None:
     keeper = QuotaKeeper(Settings(), DictStore())
     keeper.load(0, {}, NOW)
     keeper.set_plans(0, [("ann", plan("ann"))], NOW)
-    keeper.flush(0)
+    keeper.report(0)
     keeper.set_plans(0, [("ann", plan("ann"))], NOW)
-    assert keeper.flush(0).states is None
+    assert keeper.report(0) is None
 
 
 def test_unsent_commands_are_kept_in_order_until_kafka_has_them() -> None:
