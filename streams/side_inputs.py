@@ -149,12 +149,18 @@ class SideInputs:
         tps = list(consumer.assignment())
         ends = await consumer.end_offsets(tps)
         behind = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
-        while behind:
-            batches = await consumer.getmany(*behind, timeout_ms=500)
-            for tp, records in batches.items():
-                for record in records:
-                    self._apply(tp, record.offset, record.key, record.value)
-            behind = {tp for tp in behind if await consumer.position(tp) < ends[tp]}
+        consumer.resume(*behind)
+        try:
+            while behind:
+                batches = await consumer.getmany(*behind, timeout_ms=500)
+                for tp, records in batches.items():
+                    for record in records:
+                        self._apply(tp, record.offset, record.key, record.value)
+                behind = {tp for tp in behind if await consumer.position(tp) < ends[tp]}
+        finally:
+            # between barriers nothing is fetched: the consumer would otherwise ask
+            # the brokers for new records a hundred times a second
+            consumer.pause(*tps)
         for partition, plans in self._plans.items():
             if not plans.complete:
                 plans.complete = True
