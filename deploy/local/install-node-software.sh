@@ -8,6 +8,7 @@
 #   wireguard-go        wireguard-go           (userspace WireGuard)
 #   wireguard-tools     wg
 #   openvpn             openvpn
+#   openssl             openssl                (the OpenVPN tests' throwaway CA)
 #   iptables, iproute2, curl
 set -euo pipefail
 
@@ -19,6 +20,7 @@ declare -A PACKAGE_OF=(
   [wireguard-go]=wireguard-go
   [wg]=wireguard-tools
   [openvpn]=openvpn
+  [openssl]=openssl
   [iptables]=iptables
   [ip]=iproute2
   [curl]=curl

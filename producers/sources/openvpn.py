@@ -7,7 +7,10 @@ constant.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,9 @@ class OpenVpnSession:
     bytes_sent: int
     connected_since: int | None
     connected_since_text: str = ""
+    virtual_address: str = ""
+    """The tunnel address(es) the server gave the client (versions 2 and 3; IPv4 and IPv6
+    joined by a space), empty while it has none yet, as for a client being refused."""
 
     @property
     def key(self) -> tuple[str, str, int | str]:
@@ -203,6 +209,10 @@ def _openvpn_v23(lines: list[str], sep: str) -> list[OpenVpnSession]:
                     bytes_sent=decimal_uint(row[_TX], f"{where}: {_TX}"),
                     connected_since=since,
                     connected_since_text=row.get(_SINCE, ""),
+                    virtual_address=" ".join(
+                        a for a in (row.get("Virtual Address"), row.get("Virtual IPv6 Address"))
+                        if a
+                    ),
                 )
             )
         elif not re.fullmatch(r"[A-Z][A-Z_]*", tag):
@@ -386,6 +396,151 @@ def read_openvpn_status(path: str | Path) -> str:
         return Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise SourceError(f"OpenVPN status {path}: {exc}") from exc
+
+
+class OpenVpnManagement:
+    """An OpenVPN server's management interface (`--management`), one connection per call.
+
+    `address` is `host:port` (TCP; `[v6]:port` too) or the path of a unix socket
+    (`--management PATH unix`). With `password` (the first line of the
+    `--management` password file) it answers the `ENTER PASSWORD:` prompt.
+    OpenVPN serves one management client at a time and keeps later ones waiting
+    without a word, so each call connects, asks, says `quit` and goes; a program
+    that stays connected blocks every other one, which then times out.
+    """
+
+    PROMPT: Final = b"ENTER PASSWORD:"
+
+    def __init__(self, address: str, password: str | None = None, *, timeout: float = 5.0) -> None:
+        self.address = address
+        self._password = password
+        self.timeout = timeout
+
+    def _connect(self) -> socket.socket:
+        if self.address.startswith("/") or ":" not in self.address:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.address)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        host, _, port = self.address.rpartition(":")
+        return socket.create_connection((host.strip("[]"), int(port)), timeout=self.timeout)
+
+    def commands(self, *texts: str) -> list[list[str]]:
+        """Send each command in one session; each one's answer lines (`>` notices left out).
+
+        A command's answer ends with its `SUCCESS:`/`ERROR:` line, or with `END` for
+        the multi-line ones (`status`, `help`, ...). `SourceError` when the interface
+        cannot be reached, refuses the password or does not answer within `timeout`.
+        """
+        for text in texts:
+            if "\n" in text or "\r" in text:
+                raise ValueError("a management command is one line")
+        try:
+            with contextlib.closing(self._connect()) as sock:
+                session = _ManagementSession(sock, time.monotonic() + self.timeout)
+                session.login(self._password)
+                answers = [session.ask(text) for text in texts]
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"quit\n")
+                return answers
+        except TimeoutError as exc:
+            raise SourceError(
+                f"OpenVPN management {self.address}: no answer within {self.timeout:g} s"
+                " (OpenVPN serves one management client at a time: is another one connected?)"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"OpenVPN management {self.address}: {exc}") from exc
+
+    def sessions(self) -> list[OpenVpnSession]:
+        """The server's client sessions now (`status 2`)."""
+        [answer] = self.commands("status 2")
+        try:
+            return parse_openvpn_status("\n".join(answer))
+        except ParseError as exc:
+            raise SourceError(f"OpenVPN management {self.address}: status: {exc}") from exc
+
+    def kill(self, common_name: str) -> int:
+        """`kill CN`: end every session of a common name; how many there were (0: none).
+
+        The server forgets the sessions at once. Over UDP the client is not told and
+        notices only by its `ping-restart` timeout; then it connects again, unless
+        something (a `disable` in its client-config-dir file) refuses it.
+        """
+        if not re.fullmatch(r"[^\s\"\\:]+", common_name):
+            raise ValueError(f"cannot name the common name {common_name[:60]!r} to `kill`")
+        [answer] = self.commands(f'kill "{common_name}"')
+        last = answer[-1] if answer else ""
+        found = re.fullmatch(r"SUCCESS: common name '.*' found, ([0-9]+) client\(s\) killed", last)
+        if found:
+            return int(found.group(1))
+        if re.fullmatch(r"ERROR: common name '.*' not found", last):
+            return 0
+        raise SourceError(f"OpenVPN management {self.address}: kill: {last[:200]!r}")
+
+
+class _ManagementSession:
+    """The reading side of one management connection, with one deadline for all of it."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline, self._buffer = sock, deadline, b""
+
+    def _more(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("management deadline")
+        self._sock.settimeout(left)
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ValueError("the management interface closed the connection")
+        self._buffer += chunk
+
+    def _line(self) -> str:
+        while b"\n" not in self._buffer:
+            self._more()
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode("utf-8", errors="replace").rstrip("\r")
+
+    def login(self, password: str | None) -> None:
+        """Wait for the greeting; answer the password prompt when there is one."""
+        while not self._buffer.startswith((OpenVpnManagement.PROMPT, b">INFO:")):
+            if b"\n" in self._buffer:
+                self._line()  # anything else before the greeting
+                continue
+            self._more()
+        if not self._buffer.startswith(OpenVpnManagement.PROMPT):
+            self._line()  # the >INFO: banner: no password asked
+            return
+        if password is None:
+            raise ValueError("the interface asks for a password and none is configured")
+        self._buffer = self._buffer[len(OpenVpnManagement.PROMPT) :]
+        self._sock.sendall(password.encode() + b"\n")
+        while True:
+            while not self._buffer.startswith(OpenVpnManagement.PROMPT) and b"\n" not in (
+                self._buffer
+            ):
+                self._more()
+            if self._buffer.startswith(OpenVpnManagement.PROMPT):
+                raise ValueError("the interface refused the password")
+            line = self._line()
+            if line.startswith("SUCCESS:"):
+                return
+            if line.startswith("ERROR:"):
+                raise ValueError("the interface refused the password")
+
+    def ask(self, text: str) -> list[str]:
+        self._sock.sendall(text.encode() + b"\n")
+        lines: list[str] = []
+        while True:
+            line = self._line()
+            if line.startswith(">"):
+                continue  # a real-time notice (>INFO, >LOG, >CLIENT, ...), not the answer
+            lines.append(line)
+            if line == "END" or (len(lines) == 1 and line.startswith(("SUCCESS:", "ERROR:"))):
+                return lines
 
 
 class OpenVpnConfig(SourceConfigBase):

@@ -4,6 +4,8 @@ The source named `ss-manager`; users are server ports (rename them with `user_ma
 
 >>> parse_ss_manager_stat('stat: {"8388": 500, "8389": 70}')
 [Counter(user_id='8388', up=0, down=500), Counter(user_id='8389', up=0, down=70)]
+>>> parse_ss_manager_list('[\\n\\t{"server_port":"8388","password":"x","method":"aes-256-gcm"}\\n]')
+[8388]
 """
 
 from __future__ import annotations
@@ -70,6 +72,34 @@ def parse_ss_manager_stat(text: str) -> list[Counter]:
     if not chunks:
         raise ParseError("ss-manager stat: empty input")
     return counters_of(totals)
+
+
+_LIST_ENTRY = re.compile(r'\{\s*"server_port"\s*:\s*"?([0-9]{1,5})"?\s*[,}]')
+
+
+def parse_ss_manager_list(text: str) -> list[int]:
+    """The server ports in ss-manager's answer to `list` (datagrams joined), sorted.
+
+    ss-manager 3.3.x answers `[\\n\\t{"server_port":"8388","password":"...","method":
+    "..."},...\\n]`, split over several datagrams when long; it writes the passwords
+    unescaped, so a password with a quote makes the answer invalid JSON. The ports
+    are read from the start of each entry, which ss-manager writes itself; the
+    passwords are never kept, and never quoted in an error.
+    """
+    body = text.replace("\x00", "").strip()
+    if not (body.startswith("[") and body.endswith("]")):
+        raise ParseError("ss-manager list: expected a JSON array of ports")
+    ports: list[int] = []
+    for match in _LIST_ENTRY.finditer(body):
+        port = int(match.group(1))
+        if not 1 <= port <= 65535 or match.group(1).startswith("0"):
+            raise ParseError("ss-manager list: a server_port is not a port number")
+        ports.append(port)
+    if len(ports) != body.count('"server_port"'):
+        raise ParseError("ss-manager list: an entry does not start with its server_port")
+    if len(set(ports)) != len(ports):
+        raise ParseError("ss-manager list: a port is listed twice")
+    return sorted(ports)
 
 
 class SsManagerClient:
@@ -142,20 +172,39 @@ class SsManagerClient:
         """Per-port counters: the port is the user id, its figure goes in `down`."""
         return parse_ss_manager_stat(self.ping())
 
+    def list_ports(self) -> list[int]:
+        """The ports ss-manager runs an ss-server for now (`list`), sorted.
+
+        The answer holds every port's password: it is parsed here and dropped.
+        """
+        return parse_ss_manager_list("".join(self.command("list")))
+
     def _ok(self, text: str) -> None:
         answers = self.command(text)
         if answers[:1] != ["ok"]:
             raise SourceError(f"ss-manager {self.address} refused {text.split(':')[0]}: {answers}")
 
     def add(self, port: int, password: str, method: str | None = None, **extra: Any) -> None:
-        """Start an ss-server for `port` (`add: {"server_port": ..., "password": ...}`)."""
+        """Start an ss-server for `port` (`add: {"server_port": ..., "password": ...}`).
+
+        On a port it already runs, ss-manager first stops that ss-server and then
+        checks the port is free, racing the old process: the add can fail ("port is
+        not available") or start a server that cannot bind, leaving the port down.
+        Add only ports that `list_ports` does not show. ss-manager keeps at most 127
+        bytes of a password and writes it unescaped into the ss-server's JSON config.
+        """
         spec: dict[str, Any] = {"server_port": port, "password": password, **extra}
         if method is not None:
             spec["method"] = method
         self._ok("add: " + json.dumps(spec))
 
     def remove(self, port: int) -> None:
-        """Stop the ss-server of `port`; ss-manager forgets its figure."""
+        """Stop the ss-server of `port`; ss-manager forgets its figure.
+
+        ss-manager answers `ok` whether or not the port was there: ask `list_ports`
+        to know. The ss-server gets SIGTERM and sends no last figure, so the bytes
+        since its last stat push (at most 5 s of them) are never reported.
+        """
         self._ok("remove: " + json.dumps({"server_port": port}))
 
 

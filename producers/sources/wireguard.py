@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from typing import Literal
 
 from quotaflow.core.contracts import Counter
@@ -86,6 +87,75 @@ def read_wg_dump(
 ) -> str:
     """`wg show IFACE dump` (all interfaces by default), for `parse_wg_dump`."""
     return run_command(["wg", "show", interface, "dump"], timeout, runner)
+
+
+def is_wg_key(text: str) -> bool:
+    """Whether `text` is a WireGuard public key (44 characters of base64, 32 bytes).
+
+    >>> is_wg_key("hT1rnM0Tn0s4kTZWKbFeZ1bTVrUZ5nMZT0R7wo5S4lY="), is_wg_key("alice")
+    (True, False)
+    """
+    return _WG_KEY.fullmatch(text) is not None
+
+
+def parse_wg_allowed_ips(text: str) -> dict[str, tuple[str, ...]]:
+    """Each peer's allowed IPs from `wg show IFACE allowed-ips`.
+
+    One line per peer: the public key, a tab, then the networks separated by
+    spaces, or `(none)` for a peer with none (kept, but passing no traffic).
+
+    >>> a = "hT1rnM0Tn0s4kTZWKbFeZ1bTVrUZ5nMZT0R7wo5S4lY="
+    >>> b = "9xBb9s+DPUUSgbmrZenA2HpgxVUx05YxHZodhr9XpFE="
+    >>> parse_wg_allowed_ips(f"{a}\\t10.8.0.2/32 fd00::2/128\\n{b}\\t(none)\\n") == {
+    ...     a: ("10.8.0.2/32", "fd00::2/128"), b: ()}
+    True
+    """
+    peers: dict[str, tuple[str, ...]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, tab, rest = line.partition("\t")
+        if not tab or not _WG_KEY.fullmatch(key):
+            raise ParseError(f"wg allowed-ips line {number}: expected a public key and a tab")
+        if key in peers:
+            raise ParseError(f"wg allowed-ips line {number}: peer {key} listed twice")
+        networks = tuple(rest.split())
+        if networks == ("(none)",):
+            networks = ()
+        for network in networks:
+            if not re.fullmatch(r"[0-9A-Fa-f.:]+/[0-9]{1,3}", network):
+                raise ParseError(
+                    f"wg allowed-ips line {number}: {network[:50]!r} is not a network"
+                )
+        peers[key] = networks
+    return peers
+
+
+def read_wg_allowed_ips(
+    interface: str, runner: Runner = subprocess.run, *, timeout: float = 10.0
+) -> dict[str, tuple[str, ...]]:
+    """Each peer's allowed IPs on `interface` (`wg show IFACE allowed-ips`); no shell."""
+    return parse_wg_allowed_ips(
+        run_command(["wg", "show", interface, "allowed-ips"], timeout, runner)
+    )
+
+
+def set_wg_allowed_ips(
+    interface: str,
+    public_key: str,
+    networks: Sequence[str],
+    runner: Runner = subprocess.run,
+    *,
+    timeout: float = 10.0,
+) -> None:
+    """`wg set IFACE peer KEY allowed-ips A,B` (an empty list: the peer passes nothing).
+
+    The peer keeps its endpoint, keys and transfer counters; `wg set ... peer KEY
+    remove` would drop it and its counters. A peer not on the interface is
+    created, so check with `read_wg_allowed_ips` first.
+    """
+    argv = ["wg", "set", interface, "peer", public_key, "allowed-ips", ",".join(networks)]
+    run_command(argv, timeout, runner)
 
 
 class WireGuardConfig(SourceConfigBase):

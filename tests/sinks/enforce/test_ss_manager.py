@@ -1,0 +1,421 @@
+"""The `ss-manager` enforcement backend: its config and credentials checks, and the
+disable/enable cycle on the real ss-manager (Debian's shadowsocks-libev) with real traffic.
+
+The traffic goes through a real ss-local to the ss-server that ss-manager runs for
+the user's port, to a local HTTP server. Two counting relays sit on its way (ss-local
+-> relay -> ss-server, and ss-server -> relay -> HTTP server), so the bytes that
+really moved are known independently of ss-manager: ss-server's figure is the
+ciphertext it received from the client plus the plaintext it received from the
+target, to the byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from quotaflow.core.plans import Action, Command
+from quotaflow.producers.sources import SOURCES, ParseError
+from quotaflow.producers.sources.ss_manager import (
+    SsManagerClient,
+    SsManagerConfig,
+    parse_ss_manager_list,
+)
+from quotaflow.sinks.enforce.backends import Backend, EnforceError, load_backend
+from quotaflow.sinks.enforce.credentials import Credentials
+from tests.producers.sources import helpers
+from tests.producers.sources.helpers import (
+    LOCAL,
+    METHOD,
+    Processes,
+    free_port,
+    listening,
+    push_known_bytes,
+    socks_http,
+    start_ss_local,
+    wait_until,
+)
+
+# The source tests' fixtures: Debian's node software, processes killed at teardown,
+# the local HTTP server.
+node_software = helpers.node_software
+processes = helpers.processes
+http_port = helpers.http_port
+
+ALICE_PASSWORD = "alice-Secret-7"
+BOB_PASSWORD = "bob-Secret-8"
+
+
+def command(action: Action, user: str = "alice") -> Command:
+    now = datetime.now(UTC)
+    return Command(
+        command_id=str(uuid.uuid4()), user_id=user, action=action,
+        reason="quota" if action != "enable" else "operator",
+        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
+        used_bytes=10, allowance_bytes=10, threshold=None if action != "warn" else 0.8,
+        issued_at=now,
+    )  # fmt: skip
+
+
+def credentials(alice_port: int, bob_port: int) -> Credentials:
+    return Credentials.model_validate(
+        {
+            "accounts": [
+                {"user_id": "alice", "backend": "ss-manager", "server_port": alice_port,
+                 "password": ALICE_PASSWORD, "method": METHOD},
+                {"user_id": "bob", "backend": "ss-manager", "server_port": bob_port,
+                 "password": BOB_PASSWORD},
+            ]
+        }
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- counting relays
+
+
+class CountingRelay:
+    """A TCP relay on loopback to `target`, counting the bytes each way."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = (LOCAL, target_port)
+        self.up = 0  # client -> target
+        self.down = 0  # target -> client
+        self._lock = threading.Lock()
+        self._listener = socket.create_server((LOCAL, 0))
+        self.port: int = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, up: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+                with self._lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return self.up, self.down
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class EchoServer:
+    """A TCP server on loopback that sends back what it gets, for connections held open."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server((LOCAL, 0))
+        self.port: int = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def socks_connect(socks_port: int, target_port: int) -> socket.socket:
+    """A connection to 127.0.0.1:target_port through a SOCKS5 proxy, left open."""
+    sock = socket.create_connection((LOCAL, socks_port), timeout=10)
+    sock.sendall(b"\x05\x01\x00")
+    assert sock.recv(2) == b"\x05\x00"
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(LOCAL) + target_port.to_bytes(2, "big"))
+    assert sock.recv(10)[:2] == b"\x05\x00"
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the peer closes `sock` (EOF or reset) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def http_fails(socks_port: int, target_port: int) -> bool:
+    """Whether one HTTP request through the proxy fails (no answer, or a cut one)."""
+    try:
+        socks_http(socks_port, target_port, timeout=5)
+    except (OSError, AssertionError):
+        return True
+    return False
+
+
+# -------------------------------------------------------------------- ss-manager
+
+
+@pytest.fixture
+def ss_manager(node_software: None, processes: Processes) -> SsManagerClient:
+    port = free_port(socket.SOCK_DGRAM)
+    workdir = processes.folder / "ss-manager"
+    workdir.mkdir()
+    processes.pid_files.append(workdir / ".shadowsocks_*.pid")  # its ss-servers
+    argv = ["ss-manager", "-m", METHOD, "-s", LOCAL, "-D", str(workdir)]
+    argv += ["--manager-address", f"{LOCAL}:{port}", "--executable", "/usr/bin/ss-server"]
+    processes.start("ss-manager", argv)
+    client = SsManagerClient(f"{LOCAL}:{port}", timeout=0.5)
+
+    def answers() -> bool:
+        try:
+            return client.list_ports() == []
+        except Exception:
+            return False
+
+    wait_until("ss-manager", answers)
+    return client
+
+
+@pytest.fixture
+def relays(http_port: int) -> Iterator[dict[str, CountingRelay]]:
+    """`target`: a counting relay in front of the HTTP server (the ss-server's side)."""
+    target = CountingRelay(http_port)
+    try:
+        yield {"target": target}
+    finally:
+        target.close()
+
+
+def port_figure(client: SsManagerClient, port: int) -> int | None:
+    figures = {c.user_id: c.down for c in client.query_port_counters()}
+    return figures.get(str(port))
+
+
+@pytest.mark.integration
+def test_disable_and_enable_with_real_traffic(
+    ss_manager: SsManagerClient, processes: Processes, relays: dict[str, CountingRelay],
+) -> None:  # fmt: skip
+    alice_port, bob_port = free_port(), free_port()
+    backend = load_backend(
+        {"type": "ss-manager", "address": ss_manager.address, "timeout_s": 1.0},
+        credentials(alice_port, bob_port),
+    )
+    assert backend.serves("alice") and backend.serves("bob") and not backend.serves("carol")
+
+    # Both ports start through the backend: enable adds what `list` lacks, once.
+    for user in ("alice", "bob"):
+        assert backend.apply(command("enable", user)).outcome == "applied"
+    assert backend.apply(command("enable")).outcome == "already"
+    assert ss_manager.list_ports() == sorted([alice_port, bob_port])
+    wait_until("alice's ss-server", lambda: listening(alice_port))
+
+    # ss-local -> counting relay -> ss-server; ss-server -> counting relay -> HTTP server.
+    client_side = CountingRelay(alice_port)
+    target = relays["target"]
+    socks = start_ss_local(processes, ALICE_PASSWORD, client_side.port)
+    push_known_bytes(socks, target.port)
+
+    def moved() -> int:
+        """The bytes ss-server counts: ciphertext from ss-local, plaintext from the target."""
+        return client_side.totals()[0] + target.totals()[1]
+
+    # ss-server pushes its figure every 5 s; once pushed, it is every byte moved.
+    wait_until("ss-server's stat push", lambda: port_figure(ss_manager, alice_port) == moved(),
+               timeout=12)  # fmt: skip
+    collector = SOURCES["ss-manager"].collector(
+        SsManagerConfig(type="ss-manager", address=ss_manager.address,
+                        user_map={str(alice_port): "alice"})
+    )  # fmt: skip
+    snapshot = {c.user_id: c for c in collector.collect().counters}["alice"]
+    assert (snapshot.up, snapshot.down) == (0, moved()), (snapshot, client_side.totals())
+
+    echo = EchoServer()
+    held = socks_connect(socks, echo.port)
+    held.sendall(b"still here")
+    assert held.recv(100) == b"still here"
+
+    started = time.monotonic()
+    disabled = backend.apply(command("disable"))
+    assert disabled.outcome == "applied", disabled
+    assert str(alice_port) in disabled.detail and ALICE_PASSWORD not in disabled.detail
+    assert ss_manager.list_ports() == [bob_port]
+    # The open connection is cut: ss-manager stopped the port's ss-server.
+    assert closed_within(held, 5.0), "the open connection survived the removal"
+    cut_after = time.monotonic() - started
+    held.close()
+    # New connections fail, and the removed port's counter is gone from ss-manager.
+    wait_until("the ss-server to stop", lambda: not listening(alice_port))
+    assert http_fails(socks, target.port)
+    assert port_figure(ss_manager, alice_port) is None
+    assert "alice" not in {c.user_id for c in collector.collect().counters}
+    assert port_figure(ss_manager, bob_port) == 0
+
+    assert backend.apply(command("disable")).outcome == "already"
+    assert ss_manager.list_ports() == [bob_port]
+    ss_manager.remove(alice_port)  # ss-manager answers "ok" for a port it does not run
+
+    enabled = backend.apply(command("enable"))
+    assert enabled.outcome == "applied", enabled
+    assert backend.apply(command("enable")).outcome == "already"
+    wait_until("alice's ss-server again", lambda: listening(alice_port))
+    assert port_figure(ss_manager, alice_port) == 0
+    at_enable = moved()
+    push_known_bytes(socks, target.port)
+    # The re-added port's figure starts again from 0: it counts the bytes since enable.
+    wait_until("the new ss-server's push",
+               lambda: port_figure(ss_manager, alice_port) == moved() - at_enable > 0,
+               timeout=12)  # fmt: skip
+    echo.close()
+    client_side.close()
+    print(f"open connection cut {cut_after:.3f} s after disable began")
+
+
+@pytest.mark.integration
+def test_bytes_since_the_last_stat_push_are_lost_on_removal(
+    ss_manager: SsManagerClient, processes: Processes, relays: dict[str, CountingRelay],
+) -> None:  # fmt: skip
+    """What a snapshot taken right before `disable` holds: ss-manager's last pushed figure.
+
+    Bytes moved after the ss-server's last push are in no snapshot, and removal
+    loses them (the ss-server sends no last figure on SIGTERM).
+    """
+    alice_port = free_port()
+    backend = load_backend(
+        {"type": "ss-manager", "address": ss_manager.address}, credentials(alice_port, 1)
+    )
+    assert backend.apply(command("enable")).outcome == "applied"
+    wait_until("alice's ss-server", lambda: listening(alice_port))
+    client_side, target = CountingRelay(alice_port), relays["target"]
+    socks = start_ss_local(processes, ALICE_PASSWORD, client_side.port)
+
+    def moved() -> int:
+        return client_side.totals()[0] + target.totals()[1]
+
+    push_known_bytes(socks, target.port)
+    wait_until("a stat push", lambda: port_figure(ss_manager, alice_port) == moved(), timeout=12)
+    pushed = moved()
+    # Right after a push, the next is ~5 s away: these bytes wait for it.
+    push_known_bytes(socks, target.port)
+    snapshot = port_figure(ss_manager, alice_port)
+    assert backend.apply(command("disable")).outcome == "applied"
+    assert snapshot == pushed < moved(), (snapshot, pushed, moved())
+    time.sleep(6)  # past the next push the ss-server would have made
+    assert port_figure(ss_manager, alice_port) is None
+    print(f"lost on removal: {moved() - pushed} bytes moved after the last stat push")
+    client_side.close()
+
+
+# ------------------------------------------------------------ without the program
+
+
+def test_list_answers() -> None:
+    assert parse_ss_manager_list("[\n]") == []
+    two = '[\n\t{"server_port":"8389","password":"a\\"b","method":"m"},'
+    two += '\n\t{"server_port":"8388","password":"","method":"m"}\n]'
+    assert parse_ss_manager_list(two) == [8388, 8389]
+    # ss-manager splits a long list over datagrams; joined, it reads as one.
+    split = '[\n\t{"server_port":"1","password":"x","method":"m"},' + '\n\t{"server_port":"2",'
+    assert parse_ss_manager_list(split + '"password":"y","method":"m"}\n]') == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "ok", "stat: {}", "[", '[{"server_port":"0","password":"x"}]',
+     '[{"server_port":"70000","password":"x"}]', '[{"server_port":"08388","password":"x"}]',
+     '[{"password":"x","server_port":"8388"}]',
+     '[{"server_port":"1","password":"x"},{"server_port":"1","password":"y"}]'],
+)  # fmt: skip
+def test_list_garbage_is_refused(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_ss_manager_list(text)
+
+
+def _entry(**options: object) -> dict[str, object]:
+    return {"type": "ss-manager", "address": f"{LOCAL}:9", **options}
+
+
+def test_build_refuses_a_configured_user_without_credentials() -> None:
+    with pytest.raises(ValueError, match=r"no ss-manager credentials .*: carol"):
+        load_backend(_entry(users=["alice", "carol"]), credentials(8388, 8389))
+
+
+def test_serves_only_users_with_a_port() -> None:
+    creds = credentials(8388, 8389)
+    assert {u for u in ("alice", "bob", "carol") if load_backend(_entry(), creds).serves(u)} == {
+        "alice", "bob"}  # fmt: skip
+    only_bob = load_backend(_entry(users=["bob"]), creds)
+    assert only_bob.serves("bob") and not only_bob.serves("alice")
+
+
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [("", "empty"), ("x" * 128, "longer than 127"), ('a"b', "quote"), ("a\\b", "backslash"),
+     ("a\nb", "control")],
+)  # fmt: skip
+def test_build_refuses_passwords_ss_manager_would_mangle(password: str, problem: str) -> None:
+    creds = Credentials.model_validate({"accounts": [
+        {"user_id": "alice", "backend": "ss-manager", "server_port": 8388, "password": password}
+    ]})  # fmt: skip
+    with pytest.raises(ValueError, match=problem) as caught:
+        load_backend(_entry(), creds)
+    assert password not in str(caught.value) or not password
+
+
+def test_build_refuses_one_port_for_two_users() -> None:
+    with pytest.raises(ValueError, match="port 8388 belongs to two users"):
+        load_backend(_entry(), credentials(8388, 8388))
+
+
+def test_warn_is_skipped_and_strangers_are_skipped() -> None:
+    backend: Backend = load_backend(_entry(), credentials(8388, 8389))
+    assert backend.apply(command("warn")).outcome == "skipped"
+    assert backend.apply(command("disable", "carol")).outcome == "skipped"
+
+
+def test_an_unreachable_manager_is_an_enforce_error_without_secrets() -> None:
+    silent = f"{LOCAL}:{free_port(socket.SOCK_DGRAM)}"
+    backend = load_backend(
+        {"type": "ss-manager", "address": silent, "timeout_s": 0.3}, credentials(8388, 8389)
+    )
+    actions: tuple[Action, ...] = ("disable", "enable")
+    for action in actions:
+        with pytest.raises(EnforceError, match=f"ss-manager {action} alice") as caught:
+            backend.apply(command(action))
+        assert ALICE_PASSWORD not in str(caught.value)
