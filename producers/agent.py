@@ -14,6 +14,14 @@ which the stream deduplicates. A task that dies (a collector's loop, the sender'
 the push receiver) is logged with its traceback and ends the process with a
 non-zero status, for systemd to start it again. A lost or damaged outbox is not
 a first start: the agent refuses to start until `--reset-outbox` (docs/agent.md).
+
+With an `[enforce]` table the agent also applies the quota commands of
+`<prefix>.control` to the node's programs (`quotaflow.sinks.enforce.consumer`, in
+a thread, consumer group `<prefix>-enforce-<node_id>`). Before it disables
+users it reads its collectors and stores their reports in the outbox
+(`before_disable`), because removing a user resets that user's counters on
+several programs. A bad `[enforce]` (a configured user without credentials, a
+backend that cannot be built) stops the agent at start with status 78.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -30,16 +39,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from quotaflow import logs
 from quotaflow.core.settings import Settings
 from quotaflow.producers.outbox import Outbox, OutboxLocked, OutboxUnusable, outbox_broken
 from quotaflow.producers.push import PushConfig, make_app, start_site
 from quotaflow.producers.sources import Collector, SourceConfig, Stateful, build_collector
+from quotaflow.sinks.enforce.config import EnforceConfig, EnforceConfigError, problems
 
 if TYPE_CHECKING:
     from quotaflow.producers.publisher import Publisher, SendFuture
+    from quotaflow.sinks.enforce.consumer import EnforceConsumer
 
 log = logging.getLogger("quotaflow.agent")
 
@@ -84,6 +95,7 @@ class AgentConfig(BaseModel):
     kafka: KafkaOverrides = Field(default_factory=KafkaOverrides)
     collectors: list[SourceConfig] = Field(default_factory=list)
     push: PushConfig | None = None
+    enforce: EnforceConfig | None = None
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> AgentConfig:
@@ -92,6 +104,12 @@ class AgentConfig(BaseModel):
             raise ValueError(
                 "two collectors report as the same node: give each its own node_id"
             )
+        if self.enforce is not None and self.enforce.snapshot is not None:
+            unknown = sorted(set(self.enforce.snapshot) - set(nodes))
+            if unknown:
+                raise ValueError(
+                    f"enforce.snapshot names no collector's node: {', '.join(unknown)}"
+                )
         return self
 
     def node_of(self, index: int) -> str:
@@ -114,6 +132,21 @@ def load_config(path: Path) -> AgentConfig:
     """Read and check an agent TOML file."""
     with path.open("rb") as f:
         return AgentConfig.model_validate(tomllib.load(f))
+
+
+def _load_or_exit(path: Path) -> AgentConfig:
+    """`load_config`, or a CRITICAL line saying what is wrong (never the values: `[enforce]`
+    holds secrets) and exit status 78."""
+    try:
+        return load_config(path)
+    except (OSError, ValueError) as exc:
+        problem = (
+            problems(exc) if isinstance(exc, ValidationError)
+            else (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+        )
+        logs.setup("INFO")
+        log.critical("%s: %s; exiting with status %d", path, problem, EXIT_CONFIG)
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 class Sender:
@@ -209,6 +242,7 @@ class AgentFailed(RuntimeError):
 
 
 EXIT_FAILED = 1  # a task died, or the agent could not start
+EXIT_CONFIG = 78  # EX_CONFIG: the config file (or its [enforce] backends) cannot be used
 EXIT_OUTBOX_UNUSABLE = 78  # EX_CONFIG: the outbox is lost or damaged; see --reset-outbox
 
 
@@ -221,7 +255,9 @@ class Agent:
     """The agent runtime; `collectors` may replace the configured ones (tests).
 
     Opening the outbox raises `OutboxUnusable` if it is lost or damaged, unless
-    `reset_outbox` (then a new one is started; see `Outbox`).
+    `reset_outbox` (then a new one is started; see `Outbox`). With `enforce` and an
+    `[enforce]` table the enforcement consumer is built too (its applied ids in
+    `<outbox>.enforce.db`), raising `EnforceConfigError` when it cannot be.
     """
 
     def __init__(
@@ -232,6 +268,7 @@ class Agent:
         collectors: Mapping[str, tuple[Collector, float]] | None = None,
         outbox: Outbox | None = None,
         reset_outbox: bool = False,
+        enforce: bool = True,
     ) -> None:
         self.config = config
         self.settings = settings if settings is not None else config.settings()
@@ -250,6 +287,28 @@ class Agent:
         self.push_port: int | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A collector is read by its loop and by enforcement's snapshots: one at a time.
+        self._collecting = {node: threading.Lock() for node in self.collectors}
+        # Set when a collector's loop has restored its state (or given up on it: `_off`).
+        self._ready = {node: threading.Event() for node in self.collectors}
+        self._off: set[str] = set()
+        self._enforce_stop = threading.Event()
+        self.enforcement: EnforceConsumer | None = None
+        if enforce and config.enforce is not None:
+            try:
+                self.enforcement = self._enforcement(config.enforce)
+            except BaseException:
+                self.outbox.close()
+                raise
+
+    def _enforcement(self, enforce: EnforceConfig) -> EnforceConsumer:
+        from quotaflow.sinks.enforce.consumer import EnforceConsumer
+
+        return EnforceConsumer.from_config(
+            enforce, self.settings, node_id=self.config.node_id,
+            state_file=Path(f"{self.outbox.path}.enforce.db"),
+            before_disable=self.before_disable,
+        )
 
     def wake(self) -> None:
         """Tell the sender there is something new (thread-safe)."""
@@ -259,7 +318,11 @@ class Agent:
     # ------------------------------------------------------------------ collecting
 
     def collect_once(self, node_id: str, collector: Collector) -> None:
-        """Read one collector and store its report (blocking)."""
+        """Read one collector and store its report (blocking; one call per collector at once)."""
+        with self._collecting.setdefault(node_id, threading.Lock()):
+            self._collect_and_record(node_id, collector)
+
+    def _collect_and_record(self, node_id: str, collector: Collector) -> None:
         snapshot = collector.collect()
         started_key = f"started:{node_id}"
         first = self.outbox.get_state(started_key) is None
@@ -304,8 +367,11 @@ class Agent:
                     # this collector stops, loudly; the others go on.
                     log.exception("%s: cannot restore the collector's saved state; "
                                   "not collecting from it", node_id)
+                    self._off.add(node_id)
+                    self._ready.setdefault(node_id, threading.Event()).set()
                     await self.stop.wait()
                     return
+        self._ready.setdefault(node_id, threading.Event()).set()
         while not self.stop.is_set():
             started = time.monotonic()
             try:
@@ -318,6 +384,33 @@ class Agent:
             delay = max(interval - (time.monotonic() - started), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
+
+    # ------------------------------------------------------------------ enforcing
+
+    def before_disable(self, user_ids: list[str]) -> None:
+        """Enforcement's hook, before it disables `user_ids`: read the collectors now and store
+        their reports in the outbox (the same path as every collection), so the bytes up to
+        the removal are billed even where removing a user resets its counters.
+
+        The collectors read are those of `[enforce] snapshot` (default: all). Raises when
+        one cannot be read: the disable then counts a failed attempt and is retried.
+        """
+        enforce = self.config.enforce
+        chosen = enforce.snapshot if enforce is not None and enforce.snapshot is not None else None
+        nodes = list(self.collectors) if chosen is None else [n for n in chosen
+                                                              if n in self.collectors]
+        for node_id in nodes:
+            ready = self._ready.setdefault(node_id, threading.Event())
+            deadline = time.monotonic() + 30.0
+            while not ready.wait(timeout=0.5):
+                if self._enforce_stop.is_set() or time.monotonic() > deadline:
+                    raise RuntimeError(f"{node_id}: the collector has not started yet")
+            if node_id in self._off:
+                continue  # not collecting at all (its state could not be restored)
+            self.collect_once(node_id, self.collectors[node_id][0])
+        self.wake()
+        log.info("counter snapshot of %s stored before disabling %d user(s): %s",
+                 ", ".join(nodes) or "no collector", len(user_ids), ", ".join(user_ids[:10]))
 
     # ------------------------------------------------------------------ sending
 
@@ -369,6 +462,7 @@ class Agent:
         tasks: dict[asyncio.Task[None], str] = {}
         runner = None
         dead: list[str] = []
+        enforcing = False
         try:
             push = self.config.push
             if push is not None:
@@ -384,6 +478,10 @@ class Agent:
                 for node, (c, interval) in self.collectors.items():
                     task = asyncio.create_task(self._collect_loop(node, c, interval))
                     tasks[task] = f"the collector of {node}"
+                if self.enforcement is not None:  # closes it when it ends
+                    consumer = asyncio.to_thread(self.enforcement.run, self._enforce_stop)
+                    tasks[asyncio.create_task(consumer)] = "the enforcement consumer"
+                    enforcing = True
             tasks[asyncio.create_task(self._send_loop())] = "the sender"
             stopping = asyncio.ensure_future(self.stop.wait())
             try:
@@ -392,6 +490,7 @@ class Agent:
                 stopping.cancel()
             self._find_dead(tasks, dead)
             self.stop.set()
+            self._enforce_stop.set()
             if runner is not None:
                 await runner.cleanup()
                 runner = None
@@ -400,10 +499,13 @@ class Agent:
             if dead:
                 raise AgentFailed(f"{', '.join(dead)} died")
         finally:
+            self._enforce_stop.set()
             for task in tasks:
                 task.cancel()
             if runner is not None:
                 await runner.cleanup()
+            if self.enforcement is not None and not enforcing:
+                self.enforcement.close()  # built, never run
             await asyncio.to_thread(self.sender.close)
             left = len(self.outbox)
             self.outbox.close()
@@ -435,7 +537,7 @@ def _serve(config: AgentConfig, collect: bool, reset_outbox: bool = False) -> No
         start_http_server(config.metrics_port)
 
     async def main() -> None:
-        agent = Agent(config, reset_outbox=reset_outbox)
+        agent = Agent(config, reset_outbox=reset_outbox, enforce=collect)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop.set)
@@ -449,6 +551,9 @@ def _serve(config: AgentConfig, collect: bool, reset_outbox: bool = False) -> No
     except OutboxLocked as exc:
         log.critical("%s", exc)
         raise SystemExit(EXIT_FAILED) from None
+    except EnforceConfigError as exc:
+        log.critical("%s; exiting with status %d", exc, EXIT_CONFIG)
+        raise SystemExit(EXIT_CONFIG) from None
     except AgentFailed as exc:  # logged with its traceback where it happened
         log.critical("agent failed: %s; exiting with status %d", exc, EXIT_FAILED)
         raise SystemExit(EXIT_FAILED) from None
@@ -462,12 +567,12 @@ def run_agent(config_path: Path, *, reset_outbox: bool = False) -> None:
 
     `reset_outbox`: start a new outbox if the configured one is lost or damaged.
     """
-    _serve(load_config(config_path), collect=True, reset_outbox=reset_outbox)
+    _serve(_load_or_exit(config_path), collect=True, reset_outbox=reset_outbox)
 
 
 def run_push_receiver(config_path: Path, *, reset_outbox: bool = False) -> None:
     """Only the push receiver (and sender) of an agent config; its collectors are ignored."""
-    config = load_config(config_path)
+    config = _load_or_exit(config_path)
     if config.push is None:
         raise SystemExit(f"{config_path}: no [push] table")
     _serve(config, collect=False, reset_outbox=reset_outbox)

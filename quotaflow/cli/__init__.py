@@ -6,6 +6,7 @@
 * `plans`: `plans import|set|show|list|delete|export` (users' quota plans);
 * `nodes`: `nodes set|list` (nodes' billing rates);
 * `control`: `control tail` (the quota commands, as they come);
+* `enforce`: `enforce` (the central enforcement consumer);
 * `dev`: `simulate`, `replay`, `check` (development and testing);
 * `local`: `local up|down|status` (Kafka and InfluxDB on loopback).
 
@@ -20,14 +21,14 @@ import os
 
 import typer
 
-from quotaflow.cli import control, dev, local, node, nodes, pipeline, plans, query
+from quotaflow.cli import control, dev, enforce, local, node, nodes, pipeline, plans, query
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="Exact traffic accounting for proxy and VPN fleets, on Kafka, Faust and InfluxDB.",
 )
-for group in (node.app, pipeline.app, query.app, dev.app):
+for group in (node.app, pipeline.app, query.app, enforce.app, dev.app):
     app.add_typer(group)
 app.add_typer(plans.app, name="plans")
 app.add_typer(nodes.app, name="nodes")
