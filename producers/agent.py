@@ -16,7 +16,7 @@ non-zero status, for systemd to start it again. A lost or damaged outbox is not
 a first start: the agent refuses to start until `--reset-outbox` (docs/agent.md).
 
 With an `[enforce]` table the agent also applies the quota commands of
-`<prefix>.control` to the node's programs (`quotaflow.sinks.enforce.consumer`, in
+`<prefix>.control` to the node's programs (`quotaflow.producers.enforce.consumer`, in
 a thread, consumer group `<prefix>-enforce-<node_id>`). Before it disables
 users it reads its collectors and stores their reports in the outbox
 (`before_disable`), because removing a user resets that user's counters on
@@ -43,14 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from quotaflow import logs
 from quotaflow.core.settings import Settings
+from quotaflow.producers.enforce.config import EnforceConfig, EnforceConfigError, problems
 from quotaflow.producers.outbox import Outbox, OutboxLocked, OutboxUnusable, outbox_broken
 from quotaflow.producers.push import PushConfig, make_app, start_site
 from quotaflow.producers.sources import Collector, SourceConfig, Stateful, build_collector
-from quotaflow.sinks.enforce.config import EnforceConfig, EnforceConfigError, problems
 
 if TYPE_CHECKING:
+    from quotaflow.producers.enforce.consumer import EnforceConsumer
     from quotaflow.producers.publisher import Publisher, SendFuture
-    from quotaflow.sinks.enforce.consumer import EnforceConsumer
 
 log = logging.getLogger("quotaflow.agent")
 
@@ -302,7 +302,7 @@ class Agent:
                 raise
 
     def _enforcement(self, enforce: EnforceConfig) -> EnforceConsumer:
-        from quotaflow.sinks.enforce.consumer import EnforceConsumer
+        from quotaflow.producers.enforce.consumer import EnforceConsumer
 
         return EnforceConsumer.from_config(
             enforce, self.settings, node_id=self.config.node_id,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds sing-box (SagerNet/sing-box) with `go install` into the quotaflow cache, for
-# the live sing-box tests (tests/sinks/enforce/test_singbox.py). Debian ships no
+# the live sing-box tests (tests/producers/enforce/test_singbox.py). Debian ships no
 # sing-box. Idempotent: it does nothing when the binary is already there. Needs Go.
 # Prints the binary's path on stdout; the build's output goes to the cache's log/.
 #

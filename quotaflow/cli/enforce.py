@@ -23,7 +23,7 @@ def enforce_cmd(
     Group <prefix>-enforce-central, until SIGTERM/SIGINT; exit 78 on an unusable config.
     """
     try:
-        from quotaflow.sinks.enforce.consumer import run_central
+        from quotaflow.producers.enforce.consumer import run_central
     except ImportError as exc:
         raise needs("agent", exc) from None
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from quotaflow.core.plans import Action, Command
-from quotaflow.sinks.enforce.backends import EnforceError, load_backend
-from quotaflow.sinks.enforce.backends.command import CommandBackend, Config, Finished, build
-from quotaflow.sinks.enforce.credentials import Credentials
+from quotaflow.producers.enforce.backends import EnforceError, load_backend
+from quotaflow.producers.enforce.backends.command import CommandBackend, Config, Finished, build
+from quotaflow.producers.enforce.credentials import Credentials
 
 NASTY = "x; rm -rf / $(id) `id` && touch PWNED | cat >out \"'*?{user_id}"
 """A user id that a shell would run: here it must stay one argument, as it is."""

@@ -18,7 +18,7 @@ method's user PSK, base64).
   `{"username": name, "uPSK": key}`; "already exists" is `already`.
 * `warn`: `skipped`.
 
-What sing-box 1.14.1 does, measured (tests/sinks/enforce/test_singbox.py):
+What sing-box 1.14.1 does, measured (tests/producers/enforce/test_singbox.py):
 
 * A removed user's new connections fail at once; **open connections are not cut**:
   they go on moving bytes until they end.
@@ -72,8 +72,8 @@ from urllib.parse import quote, urlsplit
 from pydantic import Field, field_validator
 
 from quotaflow.core.plans import Command
-from quotaflow.sinks.enforce.backends._base import Applied, BackendConfigBase, EnforceError
-from quotaflow.sinks.enforce.credentials import Credentials, SingBoxAccount
+from quotaflow.producers.enforce.backends._base import Applied, BackendConfigBase, EnforceError
+from quotaflow.producers.enforce.credentials import Credentials, SingBoxAccount
 
 log = logging.getLogger("quotaflow.enforce.sing-box")
 

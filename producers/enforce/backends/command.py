@@ -56,8 +56,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from quotaflow.core.plans import Action, Command
-from quotaflow.sinks.enforce.backends._base import Applied, BackendConfigBase, EnforceError
-from quotaflow.sinks.enforce.credentials import Credentials
+from quotaflow.producers.enforce.backends._base import Applied, BackendConfigBase, EnforceError
+from quotaflow.producers.enforce.credentials import Credentials
 
 log = logging.getLogger("quotaflow.enforce.command")
 

@@ -70,7 +70,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from quotaflow.core.plans import AckOutcome, Action, Command, Reason
-from quotaflow.sinks.enforce.backends._base import Applied
+from quotaflow.producers.enforce.backends._base import Applied
 
 Origin = tuple[int, int]
 """Where a command was read: (partition, offset)."""

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 
 from quotaflow.core.plans import Action, Command
+from quotaflow.producers.enforce.backends import EnforceError, load_backend
+from quotaflow.producers.enforce.backends.openvpn import Config, OpenVpnBackend, build
+from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources import SourceError
 from quotaflow.producers.sources.openvpn import OpenVpnManagement, parse_openvpn_status
-from quotaflow.sinks.enforce.backends import EnforceError, load_backend
-from quotaflow.sinks.enforce.backends.openvpn import Config, OpenVpnBackend, build
-from quotaflow.sinks.enforce.credentials import Credentials
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     _NETNS_HTTP_SERVER,

@@ -45,14 +45,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from quotaflow.core.plans import Command
+from quotaflow.producers.enforce.backends._base import Applied, BackendConfigBase, EnforceError
+from quotaflow.producers.enforce.credentials import Credentials, WireGuardAccount
 from quotaflow.producers.sources import ParseError, SourceError
 from quotaflow.producers.sources.wireguard import (
     is_wg_key,
     read_wg_allowed_ips,
     set_wg_allowed_ips,
 )
-from quotaflow.sinks.enforce.backends._base import Applied, BackendConfigBase, EnforceError
-from quotaflow.sinks.enforce.credentials import Credentials, WireGuardAccount
 
 _INTERFACE = re.compile(r"[A-Za-z0-9_=+.][A-Za-z0-9_=+.-]{0,14}")  # Linux: 15 bytes at most
 

@@ -26,15 +26,15 @@ from typing import Any
 import pytest
 
 from quotaflow.core.plans import Action, Command
-from quotaflow.sinks.enforce.backends import EnforceError, load_backend
-from quotaflow.sinks.enforce.backends.webhook import (
+from quotaflow.producers.enforce.backends import EnforceError, load_backend
+from quotaflow.producers.enforce.backends.webhook import (
     Config,
     WebhookBackend,
     WebhookRejected,
     sign,
     verify,
 )
-from quotaflow.sinks.enforce.credentials import Credentials
+from quotaflow.producers.enforce.credentials import Credentials
 from tests.producers.sources.helpers import LOCAL, free_port, listening, wait_until
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "enforcement.md"

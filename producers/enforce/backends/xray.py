@@ -52,14 +52,14 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from quotaflow.core.plans import Command
-from quotaflow.producers.sources import SourceError
-from quotaflow.producers.sources.v2ray import ApiError, TypedMessage, V2RayStatsClient
-from quotaflow.sinks.enforce.backends._base import (
+from quotaflow.producers.enforce.backends._base import (
     Applied,
     BackendConfigBase,
     EnforceError,
 )
-from quotaflow.sinks.enforce.credentials import Credentials, ProxyAccount
+from quotaflow.producers.enforce.credentials import Credentials, ProxyAccount
+from quotaflow.producers.sources import SourceError
+from quotaflow.producers.sources.v2ray import ApiError, TypedMessage, V2RayStatsClient
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 

@@ -26,15 +26,15 @@ import pytest
 
 from quotaflow.core.contracts import Counter
 from quotaflow.core.plans import Action, Command
+from quotaflow.producers.enforce.backends import EnforceError, load_backend
+from quotaflow.producers.enforce.backends.xray import XrayBackend
+from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources.v2ray import (
     TypedMessage,
     V2RayCollector,
     V2RayConfig,
     V2RayStatsClient,
 )
-from quotaflow.sinks.enforce.backends import EnforceError, load_backend
-from quotaflow.sinks.enforce.backends.xray import XrayBackend
-from quotaflow.sinks.enforce.credentials import Credentials
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     DOWNLOAD,

@@ -14,13 +14,13 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from quotaflow.sinks.enforce.backends._base import (
+from quotaflow.producers.enforce.backends._base import (
     Applied,
     Backend,
     BackendConfigBase,
     EnforceError,
 )
-from quotaflow.sinks.enforce.credentials import Credentials
+from quotaflow.producers.enforce.credentials import Credentials
 
 __all__ = [
     "BACKENDS",
@@ -31,7 +31,7 @@ __all__ = [
     "load_backend",
 ]
 
-_HERE = "quotaflow.sinks.enforce.backends"
+_HERE = "quotaflow.producers.enforce.backends"
 BACKENDS: dict[str, str] = {
     "xray": f"{_HERE}.xray",  # Xray and V2Ray share one module: the same gRPC API
     "v2ray": f"{_HERE}.xray",

@@ -1,4 +1,4 @@
-"""The delivery rules of enforcement (`sinks/enforce/delivery.py`), without Kafka.
+"""The delivery rules of enforcement (`producers/enforce/delivery.py`), without Kafka.
 
 Examples for each rule, then properties: random sequences of commands, failing and
 succeeding backends, duplicates and restarts are run through `Deliveries` against a
@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quotaflow.core.plans import Action, Command
-from quotaflow.sinks.enforce.backends import Applied
-from quotaflow.sinks.enforce.delivery import (
+from quotaflow.producers.enforce.backends import Applied
+from quotaflow.producers.enforce.delivery import (
     CommitPoint,
     Deliveries,
     MemoryIds,

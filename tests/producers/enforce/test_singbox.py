@@ -29,10 +29,10 @@ from typing import Any
 import pytest
 
 from quotaflow.core.plans import Action, Command
+from quotaflow.producers.enforce.backends import EnforceError, load_backend
+from quotaflow.producers.enforce.backends.singbox import SingBoxBackend
+from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources.v2ray import V2RayStatsClient
-from quotaflow.sinks.enforce.backends import EnforceError, load_backend
-from quotaflow.sinks.enforce.backends.singbox import SingBoxBackend
-from quotaflow.sinks.enforce.credentials import Credentials
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     DOWNLOAD,

@@ -64,13 +64,13 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 
 from quotaflow.core.plans import Action, Command
-from quotaflow.sinks.enforce.backends._base import (
+from quotaflow.producers.enforce.backends._base import (
     Applied,
     BackendConfigBase,
     Done,
     EnforceError,
 )
-from quotaflow.sinks.enforce.credentials import Credentials
+from quotaflow.producers.enforce.credentials import Credentials
 
 log = logging.getLogger("quotaflow.enforce.webhook")
 

@@ -47,10 +47,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr
 
 from quotaflow.core.plans import Command
+from quotaflow.producers.enforce.backends._base import Applied, BackendConfigBase, EnforceError
+from quotaflow.producers.enforce.credentials import Credentials, OpenVpnAccount
 from quotaflow.producers.sources import SourceError
 from quotaflow.producers.sources.openvpn import OpenVpnManagement
-from quotaflow.sinks.enforce.backends._base import Applied, BackendConfigBase, EnforceError
-from quotaflow.sinks.enforce.credentials import Credentials, OpenVpnAccount
 
 # The characters OpenVPN keeps in a common name; it remaps any other to "_".
 _COMMON_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")

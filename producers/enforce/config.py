@@ -37,9 +37,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from quotaflow.sinks.enforce.backends import Backend, load_backend
-from quotaflow.sinks.enforce.credentials import Credentials
-from quotaflow.sinks.enforce.delivery import RetryPolicy
+from quotaflow.producers.enforce.backends import Backend, load_backend
+from quotaflow.producers.enforce.credentials import Credentials
+from quotaflow.producers.enforce.delivery import RetryPolicy
 
 
 def problems(exc: ValidationError) -> str:

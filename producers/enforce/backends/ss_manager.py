@@ -39,10 +39,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr
 
 from quotaflow.core.plans import Command
+from quotaflow.producers.enforce.backends._base import Applied, BackendConfigBase, EnforceError
+from quotaflow.producers.enforce.credentials import Credentials, SsManagerAccount
 from quotaflow.producers.sources import ParseError, SourceError
 from quotaflow.producers.sources.ss_manager import SsManagerClient
-from quotaflow.sinks.enforce.backends._base import Applied, BackendConfigBase, EnforceError
-from quotaflow.sinks.enforce.credentials import Credentials, SsManagerAccount
 
 _MAX_PASSWORD_BYTES = 127  # ss-manager keeps no more of a password
 _METHOD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

@@ -5,7 +5,7 @@ what it applied in a folder, keeps each user's state there (so its apply is
 idempotent like the real ones), and fails while a `down` file exists, or always
 for the users it is told to. Kafka, the consumer's commits, acknowledgements, dead
 letters and its SQLite are real; the SIGKILL test runs the consumer as a process
-(`python -m tests.sinks.enforce.test_consumer enforce.toml`, as `quotaflow enforce`).
+(`python -m tests.producers.enforce.test_consumer enforce.toml`, as `quotaflow enforce`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from quotaflow.core.contracts import DeadLetter
 from quotaflow.core.partitioning import partition_of
 from quotaflow.core.plans import Ack, Action, Command, DeadCommand
 from quotaflow.core.settings import Settings
-from quotaflow.sinks.enforce.backends import BACKENDS, Applied, BackendConfigBase, EnforceError
-from quotaflow.sinks.enforce.credentials import Credentials
-from quotaflow.sinks.enforce.delivery import example_command
+from quotaflow.producers.enforce.backends import BACKENDS, Applied, BackendConfigBase, EnforceError
+from quotaflow.producers.enforce.credentials import Credentials
+from quotaflow.producers.enforce.delivery import example_command
 
 ROOT = Path(__file__).resolve().parents[3]
-MODULE = "tests.sinks.enforce.test_consumer"
+MODULE = "tests.producers.enforce.test_consumer"
 
 
 # --------------------------------------------------------------------------- the backend
@@ -252,7 +252,7 @@ class InProcess:
 
     def __init__(self, settings: Settings, config: Path, node_id: str | None = None,
                  before_disable: Callable[[list[str]], None] | None = None) -> None:
-        from quotaflow.sinks.enforce.consumer import EnforceConsumer, load_central_config
+        from quotaflow.producers.enforce.consumer import EnforceConsumer, load_central_config
 
         enforce = load_central_config(config).enforce
         self.consumer = EnforceConsumer.from_config(
@@ -270,7 +270,7 @@ class InProcess:
 
 
 class Process:
-    """`python -m tests.sinks.enforce.test_consumer enforce.toml`: `quotaflow enforce` with
+    """`python -m tests.producers.enforce.test_consumer enforce.toml`: `quotaflow enforce` with
     the recording backend registered."""
 
     def __init__(self, settings: Settings, config: Path, log: Path) -> None:
@@ -620,7 +620,7 @@ def test_a_configured_user_without_credentials_is_refused_with_status_78(
 
 
 if __name__ == "__main__":  # the consumer as a process: `quotaflow enforce` + this backend
-    from quotaflow.sinks.enforce.consumer import run_central
+    from quotaflow.producers.enforce.consumer import run_central
 
     BACKENDS["recording"] = MODULE
     run_central(Path(sys.argv[1]), Settings())

@@ -22,14 +22,14 @@ from datetime import UTC, datetime
 import pytest
 
 from quotaflow.core.plans import Action, Command
+from quotaflow.producers.enforce.backends import Backend, EnforceError, load_backend
+from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources import SOURCES, ParseError
 from quotaflow.producers.sources.ss_manager import (
     SsManagerClient,
     SsManagerConfig,
     parse_ss_manager_list,
 )
-from quotaflow.sinks.enforce.backends import Backend, EnforceError, load_backend
-from quotaflow.sinks.enforce.credentials import Credentials
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     LOCAL,

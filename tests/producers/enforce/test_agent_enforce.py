@@ -28,9 +28,9 @@ from kafka import KafkaConsumer, TopicPartition
 from quotaflow.core.contracts import Counter, CounterReport
 from quotaflow.core.settings import Settings
 from quotaflow.producers.agent import Agent, AgentConfig, load_config, run_agent, run_push_receiver
+from quotaflow.producers.enforce.backends import BACKENDS
 from quotaflow.producers.sources import Snapshot
-from quotaflow.sinks.enforce.backends import BACKENDS
-from tests.sinks.enforce.test_consumer import (
+from tests.producers.enforce.test_consumer import (
     MODULE,
     ROOT,
     Control,
@@ -38,7 +38,7 @@ from tests.sinks.enforce.test_consumer import (
     state_of,
 )
 
-THIS = "tests.sinks.enforce.test_agent_enforce"
+THIS = "tests.producers.enforce.test_agent_enforce"
 
 
 @pytest.fixture

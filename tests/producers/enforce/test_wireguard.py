@@ -27,15 +27,15 @@ import pytest
 
 from quotaflow.core.contracts import Counter
 from quotaflow.core.plans import Action, Command
+from quotaflow.producers.enforce.backends import EnforceError, load_backend
+from quotaflow.producers.enforce.backends.wireguard import Config, WireGuardBackend, build
+from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources import SOURCES, ParseError
 from quotaflow.producers.sources.wireguard import (
     WireGuardConfig,
     parse_wg_allowed_ips,
     read_wg_allowed_ips,
 )
-from quotaflow.sinks.enforce.backends import EnforceError, load_backend
-from quotaflow.sinks.enforce.backends.wireguard import Config, WireGuardBackend, build
-from quotaflow.sinks.enforce.credentials import Credentials
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     DOWNLOAD,

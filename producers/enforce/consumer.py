@@ -53,14 +53,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from quotaflow.core.contracts import DeadLetter, validation_reason
 from quotaflow.core.plans import Ack, Command, DeadCommand
 from quotaflow.core.settings import Settings
-from quotaflow.sinks.enforce.backends import Backend, EnforceError
-from quotaflow.sinks.enforce.config import (
+from quotaflow.producers.enforce.backends import Backend, EnforceError
+from quotaflow.producers.enforce.config import (
     EnforceConfig,
     EnforceConfigError,
     open_backends,
     problems,
 )
-from quotaflow.sinks.enforce.delivery import (
+from quotaflow.producers.enforce.delivery import (
     CommitPoint,
     Deliveries,
     Newest,
@@ -124,7 +124,7 @@ class SqliteIds:
     so a crash or power loss after applying never applies it twice.
 
     >>> import tempfile
-    >>> from quotaflow.sinks.enforce.delivery import example_command
+    >>> from quotaflow.producers.enforce.delivery import example_command
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     ids = SqliteIds(Path(folder) / "enforce.db")
     ...     ids.add(example_command("c1", "alice", "disable"), "xray")
