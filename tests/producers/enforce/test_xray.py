@@ -304,10 +304,6 @@ def http_through(
     return payload
 
 
-def _body(size: int) -> bytes:
-    return (b"quotaflow-" * (size // 10 + 1))[:size]
-
-
 def push_known_bytes(socks: int, http_port: int) -> None:
     """DOWNLOAD bytes down and UPLOAD bytes up through the proxy, checked end to end."""
     assert http_through(socks, http_port) == _body(DOWNLOAD)
