@@ -42,6 +42,7 @@ from tests.producers.sources.helpers import (
     SLACK,
     UPLOAD,
     Processes,
+    _body,
     free_port,
     listening,
     wait_until,
@@ -261,10 +262,6 @@ def alice_of(collector: V2RayCollector) -> Counter:
     snapshot = collector.collect()
     found = {c.user_id: c for c in snapshot.counters}
     return found.get("alice", Counter(user_id="alice", up=0, down=0))
-
-
-def _body(size: int) -> bytes:
-    return (b"quotaflow-" * (size // 10 + 1))[:size]
 
 
 def http_through(
