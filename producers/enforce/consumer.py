@@ -13,7 +13,10 @@ It uses kafka-python, which the agent install has. Each round it
    applied rather than the history (`delivery.py`: latest state wins);
 3. calls `before_disable(user_ids)` once before the round's disables (the agent
    takes a counter snapshot there; if it fails, the disables count a failed
-   attempt), then applies the due jobs, for at most `round_budget_s`;
+   attempt), then applies the due jobs, for at most `round_budget_s`; just before
+   it, each backend with a `prepare_disable` (ss-manager: wait for the next stat
+   push) gets its users of those disables (if it fails, that backend's disables
+   count a failed attempt);
 4. records each applied (command_id, backend) in SQLite (synchronous=FULL) before
    anything else, then publishes the acknowledgements (`.control.acks`) and dead
    commands (`.control.dead`), waits until Kafka has them, and only then commits
@@ -53,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from quotaflow.core.contracts import DeadLetter, validation_reason
 from quotaflow.core.plans import Ack, Command, DeadCommand
 from quotaflow.core.settings import Settings
-from quotaflow.producers.enforce.backends import Backend, EnforceError
+from quotaflow.producers.enforce.backends import Backend, EnforceError, PreparesDisable
 from quotaflow.producers.enforce.config import (
     EnforceConfig,
     EnforceConfigError,
@@ -63,6 +66,7 @@ from quotaflow.producers.enforce.config import (
 from quotaflow.producers.enforce.delivery import (
     CommitPoint,
     Deliveries,
+    Job,
     Newest,
     Origin,
     RetryPolicy,
@@ -423,8 +427,10 @@ class EnforceConsumer:
         if not jobs:
             return
         snapshot_failed: str | None = None
+        prepare_failed: dict[str, str] = {}
         users = sorted({j.command.user_id for j in jobs if j.action == "disable"})
         if users and self.before_disable is not None:
+            prepare_failed = self._prepare_disables(jobs)
             try:
                 self.before_disable(users)
             except Exception as exc:
@@ -437,6 +443,9 @@ class EnforceConsumer:
             what = f"{command.action} of {command.user_id} on {job.backend} ({command.command_id})"
             if job.action == "disable" and snapshot_failed is not None:
                 self.deliveries.failed(job, snapshot_failed, self.clock())
+                continue
+            if job.action == "disable" and job.backend in prepare_failed:
+                self.deliveries.failed(job, prepare_failed[job.backend], self.clock())
                 continue
             try:
                 result = self.backends[job.backend].apply(command)
@@ -457,6 +466,25 @@ class EnforceConsumer:
                 log.warning("%s is set: killing the process before the acknowledgement",
                             FAULT_KILL_AFTER_APPLY)
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    def _prepare_disables(self, jobs: Sequence[Job]) -> dict[str, str]:
+        """Each backend's `prepare_disable` for its users of the round's disables, before
+        the snapshot; what failed, by backend (those disables count a failed attempt)."""
+        by_backend: dict[str, set[str]] = {}
+        for job in jobs:
+            if job.action == "disable":
+                by_backend.setdefault(job.backend, set()).add(job.command.user_id)
+        failed: dict[str, str] = {}
+        for name, users in by_backend.items():
+            backend = self.backends.get(name)
+            if not isinstance(backend, PreparesDisable):
+                continue
+            try:
+                backend.prepare_disable(sorted(users))
+            except Exception as exc:
+                failed[name] = f"{name}: preparing the snapshot before disable failed: {exc}"
+                log.warning("enforcement: %s", failed[name])
+        return failed
 
     # -------------------------------------------------------------- publishing
 

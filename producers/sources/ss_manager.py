@@ -16,7 +16,8 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Collection, Iterator
 from typing import Any, Literal
 
 from quotaflow.core.contracts import Counter
@@ -171,6 +172,33 @@ class SsManagerClient:
     def query_port_counters(self) -> list[Counter]:
         """Per-port counters: the port is the user id, its figure goes in `down`."""
         return parse_ss_manager_stat(self.ping())
+
+    def figures(self) -> dict[int, int]:
+        """Each port's last pushed figure (`ping`), by port number."""
+        return {int(c.user_id): c.down for c in self.query_port_counters()}
+
+    def wait_for_push(
+        self, ports: Collection[int], *, within: float = 5.5, poll: float = 0.05
+    ) -> dict[int, bool]:
+        """Wait for the next stat push of each of `ports` that ss-manager reports.
+
+        Reads `ping` until each port's figure changes (its ss-server just pushed the
+        bytes it had moved) or `within` seconds pass (just over the ss-servers' 5 s
+        push interval: a figure that stayed the same through a push means nothing
+        moved since the push before). Returns, for each port reported at the start,
+        whether its figure changed (a port that disappears counts as changed); ports
+        ss-manager does not report are left out. A snapshot read right after this
+        lacks at most the bytes moved since the push was seen.
+        """
+        wanted = set(ports)
+        start = {p: f for p, f in self.figures().items() if p in wanted}
+        waiting = set(start)
+        deadline = time.monotonic() + within
+        while waiting and time.monotonic() < deadline:
+            time.sleep(poll)
+            now = self.figures()
+            waiting = {p for p in waiting if now.get(p) == start[p]}
+        return {p: p not in waiting for p in sorted(start)}
 
     def list_ports(self) -> list[int]:
         """The ports ss-manager runs an ss-server for now (`list`), sorted.

@@ -19,6 +19,7 @@ from quotaflow.producers.enforce.backends._base import (
     Backend,
     BackendConfigBase,
     EnforceError,
+    PreparesDisable,
 )
 from quotaflow.producers.enforce.credentials import Credentials
 
@@ -28,6 +29,7 @@ __all__ = [
     "Backend",
     "BackendConfigBase",
     "EnforceError",
+    "PreparesDisable",
     "load_backend",
 ]
 

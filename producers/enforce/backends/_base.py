@@ -5,12 +5,18 @@ idempotent: disabling a user who is not there, or enabling one who is, is
 `already` (and counts as success), so a command applied twice acts once.
 Anything that fails raises `EnforceError`; the consumer retries it with backoff
 and, after its last attempt, puts the command on `<prefix>.control.dead`.
+
+A backend may also have `prepare_disable(user_ids)` (`PreparesDisable`): when the
+agent takes a counter snapshot before a round's disables, the consumer calls it
+first, so that the program's counters hold every byte it can still report before
+the snapshot reads them (ss-manager waits for its ss-servers' next stat push).
+Backends without it need nothing: the default is to do nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -60,4 +66,20 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class PreparesDisable(Protocol):
+    """The optional step of a `Backend` before the counter snapshot of a disable.
+
+    `prepare_disable(user_ids)` gets the users of the round's due disables that this
+    backend serves, and returns once the program's counters of those users hold
+    what it can still report (or raises `EnforceError`: the disables on this
+    backend then count a failed attempt, like a failed snapshot). It is called only
+    where a snapshot is taken (the agent), once per round, before the snapshot.
+    """
+
+    def prepare_disable(self, user_ids: list[str]) -> None:
+        """Make the counters of `user_ids` current before the snapshot; see the class."""
         ...

@@ -16,14 +16,19 @@ through the source's `SsManagerClient` (`quotaflow.producers.sources.ss_manager`
 
 Removal loses the port's counter: ss-manager forgets the port's figure, and the
 ss-server, stopped with SIGTERM, does not send its last one. Each ss-server
-pushes its figure every 5 s, so a snapshot taken just before `disable` lacks
-the bytes of the last push interval (see docs/enforcement.md).
+pushes its figure every 5 s, so a snapshot taken at a random moment before
+`disable` lacks up to 5 s of the user's bytes. `prepare_disable` (which the
+consumer calls before the agent's snapshot) therefore waits for the ports' next
+push: it reads `ping` until each running port's figure changes, or 5.5 s pass
+without a change (nothing moved since the last push). The snapshot taken then
+holds the bytes up to that push; see docs/enforcement.md.
 
 ```toml
 [[enforce.backends]]
 type = "ss-manager"
 address = "127.0.0.1:6001"     # ss-manager's --manager-address (UDP), or a unix socket path
 timeout_s = 2.0
+settle_s = 5.5                 # before the agent's snapshot: wait this long for the next push
 ```
 
 >>> Config(type="ss-manager", address="127.0.0.1:6001").timeout_s
@@ -32,7 +37,9 @@ timeout_s = 2.0
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -43,6 +50,8 @@ from quotaflow.producers.enforce.backends._base import Applied, BackendConfigBas
 from quotaflow.producers.enforce.credentials import Credentials, SsManagerAccount
 from quotaflow.producers.sources import ParseError, SourceError
 from quotaflow.producers.sources.ss_manager import SsManagerClient
+
+log = logging.getLogger("quotaflow.enforce")
 
 _MAX_PASSWORD_BYTES = 127  # ss-manager keeps no more of a password
 _METHOD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -57,6 +66,9 @@ class Config(BackendConfigBase):
     path of its unix datagram socket."""
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     """How long to wait for each answer."""
+    settle_s: Annotated[float, Field(ge=0, le=60)] = 5.5
+    """Before the agent's snapshot of a disable, how long to wait for the ports' next stat
+    push (ss-server pushes every 5 s); 0 does not wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,28 @@ class SsManagerBackend:
 
     def close(self) -> None:
         """Nothing to release: every call uses its own socket."""
+
+    def prepare_disable(self, user_ids: list[str]) -> None:
+        """Wait until the users' running ports have pushed their figures (`wait_for_push`).
+
+        Called before the counter snapshot of a disable, so that the snapshot holds
+        the bytes up to the last push before the removal, not up to 5 s fewer.
+        """
+        ports = sorted({p.port for user in user_ids for p in self._ports.get(user, ())})
+        if not ports or self.config.settle_s == 0:
+            return
+        started = time.monotonic()
+        try:
+            pushed = self._client.wait_for_push(ports, within=self.config.settle_s)
+        except (SourceError, ParseError) as exc:
+            raise EnforceError(
+                f"ss-manager {self.config.address}: waiting for the stat push of port(s)"
+                f" {', '.join(map(str, ports))}: {exc}"
+            ) from exc
+        log.info("ss-manager %s: before disabling %s, waited %.2f s for the stat push: %s",
+                 self.config.address, ", ".join(user_ids[:10]), time.monotonic() - started,
+                 ", ".join(f"{p} {'pushed' if new else 'unchanged'}"
+                           for p, new in pushed.items()) or "no port running")
 
     def apply(self, command: Command) -> Applied:
         if command.action == "warn":

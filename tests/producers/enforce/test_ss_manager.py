@@ -11,6 +11,7 @@ target, to the byte.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -18,10 +19,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from quotaflow.core.plans import Action, Command
+from quotaflow.core.settings import Settings
+from quotaflow.producers.agent import Agent, AgentConfig
 from quotaflow.producers.enforce.backends import Backend, EnforceError, load_backend
 from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources import SOURCES, ParseError
@@ -30,6 +34,8 @@ from quotaflow.producers.sources.ss_manager import (
     SsManagerConfig,
     parse_ss_manager_list,
 )
+from tests.producers.enforce.test_agent_enforce import _raw_reports
+from tests.producers.enforce.test_consumer import Control
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     LOCAL,
@@ -340,6 +346,93 @@ def test_bytes_since_the_last_stat_push_are_lost_on_removal(
     assert port_figure(ss_manager, alice_port) is None
     print(f"lost on removal: {moved() - pushed} bytes moved after the last stat push")
     client_side.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("settle_s", [5.5, 0.0])
+def test_the_agent_waits_for_the_stat_push_before_its_snapshot_of_a_disable(
+    ss_manager: SsManagerClient, processes: Processes, relays: dict[str, CountingRelay],
+    settings: Settings, tmp_path: Path, settle_s: float,
+) -> None:  # fmt: skip
+    """The agent's path: a disable on `.control`, the backend's `prepare_disable`, the
+    snapshot through the real ss-manager collector, then the removal.
+
+    A round moved right after a stat push is not in ss-manager's figure when the
+    disable is published; the snapshot stored before the removal holds it, to the
+    byte. With `settle_s = 0` (no wait) the snapshot lacks it: the round is lost.
+    """
+    alice_port = free_port()
+    creds = tmp_path / "credentials.toml"
+    creds.write_text(
+        f'[[accounts]]\nuser_id = "alice"\nbackend = "ss-manager"\nserver_port = {alice_port}\n'
+        f'password = "{ALICE_PASSWORD}"\nmethod = "{METHOD}"\n'
+    )
+    backend = load_backend(
+        {"type": "ss-manager", "address": ss_manager.address}, credentials(alice_port, 1)
+    )
+    assert backend.apply(command("enable")).outcome == "applied"
+    wait_until("alice's ss-server", lambda: listening(alice_port))
+    client_side, target = CountingRelay(alice_port), relays["target"]
+    socks = start_ss_local(processes, ALICE_PASSWORD, client_side.port)
+
+    def moved() -> int:
+        return client_side.totals()[0] + target.totals()[1]
+
+    config = AgentConfig.model_validate({
+        "node_id": "ssm", "outbox": str(tmp_path / "o.db"), "baseline_on_first_start": False,
+        "kafka": {"bootstrap": settings.kafka_bootstrap, "topic_prefix": settings.topic_prefix},
+        "collectors": [{"type": "ss-manager", "address": ss_manager.address,
+                        "user_map": {str(alice_port): "alice"}, "interval_s": 3600}],
+        "enforce": {
+            "credentials": str(creds), "poll_interval_s": 0.2,
+            "retry": {"base_s": 0.2, "cap_s": 1.0},
+            "backends": [{"type": "ss-manager", "address": ss_manager.address,
+                          "settle_s": settle_s}],
+        },
+    })  # fmt: skip
+    control = Control(settings)
+    agent = Agent(config, settings=settings)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(agent.run(),))
+    thread.start()
+    try:
+        push_known_bytes(socks, target.port)
+        wait_until("a stat push", lambda: port_figure(ss_manager, alice_port) == moved(),
+                   timeout=12)  # fmt: skip
+        pushed = moved()
+        # Right after a push, the next is ~5 s away: these bytes wait for it.
+        push_known_bytes(socks, target.port)
+        before = port_figure(ss_manager, alice_port)
+        at_disable = moved()
+        disable = command("disable")
+        started = time.monotonic()
+        control.publish(disable)
+        control.wait(lambda: control.outcomes(disable.command_id) != [], why="the disable")
+        took = time.monotonic() - started
+        outcomes = control.outcomes(disable.command_id)
+    finally:
+        loop.call_soon_threadsafe(agent.stop.set)
+        thread.join(60)
+        control.close()
+    assert not thread.is_alive()
+    loop.close()
+    assert before == pushed < at_disable == moved(), (before, pushed, at_disable, moved())
+    assert outcomes == ["applied"]
+    assert ss_manager.list_ports() == []
+    # The reports that reached Kafka: the first collection at start, then the snapshot
+    # stored before the removal, which holds the round moved after the last push.
+    downs = [[c.down for c in r.counters if c.user_id == "alice"]
+             for r in _raw_reports(settings, "ssm")]  # fmt: skip
+    assert all(d in ([], [0]) for d in downs[:-1]), downs
+    client_side.close()
+    if settle_s == 0:
+        assert downs[-1] == [pushed], (downs, pushed, at_disable)
+        print(f"settle_s = 0: disable acknowledged {took:.2f} s after it was published; the"
+              f" snapshot lacked the {at_disable - pushed} bytes moved after the last push")
+        return
+    assert downs[-1] == [at_disable], (downs, pushed, at_disable)
+    print(f"disable acknowledged {took:.2f} s after it was published; the snapshot held "
+          f"{at_disable - pushed} bytes moved after the last push before the disable")
 
 
 # ------------------------------------------------------------ without the program
