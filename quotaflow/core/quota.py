@@ -81,7 +81,7 @@ import hashlib
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -173,12 +173,13 @@ class _User:
     """One user's state; with no plan, only `n` and `hours` mean anything."""
 
     __slots__ = (
-        "at", "causes", "drawn", "due", "end", "given", "hours", "lo", "mark", "n", "newest",
-        "rules", "start", "through", "usage", "used", "warned",
+        "at", "causes", "drawn", "due", "end", "given", "hours", "issued", "lo", "mark", "n",
+        "newest", "rules", "start", "through", "usage", "used", "warned",
     )
 
     def __init__(self) -> None:
         self.n = 0  # commands issued so far, for their ids; never reset
+        self.issued = 0  # the last command's issued_at, Unix ms; never reset
         self.hours: dict[int, int] = {}  # hour (Unix s // 3600) -> billed bytes observed in it
         # the latest hour with traffic: its bucket is in the state record, the older
         # ones in the history record, which changes about once an hour
@@ -211,9 +212,10 @@ class _User:
             newest = self.newest
             flat = [newest, hours[newest]] if newest in hours else []
         if self.rules is None:
-            return {"n": self.n, "h": flat, "k": self.through}
+            return {"n": self.n, "i": self.issued, "h": flat, "k": self.through}
         return {
-            "n": self.n, "h": flat, "k": self.through, "p": self.rules.plan_json,
+            "n": self.n, "i": self.issued, "h": flat, "k": self.through,
+            "p": self.rules.plan_json,
             "s": self.start, "e": self.end, "u": self.used,
             "o": [x for pair in self.usage.items() for x in pair],
             "d": self.drawn, "g": self.given, "w": self.warned, "c": self.causes,
@@ -224,6 +226,7 @@ class _User:
     def restore(cls, raw: dict[str, object], default_tz: ZoneInfo) -> _User:
         user = cls()
         user.n = raw["n"]  # type: ignore[assignment]
+        user.issued = raw.get("i", 0)  # type: ignore[assignment]
         flat: list[int] = raw["h"]  # type: ignore[assignment]
         user.hours = dict(zip(flat[::2], flat[1::2], strict=True))
         user.newest = max(user.hours, default=-1)
@@ -620,6 +623,9 @@ class QuotaBook:
         used: int, allowance: int | None, threshold: float | None, now: datetime,
     ) -> Command:
         user.n += 1
+        # strictly later than the user's previous command, to the millisecond of the
+        # wire form: consumers order a user's commands by issued_at
+        issued = user.issued = max(int(now.timestamp() * 1000), user.issued + 1)
         key = f"{user_id}\x1f{start}\x1f{action}\x1f{reason}\x1f{threshold!r}\x1f{user.n}"
         tz = user.rules.tz if user.rules is not None else self.default_tz
         return Command(
@@ -632,7 +638,7 @@ class QuotaBook:
             used_bytes=used,
             allowance_bytes=allowance,
             threshold=threshold,
-            issued_at=now,
+            issued_at=datetime.fromtimestamp(issued / 1000, UTC),
         )
 
 

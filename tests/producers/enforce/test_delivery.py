@@ -326,8 +326,10 @@ OPERATIONS = st.lists(st.one_of(_new, _new, _late, _again, _run, _run, _restart)
 
 
 def _issued(n: int, back: int) -> datetime:
-    """Distinct instants: the n-th operation at 10n ms, a late one `back` operations earlier."""
-    return _at(10 * n - (10 * back - 5 if back else 0))
+    """Distinct instants, as the stream worker gives a user's commands (each at least a
+    millisecond after the one before): the n-th operation at about 100n ms, a late one
+    `back` operations earlier; the last term keeps any two operations apart."""
+    return _at(100 * (n - back) + (50 if back else 0) + n)
 
 
 def _simulate(operations: list[Op]) -> Simulation:
