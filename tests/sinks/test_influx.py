@@ -898,87 +898,6 @@ async def test_refused_points_are_found_by_bisection(monkeypatch: pytest.MonkeyP
     assert consumer.commits[-1] == {consumer.tp(0): 1}
 
 
-async def test_quota_states_and_commands_are_written_and_bad_records_dead_lettered(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """One consumer of the three topics: each record's points, one commit for all of them."""
-    import asyncio
-
-    influx = FakeInflux()
-    consumer = FakeConsumer(partitions=2)
-    sink, dead = _fake_sink(monkeypatch, influx, consumer)
-    sink.coalescer = Coalescer(clock=lambda: 1795514401)
-    consumer.add(0, TotalsBatch.encode("n1", 86400, 0, [("alice", 1, 2, 3, 4, 2, 4, 6, 8)]))
-    consumer.add(1, _quota(("alice", NOVEMBER, 10, 100, "enabled")), TOPICS.quota)
-    bad_quota = consumer.add(1, b'{"states": [["alice", "now", 1, 2, "enabled"]]}', TOPICS.quota)
-    consumer.add(1, _quota(("alice", NOVEMBER, 120, 100, "disabled"),
-                           ("bob", NOVEMBER, 5, None, "enabled")), TOPICS.quota)
-    consumer.add(1, _command("w5", threshold=0.5).encode(), TOPICS.control)
-    bad_command = consumer.add(1, b"not json", TOPICS.control)
-    tombstone = consumer.add(1, None, TOPICS.control)
-    consumer.add(1, _command("w8").encode(), TOPICS.control)
-    consumer.on_idle = lambda: influx.successes and sink.stop()
-    await asyncio.wait_for(sink.run(), timeout=10)
-
-    assert _daily(influx, "alice", "n1", 86400) == _fields(1, 2, 2, 4)
-    usage = {key: fields for key, fields in influx.points.items()
-             if key.startswith("quota_usage,")}
-    assert usage == {
-        "quota_usage,user_id=alice 1795514401":
-            f'used_bytes=120i,allowance_bytes=100i,state="disabled",period_start="{NOVEMBER}"',
-        "quota_usage,user_id=bob 1795514401":
-            f'used_bytes=5i,state="enabled",period_start="{NOVEMBER}"',
-    }
-    events = {key: fields for key, fields in influx.points.items()
-              if key.startswith("quota_events,")}
-    assert events == {
-        f"quota_events,action=warn,reason=threshold,user_id=alice {ISSUED_NS + slot}":
-            f'command_id="{name}",used_bytes=80i,allowance_bytes=100i,threshold={threshold}'
-        for name, threshold, slot in (("w5", 0.5, 500_000), ("w8", 0.8, 800_000))
-    }
-    assert {key: precision for key, precision in influx.precisions.items()
-            if precision != "s"} == {key: "ns" for key in events}
-
-    letters = {(d.topic, d.offset): d for d in dead.letters()}
-    assert set(letters) == {(TOPICS.quota, bad_quota.offset), (TOPICS.control, bad_command.offset),
-                            (TOPICS.control, tombstone.offset)}
-    assert all(d.reason == "invalid" and d.partition == 1 for d in letters.values())
-    assert letters[TOPICS.quota, bad_quota.offset].detail.startswith(
-        "not a QuotaBatch record: states.0.1: Input should be a valid datetime")
-    assert letters[TOPICS.quota, bad_quota.offset].original() == bad_quota.value
-    assert letters[TOPICS.control, bad_command.offset].detail.startswith(
-        "not a Command record: Invalid JSON")
-    assert letters[TOPICS.control, tombstone.offset].detail == "not a Command record: no value"
-    assert consumer.commits[-1] == {consumer.tp(0): 1, consumer.tp(1, TOPICS.quota): 3,
-                                    consumer.tp(1, TOPICS.control): 4}
-    assert (sink.stats.invalid, sink.stats.quota_states, sink.stats.commands) == (3, 3, 2)
-
-
-async def test_a_refused_quota_event_is_dead_lettered_with_its_command(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import asyncio
-
-    influx = FakeInflux(poison='command_id="refused"')
-    consumer = FakeConsumer()
-    sink, dead = _fake_sink(monkeypatch, influx, consumer, max_backoff_s=0.05)
-    consumer.add(0, _command("ok1", threshold=0.5).encode(), TOPICS.control)
-    refused = consumer.add(0, _command("refused", allowance=None).encode(), TOPICS.control)
-    consumer.add(0, _command("ok2", issued_at=ISSUED + timedelta(seconds=1)).encode(),
-                 TOPICS.control)
-    consumer.on_idle = lambda: influx.attempts and not consumer.queue and sink.stop()
-    await asyncio.wait_for(sink.run(), timeout=10)
-    assert sorted(fields.split(",")[0] for fields in influx.points.values()) == [
-        'command_id="ok1"', 'command_id="ok2"']
-    [letter] = dead.letters()
-    assert (letter.topic, letter.partition, letter.offset) == (TOPICS.control, 0, refused.offset)
-    assert letter.original().startswith(b'quota_events,action=warn,reason=threshold,user_id=alice '
-                                        b'command_id="refused",used_bytes=80i,threshold=0.8 ')
-    assert letter.readings == ({"user_id": "alice", "action": "warn", "reason": "threshold",
-                                "command_id": "refused", "used_bytes": 80},)
-    assert consumer.commits[-1] == {consumer.tp(0, TOPICS.control): 3}
-
-
 async def test_stop_ends_the_retries_without_committing(monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
@@ -1099,12 +1018,14 @@ def _start_sink(settings: Settings, log_path: Any) -> Any:
     )
 
 
-def _publish(settings: Settings, records: list[tuple[str, int, bytes]]) -> list[int]:
-    """Publish (topic, partition, value) records in order; their offsets."""
+def _publish(settings: Settings, records: list[tuple[str, int, bytes | None]]) -> list[int]:
+    """Publish (topic, partition, value) records in order (None: a keyed tombstone); their
+    offsets."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    sent = [producer.send(topic, value=value, partition=partition)
+    sent = [producer.send(topic, value=value, partition=partition,
+                          key=b"tombstone" if value is None else None)
             for topic, partition, value in records]
     producer.flush()
     offsets = [future.get(timeout=30).offset for future in sent]
@@ -1146,6 +1067,7 @@ def test_billed_totals_quota_states_and_commands_reach_influxdb(
 ) -> None:
     """The sink process on the real servers, read back with the InfluxQL documented for it."""
     import signal
+    import urllib.request
 
     from kafka import KafkaConsumer
 
@@ -1201,6 +1123,7 @@ def test_billed_totals_quota_states_and_commands_reach_influxdb(
             (topics.quota, alice, usage("alice", 1200, 1000, "disabled")),
             (topics.quota, bob, usage("bob", 5000, None, "enabled")),
             (topics.control, alice, bad_command),
+            (topics.control, alice, None),  # a tombstone: not a command either
             (topics.control, alice, warn_50),
             (topics.control, alice, warn_80),
             (topics.control, alice, nan),
@@ -1296,7 +1219,9 @@ def test_billed_totals_quota_states_and_commands_reach_influxdb(
         consumer.close()
         assert set(letters) == {(topics.quota, offsets[bad_quota]),
                                 (topics.control, offsets[bad_command]),
+                                (topics.control, offsets[None]),
                                 (topics.control, offsets[nan])}
+        assert letters[topics.control, offsets[None]].detail == "not a Command record: no value"
         assert letters[topics.quota, offsets[bad_quota]].detail.startswith(
             "not a QuotaBatch record: states.0.1: Input should be a valid datetime")
         assert letters[topics.control, offsets[bad_command]].detail.startswith(
@@ -1305,6 +1230,36 @@ def test_billed_totals_quota_states_and_commands_reach_influxdb(
         refused = letters[topics.control, offsets[nan]]
         assert refused.detail == "not a Command record: threshold: Input should be a finite number"
         assert refused.partition == alice and refused.original() == nan
+
+        # a command point InfluxDB refuses (a float used_bytes already in its shard, a
+        # week of 2030) is dead-lettered with its command; the command after it is written
+        far = datetime(2030, 1, 9, 12, tzinfo=UTC)
+        far_ns = int(far.timestamp()) * 10**9
+        urllib.request.urlopen(urllib.request.Request(
+            f"{settings.influx_url}/write?db={settings.influx_bucket}&precision=ns",
+            method="POST", data=(f"quota_events,action=warn,reason=threshold,user_id=carol "
+                                 f"used_bytes=1.5 {far_ns}").encode(),
+        ), timeout=10).close()
+        conflicting = _command("conflict", allowance=None, issued_at=far + timedelta(hours=1))
+        after = _command("after", issued_at=ISSUED + timedelta(seconds=5))
+        [conflict_at, _] = _publish(settings, [(topics.control, alice, conflicting.encode()),
+                                               (topics.control, alice, after.encode())])
+        _wait_committed(settings, log_path)
+        consumer = KafkaConsumer(topics.dead, bootstrap_servers=settings.kafka_bootstrap,
+                                 auto_offset_reset="earliest", consumer_timeout_ms=5000)
+        [letter] = [d for d in (DeadLetter.decode(m.value) for m in consumer)
+                    if (d.topic, d.offset) == (topics.control, conflict_at)]
+        consumer.close()
+        assert "field type conflict" in letter.detail and letter.partition == alice
+        assert letter.original().startswith(
+            b'quota_events,action=warn,reason=threshold,user_id=alice '
+            b'command_id="conflict",used_bytes=80i,threshold=0.8 ')
+        assert letter.readings == ({"user_id": "alice", "action": "warn", "reason": "threshold",
+                                    "command_id": "conflict", "used_bytes": 80},)
+        [written] = influxql.query("SELECT command_id FROM quota_events "
+                                   "WHERE command_id = 'after'")
+        assert len(written.rows) == 1
+        assert sink.poll() is None
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(timeout=30)
