@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from latency import percentile  # noqa: E402
 from throughput import merge_results, options  # noqa: E402
+from workload import on_servers  # noqa: E402
 
 from quotaflow.admin import ensure_topics  # noqa: E402
 from quotaflow.core.settings import Settings  # noqa: E402
@@ -172,21 +173,8 @@ def main() -> None:
     args = parser.parse_args()
     command = " ".join(["python", "bench/enforce_latency.py", *options()])
 
-    bootstrap = os.environ.get("QUOTAFLOW_KAFKA_BOOTSTRAP")
-    influx = os.environ.get("QUOTAFLOW_INFLUX_URL")
     load = os.getloadavg()
-    if bootstrap and influx:
-        out = run(args, bootstrap, influx)
-    else:
-        from quotaflow.dev import local
-
-        started_here = not local.status().get("running")
-        services = local.up()
-        try:
-            out = run(args, services.kafka_bootstrap, services.influx_url)
-        finally:
-            if started_here:
-                local.down()
+    out = on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
 
     print()
     print(f"enforcement latency, {out['users']} users, quota {args.quota:,} bytes, "

@@ -64,6 +64,7 @@ from typing import Any
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from throughput import log_facts, merge_results, options
+from workload import on_servers
 
 from quotaflow.admin import ensure_topics
 from quotaflow.core.partitioning import partition_of
@@ -528,20 +529,7 @@ def main() -> None:
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
 
-    bootstrap = os.environ.get("QUOTAFLOW_KAFKA_BOOTSTRAP")
-    influx = os.environ.get("QUOTAFLOW_INFLUX_URL")
-    if bootstrap and influx:
-        run(args, bootstrap, influx)
-        return
-    from quotaflow.dev import local
-
-    started_here = not local.status().get("running")
-    services = local.up()
-    try:
-        run(args, services.kafka_bootstrap, services.influx_url)
-    finally:
-        if started_here:
-            local.down()
+    on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
 
 
 def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:

@@ -63,7 +63,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from workload import workload, workload_parser
+from workload import on_servers, workload, workload_parser
 
 from quotaflow.admin import ensure_topics
 from quotaflow.core.contracts import CounterReport
@@ -513,20 +513,7 @@ def main() -> None:
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
 
-    bootstrap = os.environ.get("QUOTAFLOW_KAFKA_BOOTSTRAP")
-    influx = os.environ.get("QUOTAFLOW_INFLUX_URL")
-    if bootstrap and influx:
-        run(args, bootstrap, influx)
-        return
-    from quotaflow.dev import local
-
-    started_here = not local.status().get("running")
-    services = local.up()
-    try:
-        run(args, services.kafka_bootstrap, services.influx_url)
-    finally:
-        if started_here:  # stop what this run started, also when it failed
-            local.down()
+    on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
 
 
 def options() -> list[str]:

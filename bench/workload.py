@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from quotaflow.dev.simulation import FleetSpec, Simulation, simulate
 
@@ -21,3 +24,25 @@ def workload(args: argparse.Namespace) -> Simulation:
     """The fleet the options describe, with no malformed lines."""
     return simulate(FleetSpec(nodes=args.nodes, users=args.users, days=args.days,
                               interval_s=args.interval, malformed=0, nodes_per_user=(1, 2)))
+
+
+T = TypeVar("T")
+
+
+def on_servers(run: Callable[[str, str], T]) -> T:
+    """`run(kafka_bootstrap, influx_url)` on the servers in QUOTAFLOW_KAFKA_BOOTSTRAP and
+    QUOTAFLOW_INFLUX_URL when both are set, otherwise on local ones, stopped afterwards
+    (also when the run fails) if this call started them."""
+    bootstrap = os.environ.get("QUOTAFLOW_KAFKA_BOOTSTRAP")
+    influx = os.environ.get("QUOTAFLOW_INFLUX_URL")
+    if bootstrap and influx:
+        return run(bootstrap, influx)
+    from quotaflow.dev import local
+
+    started_here = not local.status().get("running")
+    services = local.up()
+    try:
+        return run(services.kafka_bootstrap, services.influx_url)
+    finally:
+        if started_here:
+            local.down()
