@@ -289,7 +289,9 @@ def create_app(settings: Settings) -> faust.App:
             await side.barrier(min(appended, time.time()))
             dead_letter_side_inputs()
             await ready(partition)
-            publish(partition, keeper.set_plans(partition, side.take_changes(partition), _now()))
+            changes = side.take_changes(partition)
+            if changes:  # most messages come with none: no clock read, no quota step
+                publish(partition, keeper.set_plans(partition, changes, _now()))
             processed[partition] = offset
             outcome = handler.handle(event.value, partition, offset, message.key)
             if outcome.quota is not None:
