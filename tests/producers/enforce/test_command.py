@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from quotaflow.core.plans import Action, Command
 from quotaflow.producers.enforce.backends import EnforceError, load_backend
 from quotaflow.producers.enforce.backends.command import CommandBackend, Config, Finished, build
 from quotaflow.producers.enforce.credentials import Credentials
+from tests.producers.enforce import helpers
 
 NASTY = "x; rm -rf / $(id) `id` && touch PWNED | cat >out \"'*?{user_id}"
 """A user id that a shell would run: here it must stay one argument, as it is."""
@@ -48,13 +48,10 @@ sys.exit(int(os.environ.get("EXIT", "0")))
 
 
 def command(action: Action = "disable", user: str = "alice") -> Command:
-    return Command(
-        command_id=str(uuid.uuid4()), user_id=user, action=action,
-        reason="threshold" if action == "warn" else "quota",
-        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
-        used_bytes=11, allowance_bytes=10, threshold=0.8 if action == "warn" else None,
-        issued_at=datetime(2026, 11, 24, 10, 0, 1, 234000, tzinfo=UTC),
-    )
+    return helpers.command(action, user, used_bytes=11, issued_at=ISSUED_AT)
+
+
+ISSUED_AT = datetime(2026, 11, 24, 10, 0, 1, 234000, tzinfo=UTC)
 
 
 class Recorder:

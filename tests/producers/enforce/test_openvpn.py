@@ -13,21 +13,19 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from quotaflow.core.plans import Action, Command
 from quotaflow.producers.enforce.backends import EnforceError, load_backend
 from quotaflow.producers.enforce.backends.openvpn import Config, OpenVpnBackend, build
 from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources import SourceError
 from quotaflow.producers.sources.openvpn import OpenVpnManagement, parse_openvpn_status
+from tests.producers.enforce.helpers import FETCH, command
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     _NETNS_HTTP_SERVER,
@@ -53,17 +51,6 @@ SERVER_IP, ALICE_IP = f"{NET}.1", f"{NET}.10"
 PUSHED = f"ifconfig-push {ALICE_IP} 255.255.255.0\n"  # alice's own line in her ccd file
 
 
-def command(action: Action, user: str = "alice") -> Command:
-    now = datetime.now(UTC)
-    return Command(
-        command_id=str(uuid.uuid4()), user_id=user, action=action,
-        reason="quota" if action != "enable" else "operator",
-        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
-        used_bytes=10, allowance_bytes=10, threshold=None if action != "warn" else 0.8,
-        issued_at=now,
-    )  # fmt: skip
-
-
 def credentials() -> Credentials:
     return Credentials.model_validate(
         {
@@ -73,28 +60,6 @@ def credentials() -> Credentials:
             ]
         }
     )
-
-
-_FETCH = """
-import socket, sys, time
-host, port, size, deadline = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-upload = (b"quotaflow-" * (size // 10 + 1))[:size]
-until = time.monotonic() + deadline
-while True:
-    try:
-        sock = socket.create_connection((host, port), timeout=max(0.1, until - time.monotonic()))
-        break
-    except OSError:
-        if time.monotonic() > until:
-            sys.exit(3)
-        time.sleep(0.2)
-sock.settimeout(30)
-sock.sendall(b"POST / HTTP/1.0\\r\\nContent-Length: %d\\r\\n\\r\\n" % size + upload)
-data = b""
-while chunk := sock.recv(65536):
-    data += chunk
-sys.stdout.buffer.write(data.partition(b"\\r\\n\\r\\n")[2])
-"""
 
 
 @dataclass
@@ -136,7 +101,7 @@ class Vpn:
 
     def fetch(self, deadline: float = 30.0) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            ["ip", "netns", "exec", self.client_ns, sys.executable, "-c", _FETCH, SERVER_IP,
+            ["ip", "netns", "exec", self.client_ns, sys.executable, "-c", FETCH, SERVER_IP,
              "8080", str(UPLOAD), str(deadline)],
             capture_output=True, timeout=deadline + 60, env=self.env,
         )  # fmt: skip

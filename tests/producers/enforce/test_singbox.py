@@ -19,20 +19,18 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from quotaflow.core.plans import Action, Command
 from quotaflow.producers.enforce.backends import EnforceError, load_backend
 from quotaflow.producers.enforce.backends.singbox import SingBoxBackend
 from quotaflow.producers.enforce.credentials import Credentials
 from quotaflow.producers.sources.v2ray import V2RayStatsClient
+from tests.producers.enforce.helpers import command
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     DOWNLOAD,
@@ -66,17 +64,6 @@ class User:
 ALICE = User("alice", base64.b64encode(b"alice-key-16byte").decode())
 KEY = ALICE.key
 BOB = User("bob", base64.b64encode(b"bob-key-16-bytes").decode())
-
-
-def command(action: Action, user: str = "alice") -> Command:
-    now = datetime.now(UTC)
-    return Command(
-        command_id=str(uuid.uuid4()), user_id=user, action=action,
-        reason="quota" if action != "enable" else "operator",
-        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
-        used_bytes=10, allowance_bytes=10, threshold=0.8 if action == "warn" else None,
-        issued_at=now,
-    )
 
 
 def credentials(*users: User, path: str = SSM_PATH) -> Credentials:

@@ -16,14 +16,12 @@ import contextlib
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from quotaflow.core.plans import Action, Command
+from quotaflow.core.plans import Action
 from quotaflow.core.settings import Settings
 from quotaflow.producers.agent import Agent, AgentConfig
 from quotaflow.producers.enforce.backends import Backend, EnforceError, load_backend
@@ -34,6 +32,8 @@ from quotaflow.producers.sources.ss_manager import (
     SsManagerConfig,
     parse_ss_manager_list,
 )
+from tests.producers.enforce.helpers import TcpServer, command
+from tests.producers.enforce.helpers import echo as echo_back
 from tests.producers.enforce.test_agent_enforce import _raw_reports
 from tests.producers.enforce.test_consumer import Control
 from tests.producers.sources import helpers
@@ -59,17 +59,6 @@ ALICE_PASSWORD = "alice-Secret-7"
 BOB_PASSWORD = "bob-Secret-8"
 
 
-def command(action: Action, user: str = "alice") -> Command:
-    now = datetime.now(UTC)
-    return Command(
-        command_id=str(uuid.uuid4()), user_id=user, action=action,
-        reason="quota" if action != "enable" else "operator",
-        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
-        used_bytes=10, allowance_bytes=10, threshold=None if action != "warn" else 0.8,
-        issued_at=now,
-    )  # fmt: skip
-
-
 def credentials(alice_port: int, bob_port: int) -> Credentials:
     return Credentials.model_validate(
         {
@@ -86,7 +75,7 @@ def credentials(alice_port: int, bob_port: int) -> Credentials:
 # ---------------------------------------------------------------- counting relays
 
 
-class CountingRelay:
+class CountingRelay(TcpServer):
     """A TCP relay on loopback to `target`, counting the bytes each way."""
 
     def __init__(self, target_port: int) -> None:
@@ -94,24 +83,15 @@ class CountingRelay:
         self.up = 0  # client -> target
         self.down = 0  # target -> client
         self._lock = threading.Lock()
-        self._listener = socket.create_server((LOCAL, 0))
-        self.port: int = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._relay)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
+    def _relay(self, client: socket.socket) -> None:
+        with socket.create_connection(self.target, timeout=5) as server:
             server.settimeout(None)
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+            back = threading.Thread(target=self._pipe, args=(server, client, False), daemon=True)
+            back.start()
+            self._pipe(client, server, True)
+            back.join()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, up: bool) -> None:
         try:
@@ -131,38 +111,6 @@ class CountingRelay:
     def totals(self) -> tuple[int, int]:
         with self._lock:
             return self.up, self.down
-
-    def close(self) -> None:
-        self._listener.close()
-
-
-class EchoServer:
-    """A TCP server on loopback that sends back what it gets, for connections held open."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server((LOCAL, 0))
-        self.port: int = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def socks_connect(socks_port: int, target_port: int) -> socket.socket:
@@ -272,7 +220,7 @@ def test_disable_and_enable_with_real_traffic(
     snapshot = {c.user_id: c for c in collector.collect().counters}["alice"]
     assert (snapshot.up, snapshot.down) == (0, moved()), (snapshot, client_side.totals())
 
-    echo = EchoServer()
+    echo = TcpServer(echo_back)
     held = socks_connect(socks, echo.port)
     held.sendall(b"still here")
     assert held.recv(100) == b"still here"

@@ -15,17 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from quotaflow.core.plans import Action, Command
+from quotaflow.core.plans import Command
 from quotaflow.producers.enforce.backends import EnforceError, load_backend
 from quotaflow.producers.enforce.backends.webhook import (
     Config,
@@ -35,21 +33,12 @@ from quotaflow.producers.enforce.backends.webhook import (
     verify,
 )
 from quotaflow.producers.enforce.credentials import Credentials
+from tests.producers.enforce.helpers import command
 from tests.producers.sources.helpers import LOCAL, free_port, listening, wait_until
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "enforcement.md"
 SECRET = "correct horse battery staple"
 NO_CREDENTIALS = Credentials()
-
-
-def command(action: Action = "disable", user: str = "alice") -> Command:
-    return Command(
-        command_id=str(uuid.uuid4()), user_id=user, action=action,
-        reason="threshold" if action == "warn" else "quota",
-        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
-        used_bytes=8, allowance_bytes=10, threshold=0.8 if action == "warn" else None,
-        issued_at=datetime.now(UTC),
-    )
 
 
 def backend(url: str, **options: Any) -> WebhookBackend:

@@ -16,17 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from quotaflow.core.contracts import Counter
-from quotaflow.core.plans import Action, Command
 from quotaflow.producers.enforce.backends import EnforceError, load_backend
 from quotaflow.producers.enforce.backends.wireguard import Config, WireGuardBackend, build
 from quotaflow.producers.enforce.credentials import Credentials
@@ -36,6 +33,7 @@ from quotaflow.producers.sources.wireguard import (
     parse_wg_allowed_ips,
     read_wg_allowed_ips,
 )
+from tests.producers.enforce.helpers import FETCH, command
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     DOWNLOAD,
@@ -57,17 +55,6 @@ root = helpers.root
 NET = "10.219.0"
 CLIENT_IP, SERVER_IP, BOB_IP = f"{NET}.1", f"{NET}.2", f"{NET}.3"
 HTTP_PORT, STREAM_PORT = 8080, 8081
-
-
-def command(action: Action, user: str = "alice") -> Command:
-    now = datetime.now(UTC)
-    return Command(
-        command_id=str(uuid.uuid4()), user_id=user, action=action,
-        reason="quota" if action != "enable" else "operator",
-        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
-        used_bytes=10, allowance_bytes=10, threshold=None if action != "warn" else 0.8,
-        issued_at=now,
-    )  # fmt: skip
 
 
 def credentials(interface: str, alice: str, bob: str) -> Credentials:
@@ -168,26 +155,6 @@ threading.Thread(target=streams, daemon=True).start()
 HTTPServer((host, http_port), H).serve_forever()
 """
 
-_FETCH = """
-import socket, sys, time
-host, port, size, deadline = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-upload = (b"quotaflow-" * (size // 10 + 1))[:size]
-until = time.monotonic() + deadline
-while True:
-    try:
-        sock = socket.create_connection((host, port), timeout=max(0.1, until - time.monotonic()))
-        break
-    except OSError:
-        if time.monotonic() > until:
-            sys.exit(3)
-        time.sleep(0.2)
-sock.settimeout(30)
-sock.sendall(b"POST / HTTP/1.0\\r\\nContent-Length: %d\\r\\n\\r\\n" % size + upload)
-data = b""
-while chunk := sock.recv(65536):
-    data += chunk
-sys.stdout.buffer.write(data.partition(b"\\r\\n\\r\\n")[2])
-"""
 
 _READ_STREAM = """
 import socket, sys, time
@@ -220,7 +187,7 @@ class Tunnel:
     def fetch(self, deadline: float = 30.0) -> subprocess.CompletedProcess[bytes]:
         """POST UPLOAD bytes and get DOWNLOAD bytes back, from the client's namespace."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.client_ns, sys.executable, "-c", _FETCH, SERVER_IP,
+            ["ip", "netns", "exec", self.client_ns, sys.executable, "-c", FETCH, SERVER_IP,
              str(HTTP_PORT), str(UPLOAD), str(deadline)],
             capture_output=True, timeout=deadline + 60, env=self.env,
         )  # fmt: skip

@@ -18,14 +18,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from quotaflow.core.contracts import Counter
-from quotaflow.core.plans import Action, Command
+from quotaflow.core.plans import Action
 from quotaflow.producers.enforce.backends import EnforceError, load_backend
 from quotaflow.producers.enforce.backends.xray import XrayBackend
 from quotaflow.producers.enforce.credentials import Credentials
@@ -35,6 +34,7 @@ from quotaflow.producers.sources.v2ray import (
     V2RayConfig,
     V2RayStatsClient,
 )
+from tests.producers.enforce.helpers import TcpServer, command
 from tests.producers.sources import helpers
 from tests.producers.sources.helpers import (
     DOWNLOAD,
@@ -73,17 +73,6 @@ ALICE = User("alice", str(uuid.UUID(int=0xA11CE)), "alice-pw-1",
              base64.b64encode(b"alice-key-16byte").decode(), "127.0.0.2")
 BOB = User("bob", str(uuid.UUID(int=0xB0B)), "bob-pw-1",
            base64.b64encode(b"bob-key-16-bytes").decode(), "127.0.0.3")
-
-
-def command(action: Action, user: str = "alice") -> Command:
-    now = datetime.now(UTC)
-    return Command(
-        command_id=str(uuid.uuid4()), user_id=user, action=action,
-        reason="quota" if action != "enable" else "operator",
-        period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None,
-        used_bytes=10, allowance_bytes=10, threshold=None if action != "warn" else 0.8,
-        issued_at=now,
-    )
 
 
 # ---------------------------------------------------------------------- configs
@@ -368,42 +357,22 @@ def test_disable_and_enable_with_real_traffic(
         backend.close()
 
 
-class _Trickle:
-    """A TCP server that, once it reads a line, sends 1000 bytes every 20 ms until cut off."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server((LOCAL, 0))
-        self.port: int = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(64)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    conn.sendall(b"x" * 1000)
-                    time.sleep(0.02)
-            except OSError:
-                return
+def trickle_bytes(conn: socket.socket) -> None:
+    """Once the connection sends a line, send it 1000 bytes every 20 ms until cut off."""
+    conn.recv(64)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        conn.sendall(b"x" * 1000)
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
-def trickle() -> Iterator[_Trickle]:
-    server = _Trickle()
+def trickle() -> Iterator[TcpServer]:
+    server = TcpServer(trickle_bytes)
     try:
         yield server
     finally:
-        server.server.close()
+        server.close()
 
 
 class Stream:
@@ -442,7 +411,7 @@ class Stream:
 @pytest.mark.integration
 @pytest.mark.parametrize("program", ["v2ray", "xray"])
 def test_open_connections_survive_removal_unless_cut(
-    program: str, processes: Processes, http_port: int, trickle: _Trickle,
+    program: str, processes: Processes, http_port: int, trickle: TcpServer,
     request: pytest.FixtureRequest,
 ) -> None:
     """Removal leaves open connections flowing; `cut_connections` ends them with `ss -K`.
