@@ -30,7 +30,7 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
         {"quotaflow.core", "quotaflow.streams", "quotaflow.admin", "quotaflow.logs"},
     ),
     "quotaflow.dashboards": (
-        {"grafana_foundation_sdk", "grafana_client", "matplotlib", "requests"},
+        {"grafana_foundation_sdk", "grafana_client", "matplotlib"},
         {"quotaflow.core", "quotaflow.dashboards", "quotaflow.sinks"},
     ),
     "quotaflow.sinks": (

@@ -30,7 +30,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-EDGES = ("producers", "streams", "sinks", "dashboards")  # top-level folders, symlinked into quotaflow/
+# top-level folders, symlinked into quotaflow/
+EDGES = ("producers", "streams", "sinks", "dashboards")
 # Not part of a checkout: caches, virtualenvs, earlier builds.
 _NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
