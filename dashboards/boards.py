@@ -163,7 +163,7 @@ def _dashboard(uid: str, title: str, zone: str, time_from: str) -> Board:
 
 def fleet(zone: str) -> Board:
     """Traffic of the whole fleet, who uses what, and the nodes."""
-    board = _dashboard("quotaflow-fleet", "quotaflow / Fleet", zone, "now-30d")
+    board = _dashboard("quotaflow-fleet", "quotaflow / Fleet", zone, "now-29d/d")
     board.with_variable(_node_variable())
     board.row("Traffic")
     board.panel(_stat("Traffic today", q.period_total("traffic_daily", q.NODE), "now/d"))
@@ -218,7 +218,7 @@ def node(zone: str) -> Board:
 
 def user(zone: str) -> Board:
     """One user (or several): quota, per-node use, raw against billed, 30 days and 12 months."""
-    board = _dashboard("quotaflow-user", "quotaflow / User", zone, "now-30d")
+    board = _dashboard("quotaflow-user", "quotaflow / User", zone, "now-29d/d")
     board.with_variable(_user_variable())
     board.annotation(
         AnnotationQuery().name("quota commands").datasource(DATASOURCE).enable(True)

@@ -4,7 +4,7 @@ Each chart runs a dashboard panel's own query (taken from `quotaflow.dashboards.
 and resolved by `quotaflow.dashboards.grafana` as Grafana would), so the pictures and
 the dashboards cannot disagree:
 
-* fleet traffic by day, stacked by node (Fleet, last 30 days);
+* fleet traffic by day, stacked by node (Fleet, the last 30 days);
 * the top users this month, billed and raw (Fleet);
 * a node's last 30 days and last 12 months (Node);
 * a user's quota burn against the allowance (User).
@@ -13,9 +13,8 @@ the dashboards cannot disagree:
 from __future__ import annotations
 
 import html
-from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,7 +26,7 @@ import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 
 from quotaflow.dashboards.boards import build_all
-from quotaflow.dashboards.grafana import Selection, resolve
+from quotaflow.dashboards.grafana import Selection, panel_range, resolve
 from quotaflow.sinks.influxql import InfluxQL, Series
 
 
@@ -78,6 +77,21 @@ class Report:
         return tuple(sorted(str(row["value"]) for s in self.client.query(query)
                             for row in s.rows))
 
+    def periods(self, uid: str, title: str, fmt: str) -> list[str]:
+        """Labels of every day (`fmt` with %d) or month of a panel's time range."""
+        model = self.boards[uid]
+        panel = next(p for p in model["panels"] if p["title"] == title)
+        time_range = panel_range(model, panel, self.now)
+        day = self._time(time_range.start_ms).date()
+        last = self._time(time_range.end_ms).date()
+        labels: list[str] = []
+        while day <= last:
+            label = day.strftime(fmt)
+            if label not in labels:
+                labels.append(label)
+            day += timedelta(days=1)
+        return labels
+
     def _time(self, ms: int) -> datetime:
         return datetime.fromtimestamp(ms / 1000, self.zone)
 
@@ -99,18 +113,18 @@ def fleet_by_day(report: Report, out: Path, nodes: tuple[str, ...]) -> Chart | N
     if not any(r["total"] for s in series for r in s.rows):
         return None
     figure, axis = plt.subplots(figsize=(10, 4.5))
-    bottom: dict[int, int] = defaultdict(int)
+    days = sorted({r["time"] for s in series for r in s.rows})
+    labels = [report._time(t).strftime("%m-%d") for t in days]
+    bottom = [0] * len(days)
     totals: dict[str, int] = {}
     for s in sorted(series, key=lambda s: s.tags.get("node_id", "")):
-        times = [r["time"] for r in s.rows]
-        values = [int(r["total"] or 0) for r in s.rows]
-        axis.bar(mdates.date2num([report._time(t) for t in times]), values, width=0.8,
-                 bottom=[bottom[t] for t in times], label=s.tags.get("node_id", ""))
-        for t, v in zip(times, values, strict=True):
-            bottom[t] += v
+        by_time = {r["time"]: int(r["total"] or 0) for r in s.rows}
+        values = [by_time.get(t, 0) for t in days]
+        axis.bar(labels, values, bottom=bottom, label=s.tags.get("node_id", ""))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         totals[s.tags.get("node_id", "")] = sum(values)
     axis.set_title("Fleet traffic by day, stacked by node (last 30 days)")
-    axis.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d", tz=report.zone))
+    axis.tick_params(axis="x", labelrotation=60, labelsize=7)
     _bytes_axis(axis)
     if len(series) <= 12:
         axis.legend(fontsize=7, ncol=2)
@@ -131,6 +145,7 @@ def top_users(report: Report, out: Path, nodes: tuple[str, ...]) -> Chart | None
     axis.barh(labels, [r[1] for r in rows][::-1], label="billed")
     axis.barh(labels, [r[2] for r in rows][::-1], height=0.4, label="raw")
     axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: human(v)))
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
     axis.set_title("Top users this month (billed, raw)")
     axis.legend()
     return Chart(_save(figure, out, "top-users.png"), "Top users this month (billed bytes)",
@@ -140,19 +155,22 @@ def top_users(report: Report, out: Path, nodes: tuple[str, ...]) -> Chart | None
 def node_history(report: Report, out: Path, node: str) -> list[Chart]:
     charts = []
     selection = {"node": Selection((node,))}
-    for title, name, fmt in (("Last 30 days, by day", "30-days", "%m-%d"),
+    for title, name, fmt in (("Last 30 days, by day", "30-days", "%Y-%m-%d"),
                              ("Last 12 months, by month", "12-months", "%Y-%m")):
         series = report.query("quotaflow-node", title, selection)
-        rows = [(report._time(r["time"]), int(r["total"] or 0)) for s in series for r in s.rows]
+        found = {report._time(r["time"]).strftime(fmt): int(r["total"] or 0)
+                 for s in series for r in s.rows}
+        # every day or month of the panel's range, 0 where InfluxDB has no point
+        labels = report.periods("quotaflow-node", title, fmt)
+        rows = [(label, found.get(label, 0)) for label in labels]
         figure, axis = plt.subplots(figsize=(10, 3.8))
-        axis.bar(mdates.date2num([t for t, _ in rows]), [v for _, v in rows],
-                 width=0.8 if name == "30-days" else 20)
+        axis.bar([label[5:] if name == "30-days" else label for label, _ in rows],
+                 [v for _, v in rows])
         axis.set_title(f"{node}: {title.lower()}")
-        axis.xaxis.set_major_formatter(mdates.DateFormatter(fmt, tz=report.zone))
+        axis.tick_params(axis="x", labelrotation=60, labelsize=7)
         _bytes_axis(axis)
         file = _save(figure, out, f"node-{_safe(node)}-{name}.png")
-        charts.append(Chart(file, f"{node}: {title.lower()}",
-                            [(t.strftime(fmt), v) for t, v in rows]))
+        charts.append(Chart(file, f"{node}: {title.lower()}", rows))
     return charts
 
 
@@ -164,10 +182,13 @@ def quota_burn(report: Report, out: Path, user: str) -> Chart | None:
         return None
     figure, axis = plt.subplots(figsize=(10, 3.8))
     times = mdates.date2num([report._time(r["time"]) for r in rows])
-    axis.plot(times, [r["used_bytes"] for r in rows], label="used", marker=".")
+    axis.step(times, [r["used_bytes"] for r in rows], where="post", label="used", marker="o")
     allowance = [r["allowance_bytes"] for r in rows]
     if any(a is not None for a in allowance):
-        axis.plot(times, allowance, label="allowance", linestyle="--")
+        axis.step(times, allowance, where="post", label="allowance", linestyle="--", marker="_")
+    if len(rows) == 1 or times[-1] - times[0] < 1 / 24:  # one instant: show the hour around it
+        axis.set_xlim(times[0] - 1 / 48, times[-1] + 1 / 48)
+    axis.set_ylim(bottom=0)
     axis.set_title(f"{user}: quota burn against the allowance")
     axis.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=report.zone))
     _bytes_axis(axis)
