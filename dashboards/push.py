@@ -111,21 +111,22 @@ def _datasource(api: GrafanaApi, url: str, name: str,
     return str(made["datasource"]["uid"]), True
 
 
-def _folder(api: GrafanaApi, url: str, title: str) -> tuple[str, bool]:
+def _find_folder(api: GrafanaApi, url: str, title: str) -> str | None:
     try:
         folders = api.folder.get_all_folders()
     except (GrafanaException, OSError) as exc:
         raise _explain(exc, url, "listing folders") from None
     if not isinstance(folders, list):
         raise PushError(f"{url}/api/folders did not answer a list of folders: not Grafana?")
-    for folder in folders:
-        if folder.get("title") == title:
-            return str(folder["uid"]), False
+    return next((str(f["uid"]) for f in folders if f.get("title") == title), None)
+
+
+def _create_folder(api: GrafanaApi, url: str, title: str) -> str:
     try:
         made = api.folder.create_folder(title, uid=folder_uid(title))
     except (GrafanaException, OSError) as exc:
         raise _explain(exc, url, f"creating the folder {title!r}") from None
-    return str(made["uid"]), True
+    return str(made["uid"])
 
 
 def bind_datasource(model: dict[str, Any], name: str, uid: str) -> dict[str, Any]:
@@ -146,12 +147,13 @@ def push(
 ) -> PushResult:
     """Upload `boards` (uid → dashboard JSON) to the Grafana at `url` with a token."""
     api = GrafanaApi.from_url(url.rstrip("/"), credential=token, timeout=timeout)
-    folder_id, folder_created = _folder(api, url, folder)  # first: checks URL and token
-    result = PushResult(folder_id, folder_created)
-    if datasource:
+    found = _find_folder(api, url, folder)  # first: checks the URL and the token
+    result = PushResult(found or "", found is None)
+    if datasource:  # before anything is written: a missing data source stops the push
         result.datasource_uid, result.datasource_created = _datasource(
             api, url, datasource, create_datasource
         )
+    folder_id = result.folder_uid = found or _create_folder(api, url, folder)
     for uid, model in boards.items():
         body = dict(model)
         if datasource and result.datasource_uid:

@@ -167,7 +167,7 @@ def test_bad_token_is_named(grafana: tuple[str, FakeGrafana]) -> None:
     url, state = grafana
     with pytest.raises(PushError, match="refused the token"):
         push(url, "wrong", build_all("UTC"))
-    assert state.dashboards == {}
+    assert state.dashboards == {} and state.folders == {}
 
 
 def test_wrong_url_is_named(grafana: tuple[str, FakeGrafana]) -> None:
@@ -184,7 +184,7 @@ def test_missing_datasource_is_named_and_nothing_is_saved(
     url, state = grafana
     with pytest.raises(PushError, match="no data source named 'influx'"):
         push(url, TOKEN, build_all("UTC"), datasource="influx")
-    assert state.dashboards == {}
+    assert state.dashboards == {} and state.folders == {}
 
 
 def test_cli_build_and_push(grafana: tuple[str, FakeGrafana], tmp_path: Path) -> None:
