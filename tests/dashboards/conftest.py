@@ -74,6 +74,7 @@ class ProofFleet:
     sim: Simulation
     truth: Truth
     logs: Path
+    published_ms: int  # wall clock when the first report was published
 
 
 def _spec(now: datetime) -> FleetSpec:
@@ -148,6 +149,7 @@ def proof_fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     pipeline.start("worker")
     pipeline.start("sink")
     try:
+        published_ms = int(time.time() * 1000)
         split = _split(sim.lines, now - timedelta(days=2))
         for part in (sim.lines[:split], sim.lines[split:]):
             with ReportPublisher(settings) as publisher:
@@ -157,6 +159,6 @@ def proof_fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
         time.sleep(2 * settings.sink_flush_interval_s)  # the last quota states are written
         # the dashboards are looked at from now on: after every point was written
         truth.now = datetime.now(UTC).astimezone(ZoneInfo(ZONE))
-        yield ProofFleet(settings, sim, truth, logs)
+        yield ProofFleet(settings, sim, truth, logs, published_ms)
     finally:
         pipeline.stop()
