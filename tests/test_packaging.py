@@ -290,6 +290,18 @@ def test_pipeline_commands_name_their_extra(installed: Installed, command: list[
     assert "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [["dashboards", "build", "--out", "x"], ["dashboards", "push", "--url", "u",
+                "--token", "t"], ["report", "--out", "x"]]
+)
+def test_dashboard_commands_name_their_extra(installed: Installed, command: list[str]) -> None:
+    result = installed.run("quotaflow", *command)
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())
+    assert "quotaflow[dashboards]" in message, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 # -- 3. `quotaflow local` from the installed wheel ---------------------------------------------
 
 
