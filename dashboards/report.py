@@ -70,10 +70,9 @@ class Report:
         return self.client.query(statement, epoch="ms")
 
     def values(self, variable: str) -> tuple[str, ...]:
-        """Every value of the `$node` or `$user` variable, as Grafana lists them."""
-        model = self.boards["quotaflow-fleet"]
-        query = next(v["query"] for v in model["templating"]["list"] if v["name"] == "node")
-        query = query.replace('"node_id"', f'"{variable}_id"')
+        """Every value of the `$node` or `$user` variable, from its own query."""
+        query = next(v["query"] for model in self.boards.values()
+                     for v in model["templating"]["list"] if v["name"] == variable)
         return tuple(sorted(str(row["value"]) for s in self.client.query(query)
                             for row in s.rows))
 

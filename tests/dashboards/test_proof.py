@@ -140,6 +140,16 @@ def test_every_panel_has_queries() -> None:
     assert len(_all_queries()) >= 40
 
 
+def test_variables_list_every_node_and_user(proof_fleet: ProofFleet) -> None:
+    client = InfluxQL.from_settings(proof_fleet.settings)
+    for name, want in (("node", proof_fleet.truth.nodes()), ("user", proof_fleet.truth.users())):
+        for uid, model in _boards().items():
+            variable = next((v for v in model["templating"]["list"] if v["name"] == name), None)
+            if variable is not None:
+                got = sorted(r["value"] for s in client.query(variable["query"]) for r in s.rows)
+                assert got == want, (uid, name)
+
+
 def test_fleet_stats_show_ground_truth(proof_fleet: ProofFleet) -> None:
     truth = proof_fleet.truth
     every = {"node": Selection(tuple(truth.nodes()), all=True)}
