@@ -12,7 +12,8 @@ def test_committed_build_is_up_to_date() -> None:
     committed = {p.name: p.read_text() for p in BUILD_DIR.glob("*.json")}
     stale = sorted(n for n in built.keys() | committed.keys() if built.get(n) != committed.get(n))
     assert not stale, (
-        f"dashboards/build/ is out of date for {stale}: run `quotaflow dashboards build`"
+        f"dashboards/build/ is out of date for {stale}: run "
+        "`quotaflow dashboards build --timezone UTC`"
     )
 
 
