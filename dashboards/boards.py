@@ -89,8 +89,12 @@ def _lines(title: str, *queries: str, unit: str = "short", span: int = 12) -> ti
 
 
 def _table(title: str, *queries: str, time_from: str = "", sort: str = "",
-           span: int = 12, merge: bool = False) -> table.Panel:
-    panel = table.Panel().title(title).datasource(DATASOURCE).height(8).span(span)
+           span: int = 12, merge: bool = False, units: dict[str, str] | None = None,
+           ) -> table.Panel:
+    """A table; its byte columns (`decbytes`) and others named in `units` get their unit."""
+    panel = table.Panel().title(title).datasource(DATASOURCE).height(8).span(span).unit(BYTES)
+    for column, unit in (units or {}).items():
+        panel.override_by_name(column, [dashboard.DynamicConfigValue(id_val="unit", value=unit)])
     if time_from:
         panel.time_from(time_from)
     if sort:
@@ -188,6 +192,7 @@ def fleet(zone: str) -> Board:
     board.panel(_table(
         "Nodes", q.nodes_today(zone), q.nodes_month(zone), q.nodes_year(), q.node_status(),
         time_from="now/y", merge=True, sort="year",
+        units={"last_report": "dateTimeAsIso", "age_s": "s", "alive": "bool_yes_no"},
     ))
     return board
 
@@ -251,7 +256,8 @@ def user(zone: str) -> Board:
         _bars("Last 12 months, by month", "now-11M/M", q.monthly_series(q.USER, zone), span=12)
     )
     board.panel(_lines("Quota burn against the allowance", q.quota_burn(q.USER), unit=BYTES))
-    board.panel(_table("Quota commands", q.quota_command_events(q.USER)))
+    board.panel(_table("Quota commands", q.quota_command_events(q.USER),
+                       units={"command_id": "string"}))
     return board
 
 
@@ -265,18 +271,18 @@ def quotas(zone: str) -> Board:
     )
     board.panel(_table(
         "Users at or above the threshold, by ratio", q.quota_above_threshold(q.USER),
-        sort="ratio",
+        sort="ratio", units={"ratio": "percentunit", "state": "string"},
     ))
     board.panel(_table(
         "Disabled users and why", q.quota_disabled(q.USER), q.quota_disable_reasons(q.USER),
-        merge=True,
+        merge=True, units={"state": "string", "command_id": "string"},
     ))
     board.panel(_bars("Commands issued, by action", "", q.quota_commands(q.USER),
                            stacked=True, unit="short"))
     board.panel(_table(
         "Estimated time to exhaustion at the last 24 h's rate", q.quota_exhaustion(q.USER),
-        sort="",
-    ).unit("s"))
+        units={"seconds_left": "s"},
+    ))
     return board
 
 
