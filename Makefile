@@ -10,14 +10,14 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[agent,pipeline,dev]"
+	$(PY) -m pip install -q -e ".[agent,pipeline,dashboards,dev]"
 	touch $@
 
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash deploy/local/demo.sh
 
 lint: install
-	$(PY) -m ruff check quotaflow producers streams sinks bench tests
+	$(PY) -m ruff check quotaflow producers streams sinks dashboards bench tests
 	$(PY) -m mypy
 
 test: install lint

@@ -29,6 +29,10 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
         {"pydantic", "orjson", "faust", "mode", "kafka", "aiokafka"},
         {"quotaflow.core", "quotaflow.streams", "quotaflow.admin", "quotaflow.logs"},
     ),
+    "quotaflow.dashboards": (
+        {"grafana_foundation_sdk", "grafana_client", "matplotlib"},
+        {"quotaflow.core", "quotaflow.dashboards", "quotaflow.sinks"},
+    ),
     "quotaflow.sinks": (
         {"pydantic", "orjson", "aiokafka", "influxdb_client"},
         {"quotaflow.core", "quotaflow.sinks", "quotaflow.logs"},

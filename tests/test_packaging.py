@@ -30,12 +30,21 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-EDGES = ("producers", "streams", "sinks")  # top-level folders, symlinked into quotaflow/
-# Not part of a checkout: caches, virtualenvs, earlier builds.
-_NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
+# top-level folders, symlinked into quotaflow/
+EDGES = ("producers", "streams", "sinks", "dashboards")
+# Not part of a checkout: caches, virtualenvs, earlier builds (build/ and dist/ at the top;
+# dashboards/build/ is source: the built dashboards are committed).
+_NOT_ANYWHERE = shutil.ignore_patterns(
+    ".git", ".venv", "venv", "*.egg-info", "__pycache__", "*.pyc",
     ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", ".quotaflow-state",
 )
+
+
+def _NOT_SOURCE(folder: str, names: list[str]) -> set[str]:
+    ignored = set(_NOT_ANYWHERE(folder, names))
+    if Path(folder).resolve() == REPO:
+        ignored |= {"build", "dist"} & set(names)
+    return ignored
 # `wg show all dump`: an interface line (5 fields), then one line per peer (9 fields).
 WG_DUMP = (
     "wg0\tSCdstIWhQ2Fn7Wb6nFiuEjFy6qMbnwl6tT2+vBdYqG4=\thvChzAEfNA8rpmYMtuQUr7b8Rsax46tdosgkQNvy9s0="
@@ -186,6 +195,18 @@ def test_wheel_ships_the_templates(installed: Installed) -> None:
         assert expected <= members, f"templates missing from the sdist: {expected - members}"
 
 
+def test_wheel_ships_the_built_dashboards(installed: Installed) -> None:
+    """Operators import dashboards/build/*.json without Python; the wheel has them too."""
+    built = {f"quotaflow/dashboards/build/{p.name}": p
+             for p in (installed.source / "dashboards" / "build").glob("*.json")}
+    assert len(built) == 5
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        names = set(wheel.namelist())
+        assert set(built) <= names, f"missing from the wheel: {set(built) - names}"
+        for name, path in built.items():
+            assert wheel.read(name) == path.read_bytes(), name
+
+
 @pytest.mark.parametrize("edge", EDGES)
 def test_wheel_holds_the_edges_as_real_files(installed: Installed, edge: str) -> None:
     link = installed.source / "quotaflow" / edge
@@ -266,6 +287,18 @@ def test_pipeline_commands_name_their_extra(installed: Installed, command: list[
     assert result.returncode != 0
     message = " ".join(result.stderr.split())
     assert "quotaflow[pipeline]" in message, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["dashboards", "build", "--out", "x"], ["dashboards", "push", "--url", "u",
+                "--token", "t"], ["report", "--out", "x"]]
+)
+def test_dashboard_commands_name_their_extra(installed: Installed, command: list[str]) -> None:
+    result = installed.run("quotaflow", *command)
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())
+    assert "quotaflow[dashboards]" in message, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
 
 

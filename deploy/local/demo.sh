@@ -2,7 +2,7 @@
 # The end-to-end demo: local Kafka and InfluxDB, a simulated fleet through the
 # pipeline, per-user totals from InfluxDB and the truth check against the
 # simulator's ground truth, then quota plans for a small live fleet and the
-# commands they cause. Run through `make demo`.
+# commands they cause, and a report of the dashboards' key views. Run through `make demo`.
 set -euo pipefail
 
 work=$(mktemp -d -t quotaflow-demo-XXXXXX)
@@ -56,6 +56,10 @@ quotaflow control tail --from-beginning --limit 5 --timeout 30 | tail -n 1
 sleep 3  # the sink writes the quota state within a second or two
 quotaflow plans show live-user-00002
 quotaflow plans list
+
+echo "== the report: the dashboards' key views as PNGs and one HTML page (quotaflow report)"
+quotaflow report --out "$work/report" --html > /dev/null
+echo "Report: $work/report/index.html (open it in a browser; the PNGs are beside it)"
 
 echo
 echo "Kafka and InfluxDB keep running: eval \"\$(.venv/bin/quotaflow local up --env)\" to use"

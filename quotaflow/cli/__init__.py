@@ -8,7 +8,9 @@
 * `control`: `control tail` (the quota commands, as they come);
 * `enforce`: `enforce` (the central enforcement consumer);
 * `dev`: `simulate`, `replay`, `check` (development and testing);
-* `local`: `local up|down|status` (Kafka and InfluxDB on loopback).
+* `local`: `local up|down|status` (Kafka and InfluxDB on loopback);
+* `dashboards`: `dashboards build|push` (the Grafana dashboards);
+* `report`: `report` (PNG charts and an HTML page from the dashboards' queries).
 
 Edges (Kafka, Faust, InfluxDB) are imported inside the commands that need them,
 so `quotaflow --help` and a node's install (`quotaflow[agent]`) work without the
@@ -21,19 +23,32 @@ import os
 
 import typer
 
-from quotaflow.cli import control, dev, enforce, local, node, nodes, pipeline, plans, query
+from quotaflow.cli import (
+    control,
+    dashboards,
+    dev,
+    enforce,
+    local,
+    node,
+    nodes,
+    pipeline,
+    plans,
+    query,
+    report,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="Exact traffic accounting for proxy and VPN fleets, on Kafka, Faust and InfluxDB.",
 )
-for group in (node.app, pipeline.app, query.app, enforce.app, dev.app):
+for group in (node.app, pipeline.app, query.app, enforce.app, dev.app, report.app):
     app.add_typer(group)
 app.add_typer(plans.app, name="plans")
 app.add_typer(nodes.app, name="nodes")
 app.add_typer(control.app, name="control")
 app.add_typer(local.app, name="local")
+app.add_typer(dashboards.app, name="dashboards")
 
 
 def main() -> None:

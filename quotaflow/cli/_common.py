@@ -31,6 +31,7 @@ def load_settings() -> Settings:
 EXTRA_LIBRARIES = {
     "agent": {"kafka", "grpc", "google", "aiohttp", "prometheus_client"},
     "pipeline": {"faust", "mode", "aiokafka", "kafka", "influxdb_client"},
+    "dashboards": {"grafana_foundation_sdk", "grafana_client", "matplotlib", "niquests"},
 }
 
 
