@@ -121,7 +121,10 @@ _NODE_TYPE_ALIASES = {"v2ray": "vmess", "hysteria2": "hysteria"}
 
 
 def normalise_node_type(node_type: str) -> str:
-    """A node type as Xboard's UniProxyController reads it.
+    """A node type as Xboard reads it (its `Server` middleware): `v2ray` is `vmess`,
+    `hysteria2` is `hysteria`, lower-case. Xboard looks the aliases up before it
+    lower-cases, so there only `v2ray` itself becomes `vmess` (`V2ray` stays
+    `v2ray`, a type it has no nodes of); here any case does.
 
     >>> [normalise_node_type(t) for t in ("V2ray", "vmess", "Hysteria2", "vless")]
     ['vmess', 'vmess', 'hysteria', 'vless']
