@@ -76,7 +76,7 @@ class PanelStandIn:
 
     async def _seen(self, request: web.Request) -> bytes:
         body = await request.read()
-        self.requests.append(Seen(request.method, request.path, request.query_string,
+        self.requests.append(Seen(request.method, request.path, request.raw_path.partition("?")[2],
                                   dict(request.headers), body))
         return body
 
@@ -122,6 +122,17 @@ class PanelStandIn:
         await asyncio.sleep(delay)
         return web.json_response({"data": True}, status=status)
 
+    async def compressed(self, request: web.Request) -> web.Response:
+        """Not Xboard's: a gzip body with two Set-Cookie headers, to see them passed on as is."""
+        import gzip
+
+        await self._seen(request)
+        return web.Response(
+            body=gzip.compress(orjson.dumps(self.users_of("any")), mtime=0),
+            headers=[("Content-Type", "application/json"), ("Content-Encoding", "gzip"),
+                     ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Panel", "yes")],
+        )
+
     # ------------------------------------------------------------------ running
 
     async def start(self, port: int = 0) -> str:
@@ -132,6 +143,7 @@ class PanelStandIn:
         app.router.add_get(f"{base}/alivelist", self.alivelist)
         app.router.add_post(f"{base}/alive", self.alive)
         app.router.add_post(f"{base}/push", self.push)
+        app.router.add_get(f"{base}/compressed", self.compressed)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port or self.port, reuse_address=True)

@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from yarl import URL
 
 from quotaflow.core.contracts import CounterReport
 from quotaflow.core.settings import Settings
@@ -355,6 +356,32 @@ async def test_held_pushes_found_at_start_are_dropped(
         await runner.cleanup()
         assert outbox.drop_held() == [] and len(outbox) == 0
     assert "dropped a push from vmess-1 (11 bytes)" in caplog.text
+
+
+async def test_answers_pass_through_byte_for_byte(panel: PanelStandIn, tmp_path: Path) -> None:
+    """A gzip body stays compressed, repeated headers stay repeated, the query as it came."""
+    with Outbox(tmp_path / "o.db") as outbox:
+        runner, port = await start_site(make_app(PushConfig(port=0, upstream=panel.url), outbox),
+                                        "127.0.0.1", 0)
+        try:
+            query = "node_id=1&node_type=V2ray&token=panel-token&x=%2F%20a"
+            path = f"/api/v1/server/UniProxy/compressed?{query}"
+            async with aiohttp.ClientSession(auto_decompress=False) as session:
+                async with session.get(URL(panel.url + path, encoded=True),
+                                       headers={"Accept-Encoding": "gzip"}) as direct:
+                    expected = (direct.status, await direct.read(),
+                                direct.headers.getall("Set-Cookie"),
+                                direct.headers["Content-Encoding"], direct.headers["X-Panel"])
+                async with session.get(URL(f"http://127.0.0.1:{port}{path}", encoded=True),
+                                       headers={"Accept-Encoding": "gzip"}) as relayed:
+                    got = (relayed.status, await relayed.read(),
+                           relayed.headers.getall("Set-Cookie"),
+                           relayed.headers["Content-Encoding"], relayed.headers["X-Panel"])
+        finally:
+            await runner.cleanup()
+    assert got == expected and expected[2] == ["a=1", "b=2"]
+    assert panel.requests[-1].query == panel.requests[-2].query == query
+    assert panel.requests[-1].headers.get("Accept-Encoding") == "gzip"
 
 
 def test_gateway_config() -> None:
