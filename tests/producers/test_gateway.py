@@ -290,6 +290,25 @@ async def test_kafka_down_the_gateway_serves_and_loses_nothing(
 
 
 @pytest.mark.integration
+async def test_a_kafka_outage_while_the_gateway_runs_loses_nothing(
+    services: Any, panel: PanelStandIn, settings: Settings, tmp_path: Path
+) -> None:
+    """The session's Kafka stopped while the gateway runs: the backend is served as usual,
+    and once Kafka is back the gateway's sender publishes every accepted push, once."""
+    lines = recording("xrayr-v25.3.6-uniproxy.jsonl")
+    async with gateway(tmp_path, settings, panel.url) as agent:
+        await asyncio.to_thread(services.stop_kafka)
+        try:
+            accepted = await replay(f"http://127.0.0.1:{agent.push_port}", lines, panel)
+            assert len(agent.outbox) == 3  # the accepted pushes, waiting
+        finally:
+            await asyncio.to_thread(services.start_kafka)
+        await drained(agent, timeout_s=180)
+    assert panel.billed() == accepted
+    assert kafka_billed(settings) == accepted
+
+
+@pytest.mark.integration
 async def test_panel_down_the_backend_gets_an_error_and_nothing_is_billed(
     panel: PanelStandIn, settings: Settings, tmp_path: Path
 ) -> None:
