@@ -1,7 +1,8 @@
 """The node agent: poll collectors, store each report in the outbox, send the outbox to Kafka.
 
 `run_agent(path)` runs everything an agent TOML file (docs/agent.md) describes:
-its collectors, the panel push receiver if there is a `[push]` table, and the
+its collectors, the panel push receiver if there is a `[push]` table (standalone,
+or a gateway in front of the panel with `upstream`: producers/push.py), and the
 sender. A report is stamped (node, epoch, seq, observed_at, baseline) and stored
 in the outbox before anything is sent; the sender publishes each node's oldest
 pending report, waits for Kafka's acknowledgement of every fragment, deletes it,
@@ -49,6 +50,8 @@ from quotaflow.producers.push import PushConfig, make_app, start_site
 from quotaflow.producers.sources import Collector, SourceConfig, Stateful, build_collector
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from quotaflow.producers.enforce.consumer import EnforceConsumer
     from quotaflow.producers.publisher import Publisher, SendFuture
 
@@ -285,6 +288,7 @@ class Agent:
         self.stop = asyncio.Event()
         self.collected = 0
         self.push_port: int | None = None
+        self.push_app: web.Application | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # A collector is read by its loop and by enforcement's snapshots: one at a time.
@@ -469,11 +473,13 @@ class Agent:
                 try:
                     app = make_app(push, self.outbox, self.wake)
                     runner, self.push_port = await start_site(app, push.host, push.port)
+                    self.push_app = app
                 except Exception as exc:
                     log.critical("the push receiver cannot serve on %s:%d; stopping the agent",
                                  push.host, push.port, exc_info=True)
                     raise AgentFailed("the push receiver did not start") from exc
-                log.info("push receiver on %s:%d", push.host, self.push_port)
+                log.info("push receiver on %s:%d%s", push.host, self.push_port,
+                         f", a gateway to {push.upstream}" if push.upstream else " (standalone)")
             if collect:
                 for node, (c, interval) in self.collectors.items():
                     task = asyncio.create_task(self._collect_loop(node, c, interval))

@@ -6,7 +6,10 @@ the outbox, and delete it only after every fragment of it was acknowledged
 (node, epoch, seq) — which the stream deduplicates exactly — or sends it for the
 first time. The outbox also keeps each node's (epoch, seq) counters, small bits of
 collector state (saved in the same transaction as the report they produced) and the
-push receiver's recent-body marks.
+push receiver's pushes held while the panel decides on them and its marks of pushes
+that may come again (see producers/push.py). A held push is no report: it has no
+seq, the sender never sees it, and it becomes a report (`record(release=...)`) or
+goes (`drop_held`) in one transaction, so the invariants below hold unchanged.
 
 Storage is SQLite in WAL mode with `synchronous=FULL`. WAL with NORMAL survives a
 process crash (SIGKILL) but may roll back the last commits on power loss or a
@@ -78,7 +81,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -121,6 +123,12 @@ CREATE TABLE IF NOT EXISTS seqs (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS marks (key TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS held (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sender TEXT NOT NULL,
+    at REAL NOT NULL,
+    body BLOB NOT NULL
+);
 """
 _EPOCHS_KEPT = 16  # seq counters kept per node; older epochs are forgotten
 _ID_KEY = "outbox:id"  # in `state`: this outbox's id, also in the marker file
@@ -435,33 +443,20 @@ class Outbox:
         kind: ReportKind = "cumulative",
         baseline: bool = False,
         state: Mapping[str, Any] | None = None,
-        once: tuple[str, float, float] | None = None,
         first_seq: int = 0,
-    ) -> CounterReport | None:
+        release: int | None = None,
+    ) -> CounterReport:
         """Give a new report the next seq of (node, epoch) and store it, in one transaction.
 
         The first seq this outbox hands out for (node, epoch) is `first_seq`.
-        `state` is saved in the same transaction. `once = (key, now, window_s)`
-        stores nothing and returns None if `key` was recorded within `window_s`
-        seconds of `now` (the push receiver's retry detection); otherwise the key
-        is remembered with the report.
+        `state` is saved in the same transaction, and the held push `release`
+        (see `hold`) is deleted in it: the push becomes this report.
         """
         with self._tx() as db:
-            if once is not None:
-                key, now, window = once
-                row = db.execute("SELECT at FROM marks WHERE key = ?", (key,)).fetchone()
-                # abs: a mark from the future (the wall clock was stepped back) is no
-                # retry unless it is within the window.
-                if row is not None and abs(now - float(row[0])) <= window:
-                    return None
-                db.execute(
-                    "DELETE FROM marks WHERE at < ? OR at > ?", (now - window, now + window)
-                )
-                db.execute(
-                    "INSERT INTO marks (key, at) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET at = excluded.at",
-                    (key, now),
-                )
+            if release is not None:
+                gone = db.execute("DELETE FROM held WHERE id = ?", (release,)).rowcount
+                if gone != 1:
+                    raise KeyError(f"no held push {release}")
             seq = self._bump_seq(db, node_id, epoch, None, first_seq)
             report = CounterReport(
                 node_id=node_id, epoch=epoch, seq=seq, observed_at=observed_at, kind=kind,
@@ -472,6 +467,55 @@ class Outbox:
                 self._save_state(db, state)
         self._after_insert()
         return report
+
+    # ------------------------------------------------------------------ the push receiver's
+
+    def hold(self, sender: str, body: bytes, at: float) -> int:
+        """Keep a push (fsynced) while the panel decides on it; returns its id.
+
+        It stays until `record(release=id)` makes it a report or `drop_held` drops it.
+        """
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO held (sender, at, body) VALUES (?, ?, ?)", (sender, at, body)
+            )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def drop_held(self, held_id: int | None = None) -> list[tuple[str, float, int]]:
+        """Drop one held push (or, with None, all of them); (sender, at, body size) of each."""
+        with self._tx() as db:
+            where, args = ("WHERE id = ?", (held_id,)) if held_id is not None else ("", ())
+            rows = db.execute(
+                f"SELECT sender, at, LENGTH(body) FROM held {where} ORDER BY id", args
+            ).fetchall()
+            db.execute(f"DELETE FROM held {where}", args)
+        return [(str(r[0]), float(r[1]), int(r[2])) for r in rows]
+
+    def mark(self, key: str, at: float, keep_s: float) -> None:
+        """Remember `key` as of `at` (fsynced); marks older than `keep_s` are forgotten."""
+        with self._tx() as db:
+            db.execute("DELETE FROM marks WHERE at < ? OR at > ?", (at - keep_s, at + keep_s))
+            db.execute(
+                "INSERT INTO marks (key, at) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET at = excluded.at",
+                (key, at),
+            )
+
+    def take_mark(self, key: str, now: float, window_s: float) -> bool:
+        """Whether `key` was marked within `window_s` of `now`; the mark is used up either way.
+
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as d, Outbox(pathlib.Path(d) / "o.db") as box:
+        ...     box.mark("k", 1000.0, 60.0)
+        ...     box.take_mark("k", 1030.0, 60.0), box.take_mark("k", 1031.0, 60.0)
+        (True, False)
+        """
+        with self._tx() as db:
+            row = db.execute("DELETE FROM marks WHERE key = ? RETURNING at", (key,)).fetchone()
+        # abs: a mark from the future (the wall clock was stepped back) counts only
+        # within the window.
+        return row is not None and abs(now - float(row[0])) <= window_s
 
     def _insert(self, db: sqlite3.Connection, report: CounterReport) -> int:
         cursor = db.execute(
@@ -775,8 +819,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def now_s() -> float:
-    """Wall-clock seconds, for `record(once=...)`."""
-    return time.time()

@@ -22,7 +22,9 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
         {"pydantic", "pydantic_core", "pydantic_settings", "orjson"}, {"quotaflow.core"}
     ),
     "quotaflow.producers": (
-        {"pydantic", "orjson", "kafka", "grpc", "google", "aiohttp", "prometheus_client"},
+        # yarl and multidict: aiohttp's URL and header types (its own dependencies)
+        {"pydantic", "orjson", "kafka", "grpc", "google", "aiohttp", "yarl", "multidict",
+         "prometheus_client"},
         {"quotaflow.core", "quotaflow.producers", "quotaflow.admin", "quotaflow.logs"},
     ),
     "quotaflow.streams": (

@@ -73,9 +73,8 @@ def test_example_config_loads() -> None:
     assert [config.node_of(i) for i in range(len(config.collectors))] == [
         "fra-1", "fra-1-wg", "fra-1-ovpn", "fra-1-ss",
     ]
-    assert config.push is not None and config.push.expected_token("vless-12") == (
-        "a-token-for-this-node-only"
-    )
+    assert config.push is not None and config.push.upstream == "https://panel.example"
+    assert config.push.expected_token("vless-12") == "the-panel-server-token"
 
 
 def test_config_refuses_two_collectors_on_one_node(tmp_path: Path) -> None:

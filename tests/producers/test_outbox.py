@@ -75,16 +75,32 @@ def test_heads_one_per_node(tmp_path: Path) -> None:
         assert [(r.node_id, r.seq) for _, r in box.heads()] == [("b", 0), ("a", 1), ("c", 0)]
 
 
-def test_once_marks(tmp_path: Path) -> None:
+def test_marks_are_used_once_and_forgotten(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db") as box:
-        first = box.record(node_id="p", epoch=1, observed_at=T0, counters=[], kind="delta",
-                           once=("p:abc", 1000.0, 120.0))
-        assert first is not None
-        assert box.record(node_id="p", epoch=1, observed_at=T0, counters=[], kind="delta",
-                          once=("p:abc", 1100.0, 120.0)) is None
-        assert box.record(node_id="p", epoch=1, observed_at=T0, counters=[], kind="delta",
-                          once=("p:abc", 1200.0, 120.0)) is not None
-        assert len(box) == 2
+        box.mark("p:abc", 1000.0, 120.0)
+        assert box.take_mark("p:abc", 1100.0, 120.0)
+        assert not box.take_mark("p:abc", 1101.0, 120.0)  # used up
+        box.mark("p:abc", 1000.0, 120.0)
+        assert not box.take_mark("p:abc", 1121.0, 120.0)  # too old
+        box.mark("p:old", 1000.0, 120.0)
+        box.mark("p:new", 1200.0, 120.0)  # forgets what is older than 120 s
+        assert not box.take_mark("p:old", 1000.0, 1e9)
+
+
+def test_a_held_push_becomes_a_report_or_goes(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        first = box.hold("vmess-1", b'{"1": [1, 2]}', 1000.0)
+        second = box.hold("vmess-1", b'{"1": [3, 4]}', 1001.0)
+        assert len(box) == 0 and box.heads() == []  # not reports: the sender sees none
+        report = box.record(node_id="vmess-1", epoch=1, observed_at=T0, kind="delta",
+                            counters=_counters(a=(1, 2)), release=first)
+        assert report.seq == 0 and len(box) == 1
+        with pytest.raises(KeyError):  # released once only, and the report is not stored
+            box.record(node_id="vmess-1", epoch=1, observed_at=T0, kind="delta",
+                       counters=_counters(a=(1, 2)), release=first)
+        assert len(box) == 1 and box.last_seq("vmess-1", 1) == 0
+        assert box.drop_held(second) == [("vmess-1", 1001.0, 13)]
+        assert box.drop_held() == []
 
 
 def test_compaction_is_logged_and_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

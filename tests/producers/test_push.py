@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 
 from quotaflow.producers.outbox import Outbox
@@ -55,19 +56,99 @@ async def test_push_becomes_one_delta_report(receiver: Receiver) -> None:
     assert [(c.user_id, c.up, c.down) for c in report.counters] == [("1", 100, 2000), ("3", 5, 0)]
 
 
-async def test_retry_is_not_billed_twice(receiver: Receiver) -> None:
-    body = {"1": [100, 2000], "2": [7, 8]}
-    assert (await receiver.push(body))[0] == 200
-    receiver.clock[0] += 30
-    assert (await receiver.push(b'{"2": [7, 8], "1": [100, 2000]}'))[0] == 200  # same, reordered
-    assert len(receiver.outbox) == 1
-    receiver.clock[0] += 60
-    assert (await receiver.push({"1": [1, 1]}))[0] == 200  # a new push
-    receiver.clock[0] += 200  # past the window: the same body again is new traffic
-    assert (await receiver.push(body))[0] == 200
-    reports = [r for _, r in receiver.outbox.pending()]
-    assert [r.seq for r in reports] == [0, 1, 2]
-    assert {r.epoch for r in reports} == {1_790_000_000_000}
+async def test_identical_pushes_are_each_billed(receiver: Receiver) -> None:
+    """The same download in consecutive intervals gives the same body: each is traffic."""
+    body = {"1": [88, 777981]}
+    for _ in range(3):
+        assert (await receiver.push(body))[0] == 200
+        receiver.clock[0] += 10
+    assert [r.seq for _, r in receiver.outbox.pending()] == [0, 1, 2]
+
+
+async def _push_and_hang_up(port: int, body: bytes, node: str = "7") -> None:
+    """Send a push and close the connection without waiting for the answer (a timeout)."""
+    import asyncio
+    from urllib.parse import urlencode
+
+    query = urlencode({"node_type": "vless", "node_id": node, "token": "t0k3n"})
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {PUSH_PATH}?{query} HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+@dataclass
+class SlowReceiver:
+    """A receiver whose store takes 0.3 s, time for a backend to give up and hang up."""
+
+    port: int
+    outbox: Outbox
+    clock: list[float]
+    app: web.Application
+
+    async def until_undelivered(self, count: int) -> None:
+        import asyncio
+
+        for _ in range(100):
+            if self.app[RECEIVER].undelivered >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the answer was delivered")
+
+    async def push(self, body: bytes) -> int:
+        params = {"node_type": "vless", "node_id": "7", "token": "t0k3n"}
+        async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{self.port}{PUSH_PATH}", params=params, data=body
+        ) as answer:
+            return answer.status
+
+
+@pytest.fixture
+async def slow(tmp_path: Path) -> AsyncIterator[SlowReceiver]:
+    import time
+
+    config = PushConfig(port=0, token=SecretStr("t0k3n"), dedup_window_s=30)
+    clock = [1_790_000_000.0]
+    with Outbox(tmp_path / "push.db") as outbox:
+        app = make_app(config, outbox, on_stored=lambda: time.sleep(0.3),
+                       clock=lambda: clock[0])
+        runner, port = await start_site(app, "127.0.0.1", 0)
+        yield SlowReceiver(port, outbox, clock, app)
+        await runner.cleanup()
+
+
+async def test_a_resend_after_an_undelivered_answer_is_billed_once(slow: SlowReceiver) -> None:
+    body = b'{"1": [100, 2000], "2": [7, 8]}'
+    await _push_and_hang_up(slow.port, body)
+    await slow.until_undelivered(1)
+    slow.clock[0] += 5
+    assert await slow.push(b'{"2": [7, 8], "1": [100, 2000]}') == 200  # the same, reordered
+    assert len(slow.outbox) == 1
+    slow.clock[0] += 10  # the same body again: a new push, billed (the mark is used up)
+    assert await slow.push(body) == 200
+    assert [r.seq for _, r in slow.outbox.pending()] == [0, 1]
+    assert (slow.app[RECEIVER].accepted, slow.app[RECEIVER].retries) == (2, 1)
+
+
+async def test_a_resend_after_the_window_is_billed(slow: SlowReceiver) -> None:
+    body = b'{"1": [1, 2]}'
+    await _push_and_hang_up(slow.port, body)
+    await slow.until_undelivered(1)
+    slow.clock[0] += 31
+    assert await slow.push(body) == 200
+    assert len(slow.outbox) == 2
+
+
+async def test_identical_push_after_the_clock_went_back_is_billed(slow: SlowReceiver) -> None:
+    """A mark from the "future" (the wall clock was stepped back an hour) is no resend."""
+    body = b'{"1": [5, 5]}'
+    await _push_and_hang_up(slow.port, body)
+    await slow.until_undelivered(1)
+    slow.clock[0] -= 3600
+    assert await slow.push(body) == 200
+    assert len(slow.outbox) == 2
 
 
 async def test_other_nodes_and_their_tokens(receiver: Receiver) -> None:
@@ -113,52 +194,65 @@ async def test_missing_node_is_refused(receiver: Receiver) -> None:
 
 
 async def test_dedup_disabled(tmp_path: Path) -> None:
-    config = PushConfig(port=0, token=SecretStr("x"), dedup_window_s=0)
+    import time
+
+    config = PushConfig(port=0, token=SecretStr("t0k3n"), dedup_window_s=0)
     with Outbox(tmp_path / "p.db") as outbox:
-        runner, port = await start_site(make_app(config, outbox), "127.0.0.1", 0)
+        app = make_app(config, outbox, on_stored=lambda: time.sleep(0.3))
+        runner, port = await start_site(app, "127.0.0.1", 0)
         try:
-            async with aiohttp.ClientSession() as session:
-                for _ in range(2):
-                    async with session.post(
-                        f"http://127.0.0.1:{port}{PUSH_PATH}",
-                        params={"node_type": "v2ray", "node_id": "1", "token": "x"},
-                        data=b'{"5": [1, 1]}',
-                    ) as answer:
-                        assert answer.status == 200
+            await _push_and_hang_up(port, b'{"5": [1, 1]}')
+            await SlowReceiver(port, outbox, [], app).until_undelivered(1)
+            assert await SlowReceiver(port, outbox, [], app).push(b'{"5": [1, 1]}') == 200
         finally:
             await runner.cleanup()
         assert [r.seq for _, r in outbox.pending()] == [0, 1]
 
 
-async def test_identical_push_after_the_clock_went_back_is_stored(receiver: Receiver) -> None:
-    """A mark from the "future" (the wall clock was stepped back an hour) is no retry."""
-    body = {"1": [5, 5]}
-    assert (await receiver.push(body))[0] == 200
-    receiver.clock[0] -= 3600
-    assert (await receiver.push(body))[0] == 200
-    receiver.clock[0] += 5  # and a retry of that one is still recognised
-    assert (await receiver.push(body))[0] == 200
-    assert len(receiver.outbox) == 2
+async def test_standalone_serves_no_panel_data(receiver: Receiver) -> None:
+    """Standalone: config/user/alivelist are the panel's; 404 with what to do instead."""
+    params = {"node_type": "vless", "node_id": "7", "token": "t0k3n"}
+    for name in ("config", "user", "alivelist"):
+        async with receiver.session.get(f"{receiver.url}/api/v1/server/UniProxy/{name}",
+                                        params=params) as answer:
+            assert answer.status == 404
+            assert "upstream" in (await answer.json())["message"]
+    async with receiver.session.post(f"{receiver.url}/api/v1/server/UniProxy/alive",
+                                     params=params, data=b'{"1": ["127.0.0.1"]}') as answer:
+        assert (answer.status, await answer.json()) == (200, {"data": True})
+
+
+async def test_node_type_is_normalised_like_xboard(receiver: Receiver) -> None:
+    assert (await receiver.push({"1": [1, 2]}, node="3", node_type="V2ray"))[0] == 200
+    assert (await receiver.push({"1": [1, 2]}, node="4", node_type="Hysteria2"))[0] == 200
+    assert [r.node_id for _, r in receiver.outbox.pending()] == ["vmess-3", "hysteria-4"]
 
 
 async def test_two_backends_billed_as_one_node_are_not_retries(tmp_path: Path) -> None:
-    """Two panel nodes mapped to one billing node push the same body: two pushes, not a retry."""
-    config = PushConfig(port=0, token=SecretStr("x"),
+    """Two panel nodes mapped to one billing node push the same body: two pushes, not a
+    resend; a resend is recognised by its sender."""
+    import time
+
+    config = PushConfig(port=0, token=SecretStr("t0k3n"),
                         node_map={"vless-7": "fra-1", "vmess-8": "fra-1"})
     with Outbox(tmp_path / "p.db") as outbox:
-        runner, port = await start_site(make_app(config, outbox), "127.0.0.1", 0)
+        app = make_app(config, outbox, on_stored=lambda: time.sleep(0.3))
+        runner, port = await start_site(app, "127.0.0.1", 0)
         try:
+            await _push_and_hang_up(port, b'{"5": [1, 1]}', node="7")  # vless-7, undelivered
+            await SlowReceiver(port, outbox, [], app).until_undelivered(1)
             async with aiohttp.ClientSession() as session:
-                for node_type, node in (("vless", "7"), ("vmess", "8"), ("vless", "7")):
+                for node_type, node in (("vmess", "8"), ("vless", "7")):
                     async with session.post(
                         f"http://127.0.0.1:{port}{PUSH_PATH}",
-                        params={"node_type": node_type, "node_id": node, "token": "x"},
+                        params={"node_type": node_type, "node_id": node, "token": "t0k3n"},
                         data=b'{"5": [1, 1]}',
                     ) as answer:
                         assert answer.status == 200
         finally:
             await runner.cleanup()
         assert [(r.node_id, r.seq) for _, r in outbox.pending()] == [("fra-1", 0), ("fra-1", 1)]
+        assert app[RECEIVER].retries == 1
 
 
 @pytest.mark.parametrize(
