@@ -116,7 +116,12 @@ def push_receiver_cmd(
     config: Annotated[Path, typer.Option("--config", help="The agent's TOML file.")],
     reset_outbox: Annotated[bool, typer.Option("--reset-outbox", help=_RESET_HELP)] = False,
 ) -> None:
-    """Run the panel push endpoint (Xboard/V2Board UniProxy push) with its outbox."""
+    """Run the Xboard/V2Board UniProxy push endpoint with its outbox.
+
+    With an `upstream` in its push table it is a gateway in front of the panel: every other UniProxy
+    call passes through, and a push is billed only when the panel accepted it.
+    Without, it is the only receiver and serves pushes alone (docs/agent.md).
+    """
     try:
         from quotaflow.producers.agent import run_push_receiver
     except ImportError as exc:
