@@ -80,10 +80,13 @@ def _bars(title: str, time_from: str, *queries: str, stacked: bool = False,
     return panel
 
 
-def _lines(title: str, *queries: str, unit: str = "short", span: int = 12) -> timeseries.Panel:
+def _lines(title: str, *queries: str, unit: str = "short", span: int = 12,
+           time_from: str = "") -> timeseries.Panel:
     panel = (
         timeseries.Panel().title(title).datasource(DATASOURCE).unit(unit).height(8).span(span)
     )
+    if time_from:
+        panel.time_from(time_from)
     _targets(panel, *queries)
     return panel
 
@@ -256,8 +259,13 @@ def user(zone: str) -> Board:
         _bars("Last 12 months, by month", "now-11M/M", q.monthly_series(q.USER, zone), span=12)
     )
     board.panel(_lines("Quota burn against the allowance", q.quota_burn(q.USER), unit=BYTES))
+    board.panel(_lines(
+        "Quota burn through the month, cumulative billed, against the allowance",
+        q.quota_burn_by_day(q.USER, zone), q.quota_allowance_by_day(q.USER, zone),
+        unit=BYTES, time_from="now/M",
+    ))
     board.panel(_table("Quota commands", q.quota_command_events(q.USER),
-                       units={"command_id": "string"}))
+                       units={"command_id": "string", "threshold": "percentunit"}))
     return board
 
 

@@ -158,6 +158,24 @@ def quota_burn(where: str) -> str:
     )
 
 
+def quota_burn_by_day(where: str, zone: str) -> str:
+    """A user's billed bytes from the panel's start (the billing month), cumulative by
+    billing day: what a calendar-month plan counts, day by day."""
+    return (
+        'SELECT cumulative_sum(sum(billed_total_bytes)) AS "used_bytes" FROM traffic_daily '
+        f"WHERE $timeFilter AND {where} GROUP BY time(1d), user_id fill(0) {_tz(zone)}"
+    )
+
+
+def quota_allowance_by_day(where: str, zone: str) -> str:
+    """A user's allowance per billing day: that of the day's latest quota state (absent
+    while unlimited)."""
+    return (
+        'SELECT last(used_bytes) AS "used_bytes", allowance_bytes FROM quota_usage WHERE '
+        f"$timeFilter AND {where} GROUP BY time(1d), user_id fill(none) {_tz(zone)}"
+    )
+
+
 def quota_above_threshold(where: str) -> str:
     """Users whose usage is at or above `$threshold` of their allowance, with the ratio."""
     return (
@@ -196,8 +214,8 @@ def quota_commands(where: str) -> str:
 def quota_command_events(where: str) -> str:
     """Each command as an event (annotations and the commands table)."""
     return (
-        'SELECT command_id, used_bytes, allowance_bytes, "action"::tag, "reason"::tag, '
-        f'"user_id"::tag FROM quota_events WHERE $timeFilter AND {where}'
+        'SELECT command_id, used_bytes, allowance_bytes, threshold, "action"::tag, '
+        f'"reason"::tag, "user_id"::tag FROM quota_events WHERE $timeFilter AND {where}'
     )
 
 

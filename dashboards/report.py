@@ -7,7 +7,7 @@ the dashboards cannot disagree:
 * fleet traffic by day, stacked by node (Fleet, the last 30 days);
 * the top users this month, billed and raw (Fleet);
 * a node's last 30 days and last 12 months (Node);
-* a user's quota burn against the allowance (User).
+* a user's quota burn through the month against the allowance (User).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from zoneinfo import ZoneInfo
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 
 from quotaflow.dashboards.boards import build_all
@@ -111,22 +110,24 @@ def fleet_by_day(report: Report, out: Path, nodes: tuple[str, ...]) -> Chart | N
                           {"node": Selection(nodes, all=True)})
     if not any(r["total"] for s in series for r in s.rows):
         return None
-    figure, axis = plt.subplots(figsize=(10, 4.5))
+    figure, axis = plt.subplots(figsize=(11, 4.5))
     days = sorted({r["time"] for s in series for r in s.rows})
+    colors = [plt.get_cmap("tab20")(i) for i in range(20)]  # 20 colours, not the default 10
     labels = [report._time(t).strftime("%m-%d") for t in days]
     bottom = [0] * len(days)
     totals: dict[str, int] = {}
-    for s in sorted(series, key=lambda s: s.tags.get("node_id", "")):
+    for index, s in enumerate(sorted(series, key=lambda s: s.tags.get("node_id", ""))):
         by_time = {r["time"]: int(r["total"] or 0) for r in s.rows}
         values = [by_time.get(t, 0) for t in days]
-        axis.bar(labels, values, bottom=bottom, label=s.tags.get("node_id", ""))
+        axis.bar(labels, values, bottom=bottom, label=s.tags.get("node_id", ""),
+                 color=colors[index % len(colors)])
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         totals[s.tags.get("node_id", "")] = sum(values)
     axis.set_title("Fleet traffic by day, stacked by node (last 30 days)")
     axis.tick_params(axis="x", labelrotation=60, labelsize=7)
     _bytes_axis(axis)
-    if len(series) <= 12:
-        axis.legend(fontsize=7, ncol=2)
+    if len(series) <= 20:  # beside the bars, not over them
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     name = _save(figure, out, "fleet-traffic-by-day.png")
     rows = sorted(totals.items(), key=lambda kv: -kv[1])
     return Chart(name, "Fleet traffic by day, stacked by node (last 30 days, per node)", rows)
@@ -173,31 +174,49 @@ def node_history(report: Report, out: Path, node: str) -> list[Chart]:
     return charts
 
 
+BURN = "Quota burn through the month, cumulative billed, against the allowance"
+
+
 def quota_burn(report: Report, out: Path, user: str) -> Chart | None:
-    series = report.query("quotaflow-user", "Quota burn against the allowance",
-                          {"user": Selection((user,))})
-    rows = [r for s in series for r in s.rows]
-    if not rows:
+    """The user's billed bytes of the month, cumulative day by day, against the allowance
+    of the latest quota state (the User dashboard's burn panel, both its queries)."""
+    selection = {"user": Selection((user,))}
+    used = {report._time(r["time"]).strftime("%Y-%m-%d"): int(r["used_bytes"] or 0)
+            for s in report.query("quotaflow-user", BURN, selection) for r in s.rows}
+    states = [r for s in report.query("quotaflow-user", BURN, selection, ref="B")
+              for r in s.rows]
+    if not used:
         return None
-    figure, axis = plt.subplots(figsize=(10, 3.8))
-    times = mdates.date2num([report._time(r["time"]) for r in rows])
-    axis.step(times, [r["used_bytes"] for r in rows], where="post", label="used", marker="o")
-    allowance = [r["allowance_bytes"] for r in rows]
-    if any(a is not None for a in allowance):
-        axis.step(times, allowance, where="post", label="allowance", linestyle="--", marker="_")
-    if len(rows) == 1 or times[-1] - times[0] < 1 / 24:  # one instant: show the hour around it
-        axis.set_xlim(times[0] - 1 / 48, times[-1] + 1 / 48)
-    axis.set_ylim(bottom=0)
-    axis.set_title(f"{user}: quota burn against the allowance")
-    axis.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=report.zone))
+    labels = report.periods("quotaflow-user", BURN, "%Y-%m-%d")
+    rows = [(label, used.get(label, 0)) for label in labels]
+    allowance = states[-1]["allowance_bytes"] if states else None
+    figure, axis = plt.subplots(figsize=(11, 4.2))
+    days = [label[5:] for label, _ in rows]
+    values = [v for _, v in rows]
+    axis.bar(days, values, color="tab:blue", label="billed so far this month")
+    if allowance is not None:
+        axis.axhline(allowance, color="tab:red", linestyle="--",
+                     label=f"allowance {human(allowance)}")
+        # the warnings the worker issued this period, at their thresholds
+        events = report.query("quotaflow-user", "Quota commands", selection)
+        month_start = report.periods("quotaflow-user", BURN, "%Y-%m-%d")[0]
+        thresholds = sorted({r["threshold"] for s in events for r in s.rows
+                             if r["action"] == "warn" and r["threshold"] is not None
+                             and report._time(r["time"]).strftime("%Y-%m-%d") >= month_start})
+        for threshold, style in zip(thresholds, (":", "-.", (0, (5, 5))), strict=False):
+            axis.axhline(allowance * threshold, color="tab:orange", linestyle=style,
+                         linewidth=1.2, label=f"warned at {threshold:.0%}")
+        axis.set_ylim(0, max(allowance, max(values)) * 1.12)
+    axis.set_title(f"{user}: quota burn through the month (cumulative billed bytes)")
+    axis.set_xlabel("billing day")
+    axis.tick_params(axis="x", labelrotation=60, labelsize=7)
     _bytes_axis(axis)
-    axis.legend()
-    last = rows[-1]
-    numbers = [("used", int(last["used_bytes"]))]
-    if last["allowance_bytes"] is not None:
-        numbers.append(("allowance", int(last["allowance_bytes"])))
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # off the lines
+    numbers = [("used", rows[-1][1])]
+    if allowance is not None:
+        numbers.append(("allowance", int(allowance)))
     return Chart(_save(figure, out, f"user-{_safe(user)}-quota.png"),
-                 f"{user}: quota burn against the allowance", numbers)
+                 f"{user}: quota burn through the month against the allowance", numbers)
 
 
 def _safe(name: str) -> str:

@@ -266,12 +266,44 @@ def test_quota_panels_show_the_plans(proof_fleet: ProofFleet) -> None:
     events = _run(proof_fleet, "quotaflow-user", "Quota commands", users)
     actions = sorted((r["user_id"], r["action"]) for s in events for r in s.rows)
     assert actions == sorted([(over, "warn"), (over, "disable"), (near, "warn")])
+    assert {r["threshold"] for s in events for r in s.rows if r["action"] == "warn"} == {0.8}
 
     left = _run(proof_fleet, "quotaflow-quotas",
                 "Estimated time to exhaustion at the last 24 h's rate", users)
     seconds = {s.tags["user_id"]: s.rows[-1]["seconds_left"] for s in left}
     assert over in seconds and seconds[over] < 0  # used up already
     assert all(seconds[u] > 0 for u in (near, low) if u in seconds)
+
+
+BURN = "Quota burn through the month, cumulative billed, against the allowance"
+
+
+def test_quota_burn_is_the_months_billed_bytes_cumulative_by_day(proof_fleet: ProofFleet) -> None:
+    """Each planned user's billed bytes (raw: the fleet has no node rates) summed day by
+    day from the month's first day to today, one series per user also for All; and the
+    allowance beside it is the plan's, with the latest usage."""
+    truth = proof_fleet.truth
+    today = truth.now.date()
+    every = {"user": Selection(tuple(truth.users()), all=True)}
+    burn_all = {s.tags["user_id"]: s for s in _run(proof_fleet, "quotaflow-user", BURN, every)}
+    for user, plan in truth.plans.items():
+        one = {"user": Selection((user,))}
+        burn = _run(proof_fleet, "quotaflow-user", BURN, one)
+        assert [s.tags["user_id"] for s in burn] == [user]
+        days = _series_by_local_time(burn, "used_bytes")
+        assert _series_by_local_time([burn_all[user]], "used_bytes") == days
+        assert [d.date() for d in sorted(days)] == [
+            today.replace(day=n) for n in range(1, today.day + 1)]
+        per_day = truth.per_day(user=user)
+        running = 0
+        for day in sorted(days):
+            running += per_day.get(day, 0)
+            assert days[day] == running, (user, day)
+        assert running == truth.total("month", user=user) > 0
+        (states,) = _run(proof_fleet, "quotaflow-user", BURN, one, ref="B")
+        assert states.tags["user_id"] == user
+        assert states.rows[-1]["allowance_bytes"] == plan.quota_bytes
+        assert states.rows[-1]["used_bytes"] == running
 
 
 def test_node_status_panels_show_every_node_alive(proof_fleet: ProofFleet) -> None:
