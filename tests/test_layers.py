@@ -27,11 +27,12 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     ),
     "quotaflow.streams": (
         {"pydantic", "orjson", "faust", "mode", "kafka", "aiokafka"},
-        {"quotaflow.core", "quotaflow.streams", "quotaflow.admin", "quotaflow.logs"},
+        {"quotaflow.core", "quotaflow.streams", "quotaflow.admin", "quotaflow.logs",
+         "quotaflow.metrics"},
     ),
     "quotaflow.sinks": (
         {"pydantic", "orjson", "aiokafka", "influxdb_client"},
-        {"quotaflow.core", "quotaflow.sinks", "quotaflow.logs"},
+        {"quotaflow.core", "quotaflow.sinks", "quotaflow.logs", "quotaflow.metrics"},
     ),
 }
 
