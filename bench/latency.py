@@ -67,6 +67,7 @@ from throughput import log_facts, merge_results, options
 from workload import on_servers
 
 from quotaflow.admin import ensure_topics
+from quotaflow.core.health import percentile
 from quotaflow.core.partitioning import partition_of
 from quotaflow.core.plans import CalendarMonth, Plan
 from quotaflow.core.settings import Settings
@@ -87,13 +88,6 @@ def _iso_now() -> str:
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of non-empty `values`."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 # ----------------------------------------------------------------------- background

@@ -198,6 +198,16 @@ def test_node_status_and_pipeline_points_from_a_simulated_fleet(
     assert 0 < figures["latency"] < 30_000  # ms
     assert 0 < figures["fresh_low"] <= figures["p50"] <= figures["p99"] < 300_000
 
+    # the queries docs/influx-schema.md gives (the dashboards' InfluxQL)
+    nodes = {s.tags["node_id"]: s.rows[0] for s in influx.query(
+        "SELECT last(alive) AS alive, last(age_s) AS age_s, last(received_at) AS received_at "
+        "FROM node_status WHERE time > now() - 1h GROUP BY node_id")}
+    assert nodes[dying]["alive"] is False and set(nodes) == set(status)
+    [lags] = influx.query("SELECT last(/^lag_raw_/) FROM pipeline WHERE process = 'worker' "
+                          "AND time > now() - 1h")
+    assert {k: v for k, v in lags.rows[0].items() if k != "time"} == {
+        f"last_lag_raw_{p}": 0 for p in range(settings.partitions)}
+
     # /metrics of both processes holds the same figures as their latest points
     scraped = _scrape(settings.worker_metrics_port)
     worker_now = _last_pipeline(influx, "worker")

@@ -1,0 +1,308 @@
+"""End-to-end freshness: a report reaching `.raw` -> its totals point in InfluxDB, under load.
+
+    python bench/freshness.py [--rates 10000,100000] [--probes 100] [--probe-seconds 40]
+        [--warmup 10] [--settle 60] [--bg-users 20000] [--bg-nodes 50]
+        [--results bench/results.json | --no-results]
+
+Each phase (one per rate in `--rates`, background readings per second) runs on
+topics and a database of its own, with a worker and an InfluxDB sink started for
+it (default settings: the sink flushes every second):
+
+1. A warm-up probe is sent and awaited in InfluxDB: the worker and the sink are up.
+2. A separate process publishes the background load (`bench/latency.py`'s
+   generator: `--bg-nodes` nodes reporting `--bg-users` users' cumulative
+   counters, about 100 readings per message, at the rate asked), and measures the
+   rate it achieved.
+3. After `--warmup` seconds, `--probes` probes are sent at even intervals over
+   `--probe-seconds`: each is one report of a new user on a probe node.
+   "Reached Kafka" is the moment the broker acknowledged its produce request
+   (acks=all; wall clock in the producer's callback).
+4. One poller asks InfluxDB every 0.1 s for the probes' `traffic_daily` points
+   (one query for all of them) and notes, for each, the wall clock when the query
+   that first returned it came back: "in InfluxDB". The figure is the difference,
+   so it includes up to one poll interval and a query's time (printed).
+5. Probes not in InfluxDB `--settle` seconds after the last probe count as
+   missing; a p99 with missing probes is given as "> settle".
+
+The sink's own freshness figures (`pipeline`, `freshness_ms_p50`/`_p99`: append
+time on `.raw` -> totals point accepted, per 10 s) over the probe window are
+printed beside them. All processes share the machine's cores. Figures go to
+`bench/results.json` under "freshness" and the command line.
+
+Uses the servers in QUOTAFLOW_KAFKA_BOOTSTRAP / QUOTAFLOW_INFLUX_URL when set,
+otherwise starts local ones with `quotaflow.dev.local`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from latency import Probe, Prober, background
+from throughput import log_facts, merge_results, options
+from workload import on_servers
+
+from quotaflow.admin import ensure_topics
+from quotaflow.core.health import percentile
+from quotaflow.core.settings import Settings
+from quotaflow.sinks.influxql import InfluxQL, InfluxQLError
+from quotaflow.streams.lag import LagProbe
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+TARGET_P99_S = 5.0
+POLL_S = 0.1
+
+
+class InfluxPoller(threading.Thread):
+    """Polls InfluxDB for the daily points of users named `<prefix>...`; notes when each came."""
+
+    def __init__(self, settings: Settings, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.client = InfluxQL.from_settings(settings)
+        self.query = (f"SELECT last(up_bytes) FROM traffic_daily WHERE user_id =~ /^{prefix}/ "
+                      "GROUP BY user_id")
+        self.seen: dict[str, float] = {}
+        self.query_s: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            began = time.time()
+            try:
+                series = self.client.query(self.query)
+            except InfluxQLError:
+                series = []  # no database before the sink's first write
+            answered = time.time()
+            self.query_s.append(answered - began)
+            for s in series:
+                self.seen.setdefault(s.tags["user_id"], answered)
+            time.sleep(max(0.0, POLL_S - (time.time() - began)))
+
+
+@dataclass
+class Phase:
+    target_per_s: int
+    background: dict[str, Any] = field(default_factory=dict)
+    probes_sent: int = 0
+    probes_seen: int = 0
+    missing: int = 0
+    p50_s: float | None = None
+    p99_s: float | None = None
+    max_s: float | None = None
+    query_p50_s: float | None = None  # the poller's query time: part of the figures
+    sink_freshness_p50_ms: float | None = None  # median of the sink's 10 s p50s
+    sink_freshness_p99_ms: float | None = None  # the largest of its 10 s p99s
+    raw_lag_end: int | None = None
+    worker_failed: str = ""
+    note: str = ""
+
+
+def _wait(what: Any, timeout_s: float, alive: Any) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if what():
+            return True
+        if not alive():
+            return False
+        time.sleep(0.05)
+    return bool(what())
+
+
+def _sink_freshness(settings: Settings, since: float, until: float) -> tuple[float | None, ...]:
+    """The sink's own figures over [since, until]: median p50 and largest p99, in ms."""
+    rows = [row for s in InfluxQL.from_settings(settings).query(
+        "SELECT freshness_ms_p50, freshness_ms_p99 FROM pipeline WHERE process = 'sink' "
+        f"AND time >= {int(since * 1e9)} AND time <= {int(until * 1e9)}") for row in s.rows]
+    p50s = [r["freshness_ms_p50"] for r in rows if r.get("freshness_ms_p50") is not None]
+    p99s = [r["freshness_ms_p99"] for r in rows if r.get("freshness_ms_p99") is not None]
+    return (percentile(p50s, 50) if p50s else None, max(p99s) if p99s else None)
+
+
+def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
+              workdir: Path) -> Phase:
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(kafka_bootstrap=bootstrap, influx_url=influx,
+                        topic_prefix=f"fresh-{tag}", influx_bucket=f"fresh_{tag}",
+                        state_dir=workdir / f"state-{rate}")
+    ensure_topics(settings)
+    phase = Phase(rate)
+    probes = [Probe(f"probe-{tag}-{i:04d}") for i in range(args.probes)]
+    warm = Probe(f"probe-{tag}-warm")
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    worker_log = workdir / f"{rate}-worker.log"
+    with worker_log.open("wb") as wlog, (workdir / f"{rate}-sink.log").open("wb") as slog:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"], env=env,
+            stdout=wlog, stderr=subprocess.STDOUT)
+        sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"], env=env,
+                                stdout=slog, stderr=subprocess.STDOUT)
+    poller = InfluxPoller(settings, f"probe-{tag}-")
+    poller.start()
+    prober = Prober(settings)
+    bg_process = None
+    exited: int | None = None
+    window = (0.0, 0.0)
+    try:
+        prober.send(warm)
+        if not _wait(lambda: warm.user in poller.seen, 180, lambda: worker.poll() is None):
+            raise SystemExit(f"the warm-up probe never reached InfluxDB; see {worker_log}")
+        print(f"  pipeline ready: warm-up probe in InfluxDB "
+              f"{poller.seen[warm.user] - warm.acked_at:.2f} s after its ack", flush=True)
+        queue: Any = multiprocessing.get_context("spawn").Queue()
+        duration = args.warmup + args.probe_seconds
+        bg_process = multiprocessing.get_context("spawn").Process(
+            target=background,
+            args=(bootstrap, settings.topic_prefix, settings.partitions, rate, args.bg_users,
+                  args.bg_nodes, duration, queue),
+            daemon=True,
+        )
+        bg_process.start()
+        time.sleep(args.warmup)
+        spacing = args.probe_seconds / max(len(probes), 1)
+        start = time.monotonic()
+        began = time.time()
+        for i, probe in enumerate(probes):
+            delay = start + i * spacing - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            prober.send(probe)
+        prober.producer.flush()
+        window = (began, time.time())
+        phase.probes_sent = len(probes)
+        phase.background = queue.get(timeout=duration + 120)
+        bg_process.join(timeout=30)
+        bg = phase.background
+        print(f"  background: asked {rate:,} readings/s, achieved {bg['achieved_per_s']:,.0f} "
+              f"({bg['readings_acked']:,} readings in {bg['seconds']:.1f} s, {bg['errors']} "
+              "send errors)", flush=True)
+        _wait(lambda: all(p.user in poller.seen for p in probes), args.settle,
+              lambda: worker.poll() is None)
+        probe_lag = LagProbe(settings)
+        phase.raw_lag_end = probe_lag.behind(settings.topics.raw, settings.topics.worker_group)
+        probe_lag.close()
+        time.sleep(settings.status_interval_s + 2)  # the sink's point for the last interval
+        phase.sink_freshness_p50_ms, phase.sink_freshness_p99_ms = _sink_freshness(
+            settings, window[0], window[1] + args.settle)
+    finally:
+        poller.stop.set()
+        prober.close()
+        if bg_process is not None and bg_process.is_alive():
+            bg_process.terminate()
+        exited = worker.poll()
+        for p in (worker, sink):
+            if p.poll() is None:
+                p.terminate()
+        for p in (worker, sink):
+            p.wait(timeout=30)
+        poller.join(timeout=5)
+    error, _rate, _backlog = log_facts(worker_log)
+    if exited is not None:
+        phase.worker_failed = f"exited with status {exited}: {error}"
+    _summarise(phase, probes, poller, args.settle)
+    return phase
+
+
+def _summarise(phase: Phase, probes: list[Probe], poller: InfluxPoller, settle: float) -> None:
+    times = [poller.seen[p.user] - p.acked_at for p in probes
+             if p.user in poller.seen and p.acked_at]
+    phase.probes_seen = len(times)
+    phase.missing = len(probes) - len(times)
+    if poller.query_s:
+        phase.query_p50_s = percentile(poller.query_s, 50)
+    if times:
+        phase.p50_s = percentile(times, 50)
+        phase.max_s = max(times)
+        if len(times) >= math.ceil(0.99 * len(probes)):
+            phase.p99_s = percentile(times + [math.inf] * phase.missing, 99)
+    if phase.missing:
+        phase.note = f"{phase.missing} probes not in InfluxDB {settle:.0f} s after the last probe"
+
+
+def _s(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.3f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1000:.3f}"
+
+
+def report(phases: list[Phase], settle: float) -> None:
+    print()
+    print("| background asked | achieved | probes in InfluxDB | p50 s | p99 s | max s "
+          "| poll query p50 s | sink's own p50 / p99 s | worker raw lag at end |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ph in phases:
+        bg = ph.background
+        p99 = _s(ph.p99_s) if ph.p99_s is not None or not ph.missing else f"> {settle:.0f}"
+        print(f"| {ph.target_per_s:,}/s | {bg.get('achieved_per_s', 0):,.0f}/s | "
+              f"{ph.probes_seen} / {ph.probes_sent} | {_s(ph.p50_s)} | {p99} | {_s(ph.max_s)} | "
+              f"{_s(ph.query_p50_s)} | {_ms(ph.sink_freshness_p50_ms)} / "
+              f"{_ms(ph.sink_freshness_p99_ms)} | {ph.raw_lag_end} |")
+    print()
+    for ph in phases:
+        verdict = ("met" if ph.p99_s is not None and ph.p99_s <= TARGET_P99_S and not ph.missing
+                   else "MISSED")
+        print(f"{ph.target_per_s:,}/s: p99 target <= {TARGET_P99_S:.0f} s {verdict}"
+              + (f"; {ph.note}" if ph.note else "")
+              + (f"; worker {ph.worker_failed}" if ph.worker_failed else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="10000,100000",
+                        help="background readings per second, one phase each")
+    parser.add_argument("--probes", type=int, default=100)
+    parser.add_argument("--probe-seconds", type=float, default=40.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--settle", type=float, default=60.0)
+    parser.add_argument("--bg-users", type=int, default=20_000)
+    parser.add_argument("--bg-nodes", type=int, default=50)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-results", action="store_true")
+    args = parser.parse_args()
+    on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
+
+
+def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
+    load = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="quotaflow-freshness-"))
+    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"logs in {workdir}", flush=True)
+    phases = []
+    for rate in (int(r) for r in args.rates.split(",")):
+        print(f"phase: background {rate:,} readings/s", flush=True)
+        phases.append(run_phase(args, bootstrap, influx, rate, workdir))
+    report(phases, args.settle)
+    if args.no_results:
+        return
+    merge_results(args.results, "freshness", {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "bench/freshness.py", *options()]),
+        "machine": f"{os.cpu_count()} cores; load average before the run "
+                   f"{load[0]:.2f} (1 min), {load[2]:.2f} (15 min)",
+        "reached_kafka": "produce acknowledgement (acks=all), wall clock in the callback",
+        "in_influxdb": f"a poll every {POLL_S} s returned the probe's traffic_daily point "
+                       "(wall clock when the query came back)",
+        "target_p99_s": TARGET_P99_S,
+        "phases": [asdict(p) for p in phases],
+    })
+    print(f"figures merged into {args.results} under \"freshness\"")
+
+
+if __name__ == "__main__":
+    main()
