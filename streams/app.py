@@ -48,7 +48,7 @@ from quotaflow.core.plans import Command
 from quotaflow.core.settings import Settings
 from quotaflow.core.topics import MAX_MESSAGE_BYTES
 from quotaflow.streams.billing import RawHandler
-from quotaflow.streams.health import WorkerHealth
+from quotaflow.streams.health import WorkerHealth, consumer_lags
 from quotaflow.streams.offsets import OffsetGuard
 from quotaflow.streams.quotas import Decided, QuotaKeeper
 from quotaflow.streams.side_inputs import SideInputs
@@ -359,7 +359,12 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=settings.status_interval_s)  # type: ignore[untyped-decorator]
     async def _publish_health() -> None:
         """The worker's `pipeline` snapshot, to `<prefix>.metrics` and `/metrics`."""
-        snapshot = health.snapshot(await health.lags(owned), time.time())
+        consumer: Any = app.consumer
+        committed = consumer._committed_offset  # what Faust committed (private, as below)
+        lags = consumer_lags(raw_topic, sorted(owned),
+                             lambda p: consumer.highwater(TP(raw_topic, p)),
+                             lambda p: committed.get(TP(raw_topic, p)))
+        snapshot = health.snapshot(lags, time.time())
         metrics_topic.send_soon(key=health.host.encode(), value=snapshot.encode())
         for served in endpoint:
             served.update(snapshot)

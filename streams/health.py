@@ -3,25 +3,19 @@
 Built every `QUOTAFLOW_STATUS_INTERVAL_S` (default 10 s) by the worker's timer,
 published to `<prefix>.metrics` for the InfluxDB sink to write, and served on
 `/metrics` when `QUOTAFLOW_WORKER_METRICS_PORT` is set. Nothing here runs per
-message: the counters are the `WorkerStats` the handler keeps anyway.
+message: the counters are the `WorkerStats` the handler keeps anyway, and the lag is
+the worker's consumer's own view (`consumer_lags`), without another Kafka client.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
 
-from kafka.errors import KafkaError
-
 from quotaflow.core.health import PipelineSnapshot, Rate, dead_letter_fields, lag_fields
 from quotaflow.core.settings import Settings
 from quotaflow.streams.billing import WorkerStats
-from quotaflow.streams.lag import LagProbe
-
-log = logging.getLogger("quotaflow.streams")
 
 
 class WorkerHealth:
@@ -56,7 +50,6 @@ class WorkerHealth:
         now = clock()
         self._readings = Rate(stats.readings, now)
         self._reports = Rate(stats.messages, now)
-        self._probe: LagProbe | None = None
 
     def snapshot(self, lags: dict[tuple[str, int], int] | None, now: float) -> PipelineSnapshot:
         """The figures at `now` (Unix s); rates since the previous snapshot; no lag if None."""
@@ -76,22 +69,23 @@ class WorkerHealth:
         return PipelineSnapshot(process="worker", host=self.host, at=int(now * 1000),
                                 fields=fields)
 
-    def _lags(self, partitions: list[int]) -> dict[tuple[str, int], int]:
-        if self._probe is None:
-            self._probe = LagProbe(self.settings)
-        topics = self.settings.topics
-        found = self._probe.by_partition(topics.raw, topics.worker_group, partitions, retry_s=2.0)
-        return {(topics.raw, partition): lag for partition, lag in found.items()}
 
-    async def lags(self, partitions: Iterable[int]) -> dict[tuple[str, int], int] | None:
-        """The worker group's lag on the raw partitions this worker owns; None if Kafka is away."""
-        try:
-            return await asyncio.to_thread(self._lags, sorted(partitions))
-        except (KafkaError, OSError) as exc:
-            log.debug("consumer lag unknown for now: %s", exc)
-            return None
+def consumer_lags(
+    topic: str, partitions: Iterable[int], highwater: Callable[[int], int | None],
+    committed: Callable[[int], int | None],
+) -> dict[tuple[str, int], int]:
+    """Per partition, the log's end (as the consumer last fetched it) - the group's commit.
 
-    def close(self) -> None:
-        """Close the lag probe's Kafka connections."""
-        if self._probe is not None:
-            self._probe.close()
+    A partition whose end is not known yet (nothing fetched) is left out; one with no
+    commit yet counts from offset 0.
+
+    >>> ends, commits = {0: 120, 1: 50, 2: None}, {0: 100, 1: None, 2: 3}
+    >>> consumer_lags("qf.raw", [0, 1, 2], ends.get, commits.get)
+    {('qf.raw', 0): 20, ('qf.raw', 1): 50}
+    """
+    lags = {}
+    for partition in partitions:
+        end = highwater(partition)
+        if end is not None:
+            lags[(topic, partition)] = max(end - (committed(partition) or 0), 0)
+    return lags

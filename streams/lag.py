@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -53,33 +52,24 @@ class LagProbe:
         Errors Kafka calls retriable (no group coordinator yet on a fresh broker, a
         leader moving) are retried for up to `retry_s` seconds.
         """
-        return sum(self.by_partition(
-            topic, group, range(self.settings.partitions), retry_s).values())
-
-    def by_partition(
-        self, topic: str, group: str, partitions: Iterable[int], retry_s: float = 30.0
-    ) -> dict[int, int]:
-        """Per partition named, the messages of `topic` that `group` has not committed yet."""
-        tps = [TopicPartition(topic, p) for p in partitions]
-        if not tps:
-            return {}
+        partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                ends = self._consumer.end_offsets(tps)
-                committed = self._admin.list_group_offsets({group: tps}).get(group, {})
+                ends = self._consumer.end_offsets(partitions)
+                committed = self._admin.list_group_offsets({group: partitions}).get(group, {})
                 break
             except KafkaError as exc:
                 if not exc.retriable or time.monotonic() >= deadline:
                     raise
                 log.debug("lag unknown for now, retrying: %s", exc)
                 time.sleep(0.5)
-        lags = {}
-        for tp in tps:
+        total = 0
+        for tp in partitions:
             meta = committed.get(tp)
             done = meta.offset if meta is not None and meta.offset >= 0 else 0
-            lags[tp.partition] = max(ends.get(tp, 0) - done, 0)
-        return lags
+            total += max(ends.get(tp, 0) - done, 0)
+        return total
 
     def lag(self) -> Lag:
         """The current lag of both stages."""
