@@ -24,6 +24,10 @@ it (default settings: the sink flushes every second):
 5. Probes not in InfluxDB `--settle` seconds after the last probe count as
    missing; a p99 with missing probes is given as "> settle".
 
+A worker that exits (its commit watchdog exits with status 70 when Faust stops
+committing) is started again at once, as `quotaflow run` or systemd would; the
+restarts are counted and printed, and the probes' times include them.
+
 The sink's own freshness figures (`pipeline`, `freshness_ms_p50`/`_p99`: append
 time on `.raw` -> totals point accepted, per 10 s) over the probe window are
 printed beside them. All processes share the machine's cores. Figures go to
@@ -37,21 +41,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from latency import Probe, Prober, background
-from throughput import log_facts, merge_results, options
+from latency import Probe, Prober, load_parser, run_phases, send_probes, start_background
+from throughput import log_facts, merge_results
 from workload import on_servers
 
 from quotaflow.admin import ensure_topics
@@ -106,8 +107,33 @@ class Phase:
     sink_freshness_p50_ms: float | None = None  # median of the sink's 10 s p50s
     sink_freshness_p99_ms: float | None = None  # the largest of its 10 s p99s
     raw_lag_end: int | None = None
-    worker_failed: str = ""
+    worker_restarts: int = 0
+    worker_failed: str = ""  # the last error line of a worker that exited
     note: str = ""
+
+
+class Worker:
+    """The phase's worker process, started again when it exits (a supervisor's job)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log = env, log
+        self.restarts = 0
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        """True; restarts the worker first if it exited."""
+        if self.process.poll() is not None:
+            print(f"  worker exited with status {self.process.returncode}; started again",
+                  flush=True)
+            self.restarts += 1
+            self.process = self._start()
+        return True
 
 
 def _wait(what: Any, timeout_s: float, alive: Any) -> bool:
@@ -143,53 +169,33 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
     warm = Probe(f"probe-{tag}-warm")
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
     worker_log = workdir / f"{rate}-worker.log"
-    with worker_log.open("wb") as wlog, (workdir / f"{rate}-sink.log").open("wb") as slog:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"], env=env,
-            stdout=wlog, stderr=subprocess.STDOUT)
+    worker = Worker(env, worker_log)
+    with (workdir / f"{rate}-sink.log").open("wb") as slog:
         sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"], env=env,
                                 stdout=slog, stderr=subprocess.STDOUT)
     poller = InfluxPoller(settings, f"probe-{tag}-")
     poller.start()
     prober = Prober(settings)
     bg_process = None
-    exited: int | None = None
     window = (0.0, 0.0)
     try:
         prober.send(warm)
-        if not _wait(lambda: warm.user in poller.seen, 180, lambda: worker.poll() is None):
+        if not _wait(lambda: warm.user in poller.seen, 180, worker.alive):
             raise SystemExit(f"the warm-up probe never reached InfluxDB; see {worker_log}")
         print(f"  pipeline ready: warm-up probe in InfluxDB "
               f"{poller.seen[warm.user] - warm.acked_at:.2f} s after its ack", flush=True)
-        queue: Any = multiprocessing.get_context("spawn").Queue()
-        duration = args.warmup + args.probe_seconds
-        bg_process = multiprocessing.get_context("spawn").Process(
-            target=background,
-            args=(bootstrap, settings.topic_prefix, settings.partitions, rate, args.bg_users,
-                  args.bg_nodes, duration, queue),
-            daemon=True,
-        )
-        bg_process.start()
-        time.sleep(args.warmup)
-        spacing = args.probe_seconds / max(len(probes), 1)
-        start = time.monotonic()
-        began = time.time()
-        for i, probe in enumerate(probes):
-            delay = start + i * spacing - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            prober.send(probe)
-        prober.producer.flush()
+        bg_process, queue = start_background(args, bootstrap, settings, rate)
+        began = time.time() + args.warmup
+        send_probes(args, prober, probes, lambda i, probe: worker.alive())
         window = (began, time.time())
         phase.probes_sent = len(probes)
-        phase.background = queue.get(timeout=duration + 120)
+        phase.background = queue.get(timeout=args.warmup + args.probe_seconds + 120)
         bg_process.join(timeout=30)
         bg = phase.background
         print(f"  background: asked {rate:,} readings/s, achieved {bg['achieved_per_s']:,.0f} "
               f"({bg['readings_acked']:,} readings in {bg['seconds']:.1f} s, {bg['errors']} "
               "send errors)", flush=True)
-        _wait(lambda: all(p.user in poller.seen for p in probes), args.settle,
-              lambda: worker.poll() is None)
+        _wait(lambda: all(p.user in poller.seen for p in probes), args.settle, worker.alive)
         probe_lag = LagProbe(settings)
         phase.raw_lag_end = probe_lag.behind(settings.topics.raw, settings.topics.worker_group)
         probe_lag.close()
@@ -201,16 +207,15 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
         prober.close()
         if bg_process is not None and bg_process.is_alive():
             bg_process.terminate()
-        exited = worker.poll()
-        for p in (worker, sink):
+        for p in (worker.process, sink):
             if p.poll() is None:
                 p.terminate()
-        for p in (worker, sink):
+        for p in (worker.process, sink):
             p.wait(timeout=30)
         poller.join(timeout=5)
-    error, _rate, _backlog = log_facts(worker_log)
-    if exited is not None:
-        phase.worker_failed = f"exited with status {exited}: {error}"
+    phase.worker_restarts = worker.restarts
+    if worker.restarts:
+        phase.worker_failed = log_facts(worker_log)[0]
     _summarise(phase, probes, poller, args.settle)
     return phase
 
@@ -244,57 +249,38 @@ def _ms(value: float | None) -> str:
 def report(phases: list[Phase], settle: float) -> None:
     print()
     print("| background asked | achieved | probes in InfluxDB | p50 s | p99 s | max s "
-          "| poll query p50 s | sink's own p50 / p99 s | worker raw lag at end |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| poll query p50 s | sink's own p50 / p99 s | worker raw lag at end "
+          "| worker restarts |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for ph in phases:
         bg = ph.background
         p99 = _s(ph.p99_s) if ph.p99_s is not None or not ph.missing else f"> {settle:.0f}"
         print(f"| {ph.target_per_s:,}/s | {bg.get('achieved_per_s', 0):,.0f}/s | "
               f"{ph.probes_seen} / {ph.probes_sent} | {_s(ph.p50_s)} | {p99} | {_s(ph.max_s)} | "
               f"{_s(ph.query_p50_s)} | {_ms(ph.sink_freshness_p50_ms)} / "
-              f"{_ms(ph.sink_freshness_p99_ms)} | {ph.raw_lag_end} |")
+              f"{_ms(ph.sink_freshness_p99_ms)} | {ph.raw_lag_end} | {ph.worker_restarts} |")
     print()
     for ph in phases:
         verdict = ("met" if ph.p99_s is not None and ph.p99_s <= TARGET_P99_S and not ph.missing
                    else "MISSED")
         print(f"{ph.target_per_s:,}/s: p99 target <= {TARGET_P99_S:.0f} s {verdict}"
               + (f"; {ph.note}" if ph.note else "")
-              + (f"; worker {ph.worker_failed}" if ph.worker_failed else ""))
+              + (f"; the worker was restarted {ph.worker_restarts} time(s), last error: "
+                 f"{ph.worker_failed}" if ph.worker_restarts else ""))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="10000,100000",
-                        help="background readings per second, one phase each")
-    parser.add_argument("--probes", type=int, default=100)
-    parser.add_argument("--probe-seconds", type=float, default=40.0)
-    parser.add_argument("--warmup", type=float, default=10.0)
-    parser.add_argument("--settle", type=float, default=60.0)
-    parser.add_argument("--bg-users", type=int, default=20_000)
-    parser.add_argument("--bg-nodes", type=int, default=50)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-results", action="store_true")
-    args = parser.parse_args()
+    args = load_parser(__doc__.splitlines()[0], probes=100, settle=60.0).parse_args()
     on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
 
 
 def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
-    load = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="quotaflow-freshness-"))
-    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"logs in {workdir}", flush=True)
-    phases = []
-    for rate in (int(r) for r in args.rates.split(",")):
-        print(f"phase: background {rate:,} readings/s", flush=True)
-        phases.append(run_phase(args, bootstrap, influx, rate, workdir))
+    phases, facts = run_phases(args, "freshness", run_phase, bootstrap, influx)
     report(phases, args.settle)
     if args.no_results:
         return
     merge_results(args.results, "freshness", {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "bench/freshness.py", *options()]),
-        "machine": f"{os.cpu_count()} cores; load average before the run "
-                   f"{load[0]:.2f} (1 min), {load[2]:.2f} (15 min)",
+        **facts,
         "reached_kafka": "produce acknowledgement (acks=all), wall clock in the callback",
         "in_influxdb": f"a poll every {POLL_S} s returned the probe's traffic_daily point "
                        "(wall clock when the query came back)",
