@@ -1,7 +1,7 @@
 """End-to-end freshness: a report reaching `.raw` -> its totals point in InfluxDB, under load.
 
     python bench/freshness.py [--rates 10000,100000] [--probes 100] [--probe-seconds 40]
-        [--warmup 10] [--settle 60] [--bg-users 20000] [--bg-nodes 50]
+        [--warmup 10] [--settle 60] [--bg-users 20000] [--bg-nodes 50] [--before REF]
         [--results bench/results.json | --no-results]
 
 Each phase (one per rate in `--rates`, background readings per second) runs on
@@ -28,6 +28,11 @@ A worker that exits (its commit watchdog exits with status 70 when Faust stops
 committing) is started again at once, as `quotaflow run` or systemd would; the
 restarts are counted and printed, and the probes' times include them.
 
+With `--before REF` every rate is run a second time, right after, with the worker
+of git revision REF (extracted with `git archive`, git's state untouched; the sink
+stays this one), and the ratios of the two are printed: on a shared machine only
+figures of the same run compare.
+
 The sink's own freshness figures (`pipeline`, `freshness_ms_p50`/`_p99`: append
 time on `.raw` -> totals point accepted, per 10 s) over the probe window are
 printed beside them. All processes share the machine's cores. Figures go to
@@ -48,11 +53,12 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from latency import Probe, Prober, load_parser, run_phases, send_probes, start_background
-from throughput import log_facts, merge_results
+from throughput import extract_tree, log_facts, merge_results
 from workload import on_servers
 
 from quotaflow.admin import ensure_topics
@@ -96,6 +102,7 @@ class InfluxPoller(threading.Thread):
 @dataclass
 class Phase:
     target_per_s: int
+    worker: str = "this"  # or the revision given with --before
     background: dict[str, Any] = field(default_factory=dict)
     probes_sent: int = 0
     probes_seen: int = 0
@@ -115,8 +122,10 @@ class Phase:
 class Worker:
     """The phase's worker process, started again when it exits (a supervisor's job)."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
+    def __init__(self, env: dict[str, str], log: Path, tree: Path | None) -> None:
+        self.env, self.log, self.tree = env, log, tree
+        if tree is not None:  # the revision's package first on the path
+            self.env = {**env, "PYTHONPATH": str(tree)}
         self.restarts = 0
         self.process = self._start()
 
@@ -124,7 +133,7 @@ class Worker:
         with self.log.open("ab") as out:
             return subprocess.Popen(
                 [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.tree)
 
     def alive(self) -> bool:
         """True; restarts the worker first if it exited."""
@@ -157,20 +166,35 @@ def _sink_freshness(settings: Settings, since: float, until: float) -> tuple[flo
     return (percentile(p50s, 50) if p50s else None, max(p99s) if p99s else None)
 
 
+def run_phases_of_both(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
+                       workdir: Path) -> list[Phase]:
+    """The rate's phase with this worker, then (with --before) with the revision's."""
+    phases = [run_phase(args, bootstrap, influx, rate, workdir, None)]
+    if args.before:
+        tree = workdir / f"tree-{args.before}"
+        if not tree.exists():
+            tree = extract_tree(args.before, workdir)
+        print(f"phase: background {rate:,} readings/s, the worker of {args.before}", flush=True)
+        phases.append(run_phase(args, bootstrap, influx, rate, workdir, tree))
+        phases[-1].worker = args.before
+    return phases
+
+
 def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
-              workdir: Path) -> Phase:
+              workdir: Path, tree: Path | None) -> Phase:
     tag = uuid.uuid4().hex[:8]
+    label = f"{rate}" if tree is None else f"{rate}-{args.before}"
     settings = Settings(kafka_bootstrap=bootstrap, influx_url=influx,
                         topic_prefix=f"fresh-{tag}", influx_bucket=f"fresh_{tag}",
-                        state_dir=workdir / f"state-{rate}")
+                        state_dir=workdir / f"state-{label}")
     ensure_topics(settings)
     phase = Phase(rate)
     probes = [Probe(f"probe-{tag}-{i:04d}") for i in range(args.probes)]
     warm = Probe(f"probe-{tag}-warm")
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
-    worker_log = workdir / f"{rate}-worker.log"
-    worker = Worker(env, worker_log)
-    with (workdir / f"{rate}-sink.log").open("wb") as slog:
+    worker_log = workdir / f"{label}-worker.log"
+    worker = Worker(env, worker_log, tree)
+    with (workdir / f"{label}-sink.log").open("wb") as slog:
         sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"], env=env,
                                 stdout=slog, stderr=subprocess.STDOUT)
     poller = InfluxPoller(settings, f"probe-{tag}-")
@@ -248,34 +272,50 @@ def _ms(value: float | None) -> str:
 
 def report(phases: list[Phase], settle: float) -> None:
     print()
-    print("| background asked | achieved | probes in InfluxDB | p50 s | p99 s | max s "
+    print("| background asked | worker | achieved | probes in InfluxDB | p50 s | p99 s | max s "
           "| poll query p50 s | sink's own p50 / p99 s | worker raw lag at end "
           "| worker restarts |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for ph in phases:
         bg = ph.background
         p99 = _s(ph.p99_s) if ph.p99_s is not None or not ph.missing else f"> {settle:.0f}"
-        print(f"| {ph.target_per_s:,}/s | {bg.get('achieved_per_s', 0):,.0f}/s | "
+        print(f"| {ph.target_per_s:,}/s | {ph.worker} | {bg.get('achieved_per_s', 0):,.0f}/s | "
               f"{ph.probes_seen} / {ph.probes_sent} | {_s(ph.p50_s)} | {p99} | {_s(ph.max_s)} | "
               f"{_s(ph.query_p50_s)} | {_ms(ph.sink_freshness_p50_ms)} / "
               f"{_ms(ph.sink_freshness_p99_ms)} | {ph.raw_lag_end} | {ph.worker_restarts} |")
     print()
+    for this, before in pairwise(phases):
+        if this.worker == "this" and before.worker != "this":
+            print(f"{this.target_per_s:,}/s, this worker / the worker of {before.worker}: "
+                  f"p50 {_ratio(this.p50_s, before.p50_s)}, "
+                  f"p99 {_ratio(this.p99_s, before.p99_s)}")
     for ph in phases:
         verdict = ("met" if ph.p99_s is not None and ph.p99_s <= TARGET_P99_S and not ph.missing
                    else "MISSED")
-        print(f"{ph.target_per_s:,}/s: p99 target <= {TARGET_P99_S:.0f} s {verdict}"
+        print(f"{ph.target_per_s:,}/s ({ph.worker} worker): p99 target <= {TARGET_P99_S:.0f} s "
+              f"{verdict}"
               + (f"; {ph.note}" if ph.note else "")
               + (f"; the worker was restarted {ph.worker_restarts} time(s), last error: "
                  f"{ph.worker_failed}" if ph.worker_restarts else ""))
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or math.isinf(a) or math.isinf(b) or not b:
+        return "-"
+    return f"{a / b:.2f}"
+
+
 def main() -> None:
-    args = load_parser(__doc__.splitlines()[0], probes=100, settle=60.0).parse_args()
+    parser = load_parser(__doc__.splitlines()[0], probes=100, settle=60.0)
+    parser.add_argument("--before", metavar="REF",
+                        help="also run every rate with the worker of this git revision")
+    args = parser.parse_args()
     on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
 
 
 def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
-    phases, facts = run_phases(args, "freshness", run_phase, bootstrap, influx)
+    pairs, facts = run_phases(args, "freshness", run_phases_of_both, bootstrap, influx)
+    phases = [phase for pair in pairs for phase in pair]
     report(phases, args.settle)
     if args.no_results:
         return

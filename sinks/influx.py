@@ -1,6 +1,6 @@
 """The InfluxDB sink: totals, quota states and quota commands in, InfluxDB points out.
 
-One consumer reads three topics, and each record becomes points of its own:
+One consumer reads four topics, and each record becomes points of its own:
 
 - `<prefix>.totals`: `traffic_daily` and `traffic_monthly`. Each point holds a
   period's running total, raw and billed, so writing the same series and time again
@@ -9,6 +9,11 @@ One consumer reads three topics, and each record becomes points of its own:
 - `<prefix>.quota`: `quota_usage`, the latest quota state of each user per flush,
   stamped with the flush time.
 - `<prefix>.control`: `quota_events`, one point per command, at its `issued_at`.
+- `<prefix>.metrics`: `pipeline`, the worker's figures, one point per snapshot.
+
+Every `QUOTAFLOW_STATUS_INTERVAL_S` the sink adds its own points
+(`quotaflow.sinks.health`): `node_status` of every node it knows, from the report
+each totals record came from, and its own `pipeline` point.
 
 Three parts: the pure `Coalescer` (records in, lines out), the `InfluxWriter` (the
 only code that talks to InfluxDB) and the runner `InfluxSink` (Kafka in, commits). It
@@ -577,6 +582,16 @@ class InfluxWriter:
             log.warning("could not create database %r (%s); writing to it as it is",
                         self.settings.influx_bucket, exc)
 
+    async def last_node_status(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each node's last `node_status` point within the forget window (`seed_query`);
+        raises `InfluxQLError` while InfluxDB does not answer."""
+        s = self.settings
+        influxql = InfluxQL(s.influx_url, s.influx_bucket, s.influx_token.get_secret_value(),
+                            timeout=5.0)  # short: a stop request waits for this thread
+        found = await asyncio.to_thread(
+            influxql.query, seed_query(s.node_forget_days), "ms")
+        return [(series.tags.get("node_id", ""), row) for series in found for row in series.rows]
+
     async def close(self) -> None:
         """Release the HTTP session."""
         await self._client.close()  # type: ignore[no-untyped-call]
@@ -650,7 +665,8 @@ def _invalid_detail(contract: Contract, value: bytes | None) -> str:
 class InfluxSink:
     """Consumes totals, quota states and commands and writes them to InfluxDB, never dropping one.
 
-    The runner: Kafka in (one consumer of `<prefix>.totals`, `.quota` and `.control`),
+    The runner: Kafka in (one consumer of `<prefix>.totals`, `.quota`, `.control` and
+    `.metrics`),
     a `Coalescer` in between, an `InfluxWriter` out. Offsets are committed only after
     InfluxDB accepted every point consumed before them, or refused it for good and it
     went to `<prefix>.dead`.
@@ -899,18 +915,19 @@ class InfluxSink:
             if now - last_status >= settings.status_interval_s:
                 last_status = now
                 await self._flush(writer, consumer, dead)  # the node book is up to date
-                await self._write_health(consumer, endpoint)
+                await self._write_health(writer, consumer, endpoint)
                 await self._flush(writer, consumer, dead)
         await self._flush(writer, consumer, dead)
 
     async def _write_health(
-        self, consumer: AIOKafkaConsumer, endpoint: metrics.MetricsEndpoint | None
+        self, writer: InfluxWriter, consumer: AIOKafkaConsumer,
+        endpoint: metrics.MetricsEndpoint | None,
     ) -> None:
         """Hold this interval's `node_status` points and the sink's `pipeline` point."""
         health, stats = self.health, self.stats
         if not health.seeded:
             try:
-                health.seed(await asyncio.to_thread(self._last_node_status))
+                health.seed(await writer.last_node_status())
             except InfluxQLError as exc:  # nodes are written once InfluxDB has answered
                 log.warning("cannot read the last node_status points yet: %s", _brief(exc))
         points = health.points(
@@ -922,14 +939,6 @@ class InfluxSink:
         if endpoint is not None and health.snapshot is not None:
             endpoint.update(health.snapshot)
 
-    def _last_node_status(self) -> list[tuple[str, dict[str, Any]]]:
-        """Each node's last `node_status` point within the forget window (see `seed_query`)."""
-        s = self.settings
-        influxql = InfluxQL(s.influx_url, s.influx_bucket, s.influx_token.get_secret_value(),
-                            timeout=5.0)
-        return [(series.tags.get("node_id", ""), row)
-                for series in influxql.query(seed_query(s.node_forget_days), epoch="ms")
-                for row in series.rows]
 
     async def _flush(
         self, writer: InfluxWriter, consumer: AIOKafkaConsumer, dead: AIOKafkaProducer
