@@ -207,6 +207,19 @@ def test_node_status_and_pipeline_points_from_a_simulated_fleet(
                           "AND time > now() - 1h")
     assert {k: v for k, v in lags.rows[0].items() if k != "time"} == {
         f"last_lag_raw_{p}": 0 for p in range(settings.partitions)}
+    [sink_lags] = influx.query("SELECT last(/^lag_/) FROM pipeline WHERE process = 'sink' "
+                               "AND time > now() - 1h")
+    assert sink_lags.rows[0]["last_lag_totals_0"] is not None
+    assert sink_lags.rows[0]["last_lag_raw_0"] is None  # the worker's field
+    [history] = influx.query(
+        "SELECT observed_at, received_at, epoch, readings, restarts, interval_s, age_s, alive "
+        f"FROM node_status WHERE node_id = '{dying}' ORDER BY time DESC LIMIT 3")
+    assert history.rows[0]["alive"] is False
+    ages = [row["age_s"] for row in history.rows]
+    assert ages == sorted(ages, reverse=True) and len(set(ages)) == 3
+    [worst] = influx.query("SELECT max(freshness_ms_p99), max(write_latency_ms_p99) "
+                           "FROM pipeline WHERE process = 'sink' AND time > now() - 1h")
+    assert worst.rows[0]["max"] > 0 and worst.rows[0]["max_1"] > 0
 
     # /metrics of both processes holds the same figures as their latest points
     scraped = _scrape(settings.worker_metrics_port)
