@@ -57,7 +57,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from latency import Probe, Prober, load_parser, run_phases, send_probes, start_background
+from latency import (
+    Probe,
+    Prober,
+    load_parser,
+    run_phases,
+    send_probes,
+    start_background,
+    wait_until,
+)
 from throughput import extract_tree, log_facts, merge_results
 from workload import on_servers
 
@@ -145,17 +153,6 @@ class Worker:
         return True
 
 
-def _wait(what: Any, timeout_s: float, alive: Any) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if what():
-            return True
-        if not alive():
-            return False
-        time.sleep(0.05)
-    return bool(what())
-
-
 def _sink_freshness(settings: Settings, since: float, until: float) -> tuple[float | None, ...]:
     """The sink's own figures over [since, until]: median p50 and largest p99, in ms."""
     rows = [row for s in InfluxQL.from_settings(settings).query(
@@ -204,7 +201,7 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
     window = (0.0, 0.0)
     try:
         prober.send(warm)
-        if not _wait(lambda: warm.user in poller.seen, 180, worker.alive):
+        if not wait_until(lambda: warm.user in poller.seen, 180, worker.alive):
             raise SystemExit(f"the warm-up probe never reached InfluxDB; see {worker_log}")
         print(f"  pipeline ready: warm-up probe in InfluxDB "
               f"{poller.seen[warm.user] - warm.acked_at:.2f} s after its ack", flush=True)
@@ -219,7 +216,7 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
         print(f"  background: asked {rate:,} readings/s, achieved {bg['achieved_per_s']:,.0f} "
               f"({bg['readings_acked']:,} readings in {bg['seconds']:.1f} s, {bg['errors']} "
               "send errors)", flush=True)
-        _wait(lambda: all(p.user in poller.seen for p in probes), args.settle, worker.alive)
+        wait_until(lambda: all(p.user in poller.seen for p in probes), args.settle, worker.alive)
         probe_lag = LagProbe(settings)
         phase.raw_lag_end = probe_lag.behind(settings.topics.raw, settings.topics.worker_group)
         probe_lag.close()

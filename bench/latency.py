@@ -342,7 +342,8 @@ class Phase:
     note: str = ""
 
 
-def _wait(what: Any, timeout_s: float, alive: Any) -> bool:
+def wait_until(what: Any, timeout_s: float, alive: Any) -> bool:
+    """Poll `what()` until true, `alive()` false or the timeout; `what()`'s last answer."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if what():
@@ -393,7 +394,8 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
     exited: int | None = None
     try:
         prober.send(warm)
-        if not _wait(lambda: warm.user in watcher.disabled, 180, lambda: worker.poll() is None):
+        if not wait_until(lambda: warm.user in watcher.disabled, 180,
+                          lambda: worker.poll() is None):
             raise SystemExit(f"the worker did not disable the warm-up probe; see {worker_log}")
         print(f"  worker ready: warm-up probe disabled "
               f"{watcher.disabled[warm.user][0] - warm.acked_at:.2f} s after its ack", flush=True)
@@ -419,7 +421,7 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
               f"({bg['readings_acked']:,} readings acknowledged in {bg['seconds']:.1f} s, "
               f"{bg['messages']:,} messages, generator at worst {bg['worst_behind_s']:.2f} s "
               f"behind its schedule, {bg['errors']} send errors)", flush=True)
-        _wait(lambda: all(p.user in watcher.disabled for p in probes), args.settle,
+        wait_until(lambda: all(p.user in watcher.disabled for p in probes), args.settle,
               lambda: worker.poll() is None)
         for thread in influx_threads:
             thread.join(timeout=args.settle)
