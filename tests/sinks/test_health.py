@@ -256,3 +256,56 @@ def _valid(line: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_pipeline_points_influxdb_refuses_are_dead_lettered(
+    settings: Settings, tmp_path: Any
+) -> None:
+    """A field type conflict on `pipeline` (a field written as a string before): the worker's
+    snapshot and the sink's own point are dead-lettered, the one naming its record, the
+    other none, and the sink goes on."""
+    import signal
+
+    from kafka import KafkaConsumer
+
+    from quotaflow.admin import ensure_topics
+    from quotaflow.core.contracts import DeadLetter
+    from quotaflow.core.health import PipelineSnapshot
+    from tests.sinks.test_influx import _publish, _start_sink
+
+    ensure_topics(settings)
+    influx = InfluxQL.from_settings(settings)
+    influx.create_database()
+    now_ns = time.time_ns()
+    request = urllib.request.Request(
+        f"{settings.influx_url}/write?db={settings.influx_bucket}", method="POST",
+        data=(f'pipeline,host=old,process=worker readings_total="x" {now_ns}\n'
+              f'pipeline,host=old,process=sink points_written="x" {now_ns}').encode())
+    urllib.request.urlopen(request, timeout=10).close()
+    snapshot = PipelineSnapshot(process="worker", host="w1", at=now_ns // 1_000_000 + 5,
+                                fields={"readings_total": 7, "lag": 0})
+    [offset] = _publish(settings, [(settings.topics.metrics, 2, snapshot.encode())])
+    sink = _start_sink(settings, tmp_path / "sink.log")
+    try:
+        dead = KafkaConsumer(settings.topics.dead, bootstrap_servers=settings.kafka_bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=1000)
+        letters: list[DeadLetter] = []
+        deadline = time.monotonic() + 60
+        while len({letter.topic for letter in letters}) < 2 and time.monotonic() < deadline:
+            letters += [DeadLetter.decode(m.value) for m in dead]
+        dead.close()
+        by_topic = {letter.topic: letter for letter in letters}
+        worker = by_topic[settings.topics.metrics]
+        assert (worker.partition, worker.offset, worker.reason) == (2, offset, "invalid")
+        assert "field type conflict" in worker.detail
+        assert worker.readings == ({"measurement": "pipeline", "process": "worker",
+                                    "host": "w1"},)
+        assert worker.original().startswith(b"pipeline,host=w1,process=worker ")
+        own = by_topic[""]
+        assert (own.partition, own.offset) == (-1, -1) and "field type conflict" in own.detail
+        assert own.readings[0]["process"] == "sink"
+        assert sink.poll() is None, "the sink goes on"
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(timeout=30)
+    assert sink.returncode == 0
