@@ -56,10 +56,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -67,6 +68,7 @@ from throughput import log_facts, merge_results, options
 from workload import on_servers
 
 from quotaflow.admin import ensure_topics
+from quotaflow.core.health import percentile
 from quotaflow.core.partitioning import partition_of
 from quotaflow.core.plans import CalendarMonth, Plan
 from quotaflow.core.settings import Settings
@@ -87,13 +89,6 @@ def _iso_now() -> str:
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of non-empty `values`."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 # ----------------------------------------------------------------------- background
@@ -285,6 +280,38 @@ def watch_influx(settings: Settings, probe: Probe, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+def start_background(args: argparse.Namespace, bootstrap: str, settings: Settings,
+                     rate: int) -> tuple[Any, Any]:
+    """Start `background` in a process of its own for `--warmup` + `--probe-seconds`
+    seconds; (the process, the queue its `Background` comes on)."""
+    context = multiprocessing.get_context("spawn")
+    queue: Any = context.Queue()
+    process = context.Process(
+        target=background,
+        args=(bootstrap, settings.topic_prefix, settings.partitions, rate, args.bg_users,
+              args.bg_nodes, args.warmup + args.probe_seconds, queue),
+        daemon=True,
+    )
+    process.start()
+    return process, queue
+
+
+def send_probes(args: argparse.Namespace, prober: Prober, probes: list[Probe],
+                after: Callable[[int, Probe], None]) -> None:
+    """After `--warmup` seconds, send the probes at even intervals over `--probe-seconds`,
+    calling `after(i, probe)` after each."""
+    time.sleep(args.warmup)
+    spacing = args.probe_seconds / max(len(probes), 1)
+    start = time.monotonic()
+    for i, probe in enumerate(probes):
+        delay = start + i * spacing - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        prober.send(probe)
+        after(i, probe)
+    prober.producer.flush()
+
+
 # ----------------------------------------------------------------------- a phase
 
 
@@ -315,7 +342,8 @@ class Phase:
     note: str = ""
 
 
-def _wait(what: Any, timeout_s: float, alive: Any) -> bool:
+def wait_until(what: Any, timeout_s: float, alive: Any) -> bool:
+    """Poll `what()` until true, `alive()` false or the timeout; `what()`'s last answer."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if what():
@@ -366,45 +394,34 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
     exited: int | None = None
     try:
         prober.send(warm)
-        if not _wait(lambda: warm.user in watcher.disabled, 180, lambda: worker.poll() is None):
+        if not wait_until(lambda: warm.user in watcher.disabled, 180,
+                          lambda: worker.poll() is None):
             raise SystemExit(f"the worker did not disable the warm-up probe; see {worker_log}")
         print(f"  worker ready: warm-up probe disabled "
               f"{watcher.disabled[warm.user][0] - warm.acked_at:.2f} s after its ack", flush=True)
 
-        queue: Any = multiprocessing.get_context("spawn").Queue()
-        duration = args.warmup + args.probe_seconds
-        bg_process = multiprocessing.get_context("spawn").Process(
-            target=background,
-            args=(bootstrap, settings.topic_prefix, settings.partitions, rate, args.bg_users,
-                  args.bg_nodes, duration, queue),
-            daemon=True,
-        )
-        bg_process.start()
-        time.sleep(args.warmup)
-        spacing = args.probe_seconds / max(len(probes), 1)
-        start = time.monotonic()
-        for i, probe in enumerate(probes):
-            delay = start + i * spacing - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            prober.send(probe)
+        bg_process, queue = start_background(args, bootstrap, settings, rate)
+
+        def watch(i: int, probe: Probe) -> None:
             if args.influx_every and i % args.influx_every == 0:
                 probe.influx_watched = True
                 thread = threading.Thread(target=watch_influx,
                                           args=(settings, probe, args.settle), daemon=True)
                 thread.start()
                 influx_threads.append(thread)
-        prober.producer.flush()
+
+        start = time.monotonic()
+        send_probes(args, prober, probes, watch)
         phase.probes_sent = len(probes)
         print(f"  {len(probes)} probes sent over {time.monotonic() - start:.1f} s", flush=True)
-        phase.background = queue.get(timeout=duration + 120)
+        phase.background = queue.get(timeout=args.warmup + args.probe_seconds + 120)
         bg_process.join(timeout=30)
         bg = phase.background
         print(f"  background: asked {rate:,} readings/s, achieved {bg['achieved_per_s']:,.0f} "
               f"({bg['readings_acked']:,} readings acknowledged in {bg['seconds']:.1f} s, "
               f"{bg['messages']:,} messages, generator at worst {bg['worst_behind_s']:.2f} s "
               f"behind its schedule, {bg['errors']} send errors)", flush=True)
-        _wait(lambda: all(p.user in watcher.disabled for p in probes), args.settle,
+        wait_until(lambda: all(p.user in watcher.disabled for p in probes), args.settle,
               lambda: worker.poll() is None)
         for thread in influx_threads:
             thread.join(timeout=args.settle)
@@ -514,41 +531,62 @@ def report(phases: list[Phase], settle: float) -> None:
                 f"{ph.producer_backlog_peak:,}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_parser(description: str, probes: int, settle: float) -> argparse.ArgumentParser:
+    """The options of a benchmark of probes under background load (this one, freshness.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rates", default="10000,100000",
                         help="background readings per second, one phase each")
-    parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--probes", type=int, default=probes)
     parser.add_argument("--probe-seconds", type=float, default=40.0)
     parser.add_argument("--warmup", type=float, default=10.0)
-    parser.add_argument("--settle", type=float, default=30.0)
+    parser.add_argument("--settle", type=float, default=settle)
     parser.add_argument("--bg-users", type=int, default=20_000)
     parser.add_argument("--bg-nodes", type=int, default=50)
-    parser.add_argument("--influx-every", type=int, default=10)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-results", action="store_true")
-    args = parser.parse_args()
-
-    on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
+    return parser
 
 
-def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
+P = TypeVar("P")
+
+
+def run_phases(
+    args: argparse.Namespace, bench: str,
+    run_phase: Callable[[argparse.Namespace, str, str, int, Path], P],
+    bootstrap: str, influx: str,
+) -> tuple[list[P], dict[str, str]]:
+    """Run one phase per rate in `--rates`; the phases and the facts for the results file."""
     load = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="quotaflow-latency-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"quotaflow-{bench}-"))
     print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"logs in {workdir}", flush=True)
     phases = []
     for rate in (int(r) for r in args.rates.split(",")):
         print(f"phase: background {rate:,} readings/s", flush=True)
         phases.append(run_phase(args, bootstrap, influx, rate, workdir))
+    return phases, {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", f"bench/{bench}.py", *options()]),
+        "machine": f"{os.cpu_count()} cores; load average before the run "
+                   f"{load[0]:.2f} (1 min), {load[2]:.2f} (15 min)",
+    }
+
+
+def main() -> None:
+    parser = load_parser(__doc__.splitlines()[0], probes=200, settle=30.0)
+    parser.add_argument("--influx-every", type=int, default=10)
+    args = parser.parse_args()
+
+    on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
+
+
+def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
+    phases, facts = run_phases(args, "latency", run_phase, bootstrap, influx)
     report(phases, args.settle)
     if args.no_results:
         return
     merge_results(args.results, "latency", {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "bench/latency.py", *options()]),
-        "machine": f"{os.cpu_count()} cores; load average before the run "
-                   f"{load[0]:.2f} (1 min), {load[2]:.2f} (15 min)",
+        **facts,
         "reached_raw": "produce acknowledgement (acks=all), wall clock in the callback",
         "on_control": "a consumer of .control sees the disable (wall clock); the record's "
                       "own timestamp gives the worker share",

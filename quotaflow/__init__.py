@@ -7,7 +7,8 @@ The package is layered; each layer imports only those above it in this list:
   No I/O, no edge imports.
 * the edges, in the order data flows: `quotaflow.producers` (node agent, proxy
   sources, push receiver, Kafka publisher), `quotaflow.streams` (the Faust
-  worker), `quotaflow.sinks` (InfluxDB); plus `quotaflow.admin` (topic creation).
+  worker), `quotaflow.sinks` (InfluxDB); plus `quotaflow.admin` (topic creation)
+  and `quotaflow.metrics` (the worker's and the sink's Prometheus endpoint).
 * `quotaflow.dev`: development tooling (local Kafka and InfluxDB, the fleet
   simulator, the check against ground truth).
 * `quotaflow.cli`: the `quotaflow` command, a leaf on top.

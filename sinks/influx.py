@@ -1,6 +1,6 @@
 """The InfluxDB sink: totals, quota states and quota commands in, InfluxDB points out.
 
-One consumer reads three topics, and each record becomes points of its own:
+One consumer reads four topics, and each record becomes points of its own:
 
 - `<prefix>.totals`: `traffic_daily` and `traffic_monthly`. Each point holds a
   period's running total, raw and billed, so writing the same series and time again
@@ -9,6 +9,11 @@ One consumer reads three topics, and each record becomes points of its own:
 - `<prefix>.quota`: `quota_usage`, the latest quota state of each user per flush,
   stamped with the flush time.
 - `<prefix>.control`: `quota_events`, one point per command, at its `issued_at`.
+- `<prefix>.metrics`: `pipeline`, the worker's figures, one point per snapshot.
+
+Every `QUOTAFLOW_STATUS_INTERVAL_S` the sink adds its own points
+(`quotaflow.sinks.health`): `node_status` of every node it knows, from the report
+each totals record came from, and its own `pipeline` point.
 
 Three parts: the pure `Coalescer` (records in, lines out), the `InfluxWriter` (the
 only code that talks to InfluxDB) and the runner `InfluxSink` (Kafka in, commits). It
@@ -34,16 +39,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, KafkaError
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.rest import ApiException
 from pydantic import ValidationError
 
-from quotaflow.core.contracts import DeadLetter, PeriodKind, TotalsBatch, UserTotals
+from quotaflow import metrics
+from quotaflow.core.contracts import DeadLetter, PeriodKind, ReportSeen, TotalsBatch, UserTotals
+from quotaflow.core.health import PipelineSnapshot
 from quotaflow.core.plans import Command, QuotaBatch
 from quotaflow.core.settings import Settings
 from quotaflow.core.topics import MAX_MESSAGE_BYTES
+from quotaflow.sinks.health import HealthPoint, SinkHealth, seed_query, snapshot_point
 from quotaflow.sinks.influxql import InfluxQL, InfluxQLError, InfluxUnreachable
+from quotaflow.sinks.lines import escape_tag, string_field
 
 log = logging.getLogger("quotaflow.sinks.influx")
 
@@ -84,35 +93,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 
 
-def _escape_tag(value: str) -> str:
-    r"""A tag value for InfluxDB 1.x line protocol: `,`, `=` and space get a backslash.
-
-    A backslash is not escaped: 1.x reads a character after a backslash as escaped,
-    whatever precedes the backslash, and unescapes only `\,`, `\=` and `\ `, so it
-    would keep `\\` as two backslashes. That also makes a tag value that ends with a
-    backslash, or has one before a space, impossible to write; the contracts refuse
-    such identifiers (`quotaflow.core.contracts.identifier_problem`).
-
-    >>> print(_escape_tag("DOMAIN\\alice,b=c d"))
-    DOMAIN\alice\,b\=c\ d
-    """
-    return value.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
-
-
-def _string_field(value: str) -> str:
-    r"""A string field value for line protocol: quoted, with `\` and `"` escaped.
-
-    >>> print(_string_field('say "hi" \\o/'))
-    "say \"hi\" \\o/"
-    """
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def traffic_line(key: SeriesKey, up: int, down: int, billed_up: int, billed_down: int) -> str:
     """The line-protocol line (second precision) of one series' total, raw and billed."""
     period, user, node, start = key
     return (
-        f"{MEASUREMENTS[period]},node_id={_escape_tag(node)},user_id={_escape_tag(user)} "
+        f"{MEASUREMENTS[period]},node_id={escape_tag(node)},user_id={escape_tag(user)} "
         f"up_bytes={up}i,down_bytes={down}i,total_bytes={up + down}i,"
         f"billed_up_bytes={billed_up}i,billed_down_bytes={billed_down}i,"
         f"billed_total_bytes={billed_up + billed_down}i {start}"
@@ -150,7 +135,7 @@ def quota_usage_line(state: QuotaState, at: int) -> str:
     user, period_start, used, allowance, state_name = state
     allowance_field = "" if allowance is None else f"allowance_bytes={allowance}i,"
     return (
-        f"{QUOTA_USAGE},user_id={_escape_tag(user)} used_bytes={used}i,{allowance_field}"
+        f"{QUOTA_USAGE},user_id={escape_tag(user)} used_bytes={used}i,{allowance_field}"
         f'state="{state_name}",period_start="{period_start.isoformat()}" {at}'
     )
 
@@ -188,7 +173,7 @@ def quota_event_line(command: Command) -> str:
     command_id="9f2c",used_bytes=8i,allowance_bytes=10i,threshold=0.8
     1795514401234800000
     """
-    fields = f"command_id={_string_field(command.command_id)},used_bytes={command.used_bytes}i"
+    fields = f"command_id={string_field(command.command_id)},used_bytes={command.used_bytes}i"
     if command.allowance_bytes is not None:
         fields += f",allowance_bytes={command.allowance_bytes}i"
     if command.threshold is not None:
@@ -197,7 +182,7 @@ def quota_event_line(command: Command) -> str:
     time_ns = millisecond * EVENT_SLOTS + event_slot(command.threshold)
     return (
         f"{QUOTA_EVENTS},action={command.action},reason={command.reason},"
-        f"user_id={_escape_tag(command.user_id)} {fields} {time_ns}"
+        f"user_id={escape_tag(command.user_id)} {fields} {time_ns}"
     )
 
 
@@ -373,13 +358,16 @@ class Coalescer:
         self._traffic: dict[SeriesKey, tuple[UserTotals, Origin]] = {}
         self._quota: dict[str, tuple[QuotaState, Origin]] = {}
         self._commands: list[tuple[Command, Origin]] = []
+        self._health: list[HealthPoint] = []
+        # (node, report, partition, had rows) of the totals records taken in
+        self._seen: list[tuple[str, ReportSeen, int, bool]] = []
         self._clock = clock
         self.totals = 0  # user totals taken in (a day's and a month's per row)
         self.quota_states = 0  # quota rows taken in
         self.commands = 0  # commands taken in
 
     def __len__(self) -> int:
-        return len(self._traffic) + len(self._quota) + len(self._commands)
+        return len(self._traffic) + len(self._quota) + len(self._commands) + len(self._health)
 
     def update(self, value: bytes, origin: Origin = NO_ORIGIN) -> bool:
         """Coalesce one totals record into the held points; False if it is malformed.
@@ -398,6 +386,8 @@ class Coalescer:
             traffic[("day", user, node, day)] = held
             traffic[("month", user, node, month)] = held
         self.totals += 2 * len(batch.totals)
+        if batch.report is not None:
+            self._seen.append((node, batch.report, origin[1], bool(batch.totals)))
         return True
 
     def update_quota(self, value: bytes, origin: Origin = NO_ORIGIN) -> bool:
@@ -425,6 +415,25 @@ class Coalescer:
         self.commands += 1
         return True
 
+    def add_snapshot(self, value: bytes, origin: Origin = NO_ORIGIN) -> bool:
+        """Hold one `PipelineSnapshot` record as a `pipeline` point; False if it is malformed."""
+        try:
+            snapshot = PipelineSnapshot.decode(value)
+        except ValidationError:
+            return False
+        self._health.append(snapshot_point(snapshot, origin))
+        return True
+
+    def add_health(self, points: Iterable[HealthPoint]) -> None:
+        """Hold the sink's own `node_status` and `pipeline` points for the next write."""
+        self._health.extend(points)
+
+    def take_seen(self) -> list[tuple[str, ReportSeen, int, bool]]:
+        """The reports of the totals records taken in since the last call: (node, report,
+        partition, whether the record had rows)."""
+        seen, self._seen = self._seen, []
+        return seen
+
     def points(self) -> Iterator[str]:
         """The held points as line protocol, without letting go of them."""
         for key, (row, _) in self._traffic.items():
@@ -434,6 +443,8 @@ class Coalescer:
             yield quota_usage_line(state, now)
         for command, _ in self._commands:
             yield quota_event_line(command)
+        for point in self._health:
+            yield point.line
 
     def take(self) -> list[HeldPoint]:
         """The held points with their origin; the coalescer is empty afterwards."""
@@ -446,9 +457,11 @@ class Coalescer:
                  for state, origin in self._quota.values()]
         held += [QuotaEventPoint(quota_event_line(command), command, origin)
                  for command, origin in self._commands]
+        held += self._health
         self._traffic.clear()
         self._quota.clear()
         self._commands.clear()
+        self._health = []
         return held
 
     def drain(self) -> list[str]:
@@ -569,6 +582,16 @@ class InfluxWriter:
             log.warning("could not create database %r (%s); writing to it as it is",
                         self.settings.influx_bucket, exc)
 
+    async def last_node_status(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each node's last `node_status` point within the forget window (`seed_query`);
+        raises `InfluxQLError` while InfluxDB does not answer."""
+        s = self.settings
+        influxql = InfluxQL(s.influx_url, s.influx_bucket, s.influx_token.get_secret_value(),
+                            timeout=5.0)  # short: a stop request waits for this thread
+        found = await asyncio.to_thread(
+            influxql.query, seed_query(s.node_forget_days), "ms")
+        return [(series.tags.get("node_id", ""), row) for series in found for row in series.rows]
+
     async def close(self) -> None:
         """Release the HTTP session."""
         await self._client.close()  # type: ignore[no-untyped-call]
@@ -611,15 +634,17 @@ def _brief(exc: BaseException) -> str:
     return text[:300]
 
 
+Contract = type[TotalsBatch] | type[QuotaBatch] | type[Command] | type[PipelineSnapshot]
+
+
 class _Input(NamedTuple):
     """A topic the sink consumes: the contract of its records and how the coalescer holds one."""
 
-    contract: type[TotalsBatch] | type[QuotaBatch] | type[Command]
+    contract: Contract
     hold: Callable[[bytes, Origin], bool]
 
 
-def _invalid_detail(contract: type[TotalsBatch] | type[QuotaBatch] | type[Command],
-                    value: bytes | None) -> str:
+def _invalid_detail(contract: Contract, value: bytes | None) -> str:
     """Why a record is not a `contract` record, for its dead letter (only on that path).
 
     >>> _invalid_detail(Command, b'{"user_id": "alice"}')
@@ -640,7 +665,8 @@ def _invalid_detail(contract: type[TotalsBatch] | type[QuotaBatch] | type[Comman
 class InfluxSink:
     """Consumes totals, quota states and commands and writes them to InfluxDB, never dropping one.
 
-    The runner: Kafka in (one consumer of `<prefix>.totals`, `.quota` and `.control`),
+    The runner: Kafka in (one consumer of `<prefix>.totals`, `.quota`, `.control` and
+    `.metrics`),
     a `Coalescer` in between, an `InfluxWriter` out. Offsets are committed only after
     InfluxDB accepted every point consumed before them, or refused it for good and it
     went to `<prefix>.dead`.
@@ -654,6 +680,7 @@ class InfluxSink:
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None
         self._outage = _OutageLog()
+        self.health = SinkHealth(settings)
 
     def _inputs(self) -> dict[str, _Input]:
         """The topics the sink consumes, each with its contract and the coalescer's method."""
@@ -662,6 +689,7 @@ class InfluxSink:
             topics.totals: _Input(TotalsBatch, coalescer.update),
             topics.quota: _Input(QuotaBatch, coalescer.update_quota),
             topics.control: _Input(Command, coalescer.add_command),
+            topics.metrics: _Input(PipelineSnapshot, coalescer.add_snapshot),
         }
 
     def stop(self) -> None:
@@ -736,11 +764,13 @@ class InfluxSink:
         try:
             while pending:
                 chunk = pending.pop()
+                began = time.monotonic()
                 try:
                     await self._until_stopped(writer.write(chunk, precision))
                 except _Stopped:
                     raise
                 except Exception as exc:  # the client raises many types
+                    self.health.write_latency.add((time.monotonic() - began) * 1000)
                     refused_exc = refusal(exc)
                     if refused_exc is None:  # passing: InfluxDB may take it later
                         pending.append(chunk)
@@ -771,6 +801,7 @@ class InfluxSink:
                         middle = len(chunk) // 2
                         pending += [chunk[middle:], chunk[:middle]]
                     continue
+                self.health.write_latency.add((time.monotonic() - began) * 1000)
                 self._outage.recovered()
                 self.stats.writes += 1
                 backoff = min(0.5, self.max_backoff_s)
@@ -821,19 +852,23 @@ class InfluxSink:
             bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
         )
         writer = InfluxWriter(settings)
+        endpoint = metrics.serve(settings.sink_metrics_port, settings.metrics_address)
         await consumer.start()
         await dead.start()
         try:
-            await self._serve(consumer, dead, writer)
+            await self._serve(consumer, dead, writer, endpoint)
         except _Stopped:
             log.info("stopped before everything held was written; those offsets stay")
         finally:
             await consumer.stop()
             await dead.stop()
             await writer.close()
+            if endpoint is not None:
+                endpoint.close()
 
     async def _serve(
-        self, consumer: AIOKafkaConsumer, dead: AIOKafkaProducer, writer: InfluxWriter
+        self, consumer: AIOKafkaConsumer, dead: AIOKafkaProducer, writer: InfluxWriter,
+        endpoint: metrics.MetricsEndpoint | None = None,
     ) -> None:
         settings = self.settings
         coalescer = self.coalescer
@@ -848,7 +883,7 @@ class InfluxSink:
             except Exception as exc:
                 self._outage.failed("database check", exc)
                 await self._idle(None, 1.0)
-        last_flush = time.monotonic()
+        last_flush = last_status = time.monotonic()
         while not self._stopping.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=20_000)
             for tp, records in batches.items():
@@ -877,7 +912,33 @@ class InfluxSink:
             ):
                 await self._flush(writer, consumer, dead)
                 last_flush = now
+            if now - last_status >= settings.status_interval_s:
+                last_status = now
+                await self._flush(writer, consumer, dead)  # the node book is up to date
+                await self._write_health(writer, consumer, endpoint)
+                await self._flush(writer, consumer, dead)
         await self._flush(writer, consumer, dead)
+
+    async def _write_health(
+        self, writer: InfluxWriter, consumer: AIOKafkaConsumer,
+        endpoint: metrics.MetricsEndpoint | None,
+    ) -> None:
+        """Hold this interval's `node_status` points and the sink's `pipeline` point."""
+        health, stats = self.health, self.stats
+        if not health.seeded:
+            try:
+                health.seed(await writer.last_node_status())
+            except InfluxQLError as exc:  # nodes are written once InfluxDB has answered
+                log.warning("cannot read the last node_status points yet: %s", _brief(exc))
+        points = health.points(
+            int(time.time() * 1000), await _consumer_lags(consumer),
+            dead_letters=stats.invalid + stats.refused, write_retries=stats.failures,
+            points_written=stats.points,
+        )
+        self.coalescer.add_health(points)
+        if endpoint is not None and health.snapshot is not None:
+            endpoint.update(health.snapshot)
+
 
     async def _flush(
         self, writer: InfluxWriter, consumer: AIOKafkaConsumer, dead: AIOKafkaProducer
@@ -887,6 +948,7 @@ class InfluxSink:
         Raises `_Stopped`, committing nothing, when stop is asked before all was written.
         """
         held = self.coalescer.take()
+        seen = self.coalescer.take_seen()
         if held:
             refused: dict[str, str] = {}
             for precision in PRECISIONS:
@@ -895,6 +957,8 @@ class InfluxSink:
                     refused |= await self._write_all(writer, consumer, lines, precision)
             if refused:
                 await self._dead_letter(dead, held, refused)
+        if seen:
+            self.health.written(seen, int(time.time() * 1000))
         try:
             await consumer.commit()
         except CommitFailedError as exc:  # a rebalance took the partitions; they are re-read
@@ -918,6 +982,25 @@ def run_sink(settings: Settings) -> None:
             status.cancel()
 
     asyncio.run(main())
+
+
+async def _consumer_lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int] | None:
+    """The group's lag on each partition assigned to `consumer`: end offset - committed.
+
+    None when Kafka does not answer within a few seconds (the point then has no lag).
+    """
+    assigned = sorted(consumer.assignment())
+    try:
+        async with asyncio.timeout(5.0):
+            ends = await consumer.end_offsets(assigned)
+            lags = {}
+            for tp in assigned:
+                committed = await consumer.committed(tp)
+                lags[(tp.topic, tp.partition)] = max(ends.get(tp, 0) - (committed or 0), 0)
+            return lags
+    except (KafkaError, TimeoutError) as exc:
+        log.debug("consumer lag unknown for now: %s", exc)
+        return None
 
 
 async def _log_status(sink: InfluxSink) -> None:

@@ -41,13 +41,14 @@ from typing import Any
 import faust
 from faust.types import TP
 
-from quotaflow import logs
+from quotaflow import logs, metrics
 from quotaflow.admin import ensure_topics
 from quotaflow.core.contracts import DeadLetter
 from quotaflow.core.plans import Command
 from quotaflow.core.settings import Settings
 from quotaflow.core.topics import MAX_MESSAGE_BYTES
 from quotaflow.streams.billing import RawHandler
+from quotaflow.streams.health import WorkerHealth, consumer_lags
 from quotaflow.streams.offsets import OffsetGuard
 from quotaflow.streams.quotas import Decided, QuotaKeeper
 from quotaflow.streams.side_inputs import SideInputs
@@ -190,11 +191,14 @@ def create_app(settings: Settings) -> faust.App:
     keeper = QuotaKeeper(settings, TableStore(table))
     handler = RawHandler(settings, table, rate=side.rate, quotas=keeper)
     app.handler = handler  # type: ignore[attr-defined]
+    health = WorkerHealth(settings, handler.stats)
+    metrics_topic = app.topic(settings.topics.metrics, partitions=settings.partitions)
     owned: set[int] = set()  # raw partitions assigned to this worker
     recovered = asyncio.Event()  # the tables hold everything of the owned partitions
 
     def publish(partition: int, decided: Decided) -> None:
         """Send a quota step's commands now, in the order they were decided."""
+        health.commands_issued += len(decided.commands)
         for command in decided.commands:
             future = control.send_soon(
                 key=command.user_id.encode(), value=command.encode(), partition=partition,
@@ -208,7 +212,7 @@ def create_app(settings: Settings) -> faust.App:
                 offset=bad.offset, payload=bad.value,
             )
             dead.send_soon(value=letter, partition=bad.partition)
-            handler.stats.dead += 1
+            handler.stats.count_dead("invalid")
         side.bad.clear()
 
     async def ready(partition: int) -> None:
@@ -293,7 +297,7 @@ def create_app(settings: Settings) -> faust.App:
             if changes:  # most messages come with none: no clock read, no quota step
                 publish(partition, keeper.set_plans(partition, changes, _now()))
             processed[partition] = offset
-            outcome = handler.handle(event.value, partition, offset, message.key)
+            outcome = handler.handle(event.value, partition, offset, message.key, appended)
             if outcome.quota is not None:
                 publish(partition, outcome.quota)
                 if keeper.must_flush(partition):
@@ -343,6 +347,27 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def _status() -> None:
         log.info("%s holes=%d", stats.line(), guard.holes)
+
+    endpoint: list[metrics.MetricsEndpoint] = []  # started with the app, if a port is set
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def _serve_metrics() -> None:
+        served = metrics.serve(settings.worker_metrics_port, settings.metrics_address)
+        if served is not None:
+            endpoint.append(served)
+
+    @app.timer(interval=settings.status_interval_s)  # type: ignore[untyped-decorator]
+    async def _publish_health() -> None:
+        """The worker's `pipeline` snapshot, to `<prefix>.metrics` and `/metrics`."""
+        consumer: Any = app.consumer
+        committed = consumer._committed_offset  # what Faust committed (private, as below)
+        lags = consumer_lags(raw_topic, sorted(owned),
+                             lambda p: consumer.highwater(TP(raw_topic, p)),
+                             lambda p: committed.get(TP(raw_topic, p)))
+        snapshot = health.snapshot(lags, time.time())
+        metrics_topic.send_soon(key=health.host.encode(), value=snapshot.encode())
+        for served in endpoint:
+            served.update(snapshot)
 
     watchdog = CommitWatchdog(stall_s=30.0)
 

@@ -53,8 +53,15 @@ class WorkerStats:
     billed_bytes: int = 0
     dead: int = 0
     rerouted: int = 0
-    stale: int = 0  # cumulative reports whose seq went back with higher counters
+    stale: int = 0  # reports not billed for a stale seq or epoch (seq went back, stale-epoch)
+    late: int = 0  # reports with readings refused as late
+    dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> letters sent
     started: float = field(default_factory=time.monotonic)
+
+    def count_dead(self, reason: str) -> None:
+        """Count one dead letter of `reason`."""
+        self.dead += 1
+        self.dead_letters[reason] = self.dead_letters.get(reason, 0) + 1
 
     def line(self) -> str:
         """One line for logs and the status display."""
@@ -118,6 +125,7 @@ class Biller:
             report.node_id, int(report.observed_at.timestamp())
         )
         billing = ledger.update(report, self.policy, rate)
+        billing.restarts = ledger.note_epoch(report.epoch)
         self.stats.messages += 1
         self.stats.readings += len(report.counters)
         self.stats.billed_bytes += billing.billed_bytes
@@ -189,16 +197,21 @@ class RawHandler:
         self, value: bytes, partition: int, offset: int, reason: DeadReason, detail: str,
         readings: tuple[dict[str, int | str], ...] = (),
     ) -> Dead:
-        self.stats.dead += 1
+        self.stats.count_dead(reason)
         return Dead(partition, DeadLetter.encode(
             reason, detail, topic=self.raw_topic, partition=partition, offset=offset,
             payload=value, readings=readings,
         ))
 
     def handle(
-        self, value: bytes, partition: int, offset: int, key: bytes | None = None
+        self, value: bytes, partition: int, offset: int, key: bytes | None = None,
+        appended: float | None = None,
     ) -> Outcome:
-        """Bill one message of `<prefix>.raw`; `key` is the message's key (kept on re-routes)."""
+        """Bill one message of `<prefix>.raw`; `key` is the message's key (kept on re-routes).
+
+        `appended` is when the message was appended to `<prefix>.raw` (its Kafka
+        timestamp, Unix seconds; `now()` when not given), for the totals' `ReportSeen`.
+        """
         try:
             report = CounterReport.decode(value)
         except ValidationError as exc:
@@ -241,11 +254,13 @@ class RawHandler:
             return Outcome(rerouted=rerouted, dead=(self._dead(
                 value, partition, offset, "error", f"{type(exc).__name__}: {exc}"[:500]
             ),))
-        totals: tuple[Keyed, ...] = ()
-        if billing.totals:
-            totals = (Keyed(partition, report.node_id.encode(), TotalsBatch.encode(
-                report.node_id, billing.day, billing.month, billing.totals
-            )),)
+        # also without totals: the record tells the sinks the node is alive
+        seen = (report.epoch, report.seq, int(report.observed_at.timestamp() * 1000),
+                int((self.now() if appended is None else appended) * 1000),
+                len(report.counters), billing.restarts)
+        totals = (Keyed(partition, report.node_id.encode(), TotalsBatch.encode(
+            report.node_id, billing.day, billing.month, billing.totals, seen
+        )),)
         by_reason: dict[DeadReason, list[Refusal]] = {}
         for refusal in billing.refused:
             by_reason.setdefault(refusal.reason, []).append(refusal)
@@ -256,7 +271,10 @@ class RawHandler:
             )
             for reason, refusals in by_reason.items()
         )
+        if "late" in by_reason:
+            self.stats.late += 1
         if billing.set_aside is not None:
+            self.stats.stale += billing.set_aside[0] == "stale-epoch"
             dead += (self._dead(value, partition, offset, *billing.set_aside),)
         if billing.seq_went_back:
             self.stats.stale += 1

@@ -34,7 +34,8 @@ def test_docstring_examples(name: str) -> None:
 def test_the_core_specifies_by_example() -> None:
     """The core's rules each carry runnable examples."""
     for name in (
-        "ledger", "contracts", "partitioning", "periods", "settings", "topics", "plans", "quota"
+        "ledger", "contracts", "partitioning", "periods", "settings", "topics", "plans", "quota",
+        "health",
     ):
         module = importlib.import_module(f"quotaflow.core.{name}")
         assert doctest.testmod(module).attempted > 0, name

@@ -29,7 +29,8 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     ),
     "quotaflow.streams": (
         {"pydantic", "orjson", "faust", "mode", "kafka", "aiokafka"},
-        {"quotaflow.core", "quotaflow.streams", "quotaflow.admin", "quotaflow.logs"},
+        {"quotaflow.core", "quotaflow.streams", "quotaflow.admin", "quotaflow.logs",
+         "quotaflow.metrics"},
     ),
     "quotaflow.dashboards": (
         {"grafana_foundation_sdk", "grafana_client", "matplotlib"},
@@ -37,7 +38,7 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     ),
     "quotaflow.sinks": (
         {"pydantic", "orjson", "aiokafka", "influxdb_client"},
-        {"quotaflow.core", "quotaflow.sinks", "quotaflow.logs"},
+        {"quotaflow.core", "quotaflow.sinks", "quotaflow.logs", "quotaflow.metrics"},
     ),
 }
 

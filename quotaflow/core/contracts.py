@@ -300,6 +300,24 @@ UserTotals = (
 TotalsRow = tuple[str, int, int, int, int, int, int, int, int]
 
 
+class ReportSeen(_Contract):
+    """The report a `TotalsBatch` came from, as the worker saw it: the node's status.
+
+    `observed_at` and `received_at` are Unix milliseconds: the report's own time, and
+    when it was appended to `<prefix>.raw` (the Kafka record's timestamp; for a
+    fragment the worker re-routed, when it re-sent it). `readings` counts the
+    fragment's readings; `restarts` the epoch changes the worker has seen of the node
+    in this partition (`NodeLedger.restarts`).
+    """
+
+    epoch: SeqNumber
+    seq: SeqNumber
+    observed_at: StrictInt
+    received_at: StrictInt
+    readings: Annotated[StrictInt, Field(ge=0)]
+    restarts: Annotated[StrictInt, Field(ge=0)]
+
+
 class TotalsBatch(_Contract):
     """Running totals the worker publishes to `<prefix>.totals` for each fragment it bills.
 
@@ -308,23 +326,42 @@ class TotalsBatch(_Contract):
     seconds, Unix time, in the billing timezone) and each user's totals are a
     row: raw day up, day down, month up, month down, then the same billed. A later
     total of the same (user, node, period) replaces an earlier one.
+
+    `report` says which report it came from (`ReportSeen`); records written before it
+    existed have none. A fragment that changed no user's totals today still gets a
+    record, with no rows, for its `report`: the node is alive.
     """
 
     node_id: Identifier
     day: StrictInt
     month: StrictInt
     totals: tuple[UserTotals, ...]
+    report: ReportSeen | None = None
 
     @staticmethod
     def encode(
-        node_id: str, day: int, month: int, rows: list[TotalsRow]
+        node_id: str, day: int, month: int, rows: list[TotalsRow],
+        report: tuple[int, int, int, int, int, int] | None = None,
     ) -> bytes:
         """Encode without building a model (the hot path); the same JSON the model reads.
 
+        `report` is a `ReportSeen`'s fields in their order: epoch, seq, observed_at,
+        received_at, readings, restarts.
+
         >>> TotalsBatch.decode(TotalsBatch.encode("n", 86400, 0, [("u", 1, 2, 3, 4, 1, 3, 3, 6)]))
-        TotalsBatch(node_id='n', day=86400, month=0, totals=(('u', 1, 2, 3, 4, 1, 3, 3, 6),))
+        TotalsBatch(node_id='n', day=86400, month=0, totals=(('u', 1, 2, 3, 4, 1, 3, 3, 6),), \
+report=None)
+        >>> TotalsBatch.decode(TotalsBatch.encode("n", 0, 0, [], (7, 3, 5000, 5100, 1, 0))).report
+        ReportSeen(epoch=7, seq=3, observed_at=5000, received_at=5100, readings=1, restarts=0)
         """
-        return orjson.dumps({"node_id": node_id, "day": day, "month": month, "totals": rows})
+        if report is None:
+            return orjson.dumps({"node_id": node_id, "day": day, "month": month, "totals": rows})
+        epoch, seq, observed_at, received_at, readings, restarts = report
+        return orjson.dumps({
+            "node_id": node_id, "day": day, "month": month, "totals": rows,
+            "report": {"epoch": epoch, "seq": seq, "observed_at": observed_at,
+                       "received_at": received_at, "readings": readings, "restarts": restarts},
+        })
 
     @classmethod
     def decode(cls, data: bytes | str) -> TotalsBatch:

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     sink_batch_lines: int = Field(default=5000, ge=1)
     sink_flush_interval_s: float = Field(default=1.0, gt=0)
 
+    # pipeline health: node_status and pipeline points, Prometheus endpoints
+    status_interval_s: float = Field(default=10.0, gt=0)  # how often both are written
+    node_interval_s: float = Field(default=60.0, gt=0)  # a node's report interval, until seen
+    node_forget_days: float = Field(default=7.0, gt=0)  # silent this long: no more points
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # /metrics; 0: none
+    sink_metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_address: str = "0.0.0.0"  # where the /metrics endpoints listen
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:

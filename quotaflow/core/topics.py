@@ -3,8 +3,8 @@
 >>> topics = Topics("quotaflow")
 >>> topics.raw, topics.totals, topics.dead
 ('quotaflow.raw', 'quotaflow.totals', 'quotaflow.dead')
->>> topics.plans, topics.nodes, topics.control, topics.quota
-('quotaflow.plans', 'quotaflow.nodes', 'quotaflow.control', 'quotaflow.quota')
+>>> topics.plans, topics.nodes, topics.control, topics.quota, topics.metrics
+('quotaflow.plans', 'quotaflow.nodes', 'quotaflow.control', 'quotaflow.quota', 'quotaflow.metrics')
 >>> topics.worker_group, topics.influx_sink_group
 ('quotaflow-streams', 'quotaflow-influx-sink')
 """
@@ -69,11 +69,16 @@ class Topics:
         return f"{self.prefix}.quota"
 
     @property
+    def metrics(self) -> str:
+        """The worker's `pipeline` snapshots, for the InfluxDB sink."""
+        return f"{self.prefix}.metrics"
+
+    @property
     def created(self) -> tuple[str, ...]:
         """The topics quotaflow creates, all partitioned alike (a user keeps one partition)."""
         return (
             self.raw, self.totals, self.dead, self.plans, self.nodes, self.control,
-            self.control_acks, self.control_dead, self.quota,
+            self.control_acks, self.control_dead, self.quota, self.metrics,
         )
 
     @property

@@ -153,7 +153,7 @@ def test_a_redelivered_message_bills_nothing_twice_but_resends_the_totals() -> N
     assert table[b"n1|3"] == stored
     # also after a rebalance, when the ledger comes from the table
     biller.forget_live()
-    assert handler(table).handle(first, 3, 0).totals[0].value == sent.totals[0].value
+    assert totals_of(handler(table).handle(first, 3, 0))[0].totals == totals_of(sent)[0].totals
     assert totals_of(sent)[0].totals[0][1:] == (150, 1500, 150, 1500) * 2
 
 
@@ -239,3 +239,44 @@ def test_a_node_whose_seq_went_back_is_dead_lettered_once_per_epoch() -> None:
         reasons += [DeadLetter.decode(letter.value).reason for letter in outcome.dead]
     assert reasons == ["stale-seq"]
     assert billing.stats.stale == 2
+
+
+def test_totals_carry_the_report_they_came_from_and_restarts_count_epoch_changes() -> None:
+    """Each billed fragment's totals say which report they came from (the node's status),
+    also when no total changed (an idle node is alive), and restarts count epoch changes
+    of the node in this partition, kept in the ledger."""
+    table: dict[bytes, bytes] = {}
+    biller = handler(table)
+    user = users_of(1, 1)[0]
+    first = report(1, [(user, 100, 1000)]).encode()
+    [batch] = totals_of(biller.handle(first, 1, 0, appended=NOW - 5.25))
+    assert batch.report is not None
+    assert batch.report.model_dump() == {
+        "epoch": EPOCH, "seq": 1, "observed_at": int(AT.timestamp() * 1000),
+        "received_at": int((NOW - 5.25) * 1000), "readings": 1, "restarts": 0}
+    idle = CounterReport(node_id="n1", epoch=EPOCH, seq=2, observed_at=AT + timedelta(minutes=1))
+    [batch] = totals_of(biller.handle(idle.encode(), 1, 1))
+    assert batch.totals == () and batch.report is not None
+    assert (batch.report.seq, batch.report.readings, batch.report.received_at) == (
+        2, 0, int(NOW * 1000))
+    restarted = CounterReport(
+        node_id="n1", epoch=EPOCH + 5, seq=1, observed_at=AT + timedelta(minutes=2),
+        counters=(Counter(user_id=user, up=7, down=7),))
+    biller.forget_live()  # from the table: the count is in the ledger's record
+    [batch] = totals_of(handler(table).handle(restarted.encode(), 1, 2))
+    assert batch.report is not None and batch.report.restarts == 1
+    assert NodeLedger.from_bytes(table[b"n1|1"]).restarts == 1
+
+
+def test_dead_letters_late_and_stale_reports_are_counted() -> None:
+    later = AT + timedelta(days=10)
+    biller = RawHandler(SETTINGS, {}, now=lambda: later.timestamp() + 60)
+    user = users_of(0, 1)[0]
+    biller.handle(b"{not json", 0, 0)
+    biller.handle(report(500, [(user, 100, 100)]).encode(), 0, 1)
+    biller.handle(report(5, [(user, 150, 100)]).encode(), 0, 2)  # the seq went back
+    biller.handle(report(501, [(user, 200, 100)], at=later).encode(), 0, 3)
+    biller.handle(report(502, [(user, 300, 100)]).encode(), 0, 4)  # 10 days late
+    stats = biller.stats
+    assert stats.dead_letters == {"invalid": 1, "stale-seq": 1, "late": 1}
+    assert (stats.dead, stats.late, stats.stale) == (3, 1, 1)
