@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 from quotaflow.core.contracts import ReportSeen
 from quotaflow.core.health import (
+    EpochCount,
     NodeBook,
     NodeStatus,
     PipelineSnapshot,
@@ -88,7 +89,7 @@ def seeded_status(row: dict[str, Any]) -> NodeStatus | None:
     >>> seeded_status({"received_at": 5100, "observed_at": 5000, "epoch": 7, "readings": 3,
     ...                "restarts": 1, "interval_s": 60.0})
     NodeStatus(observed_at=5000, received_at=5100, epoch=7, seq=-1, restarts=1, \
-readings={-1: 3}, interval_ms=60000)
+readings={-1: 3}, interval_ms=60000, epochs=EpochCount(base=1, floor=7, epochs=set()))
     """
     needed = ("received_at", "observed_at", "epoch", "readings", "restarts")
     if any(not isinstance(row.get(name), int) for name in needed):
@@ -98,6 +99,7 @@ readings={-1: 3}, interval_ms=60000)
         observed_at=row["observed_at"], received_at=row["received_at"], epoch=row["epoch"],
         seq=-1, restarts=row["restarts"], readings={-1: row["readings"]},
         interval_ms=None if not isinstance(interval, (int, float)) else round(interval * 1000),
+        epochs=EpochCount.seeded(row["restarts"], row["epoch"]),
     )
 
 

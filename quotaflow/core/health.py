@@ -156,6 +156,52 @@ class PipelineSnapshot(BaseModel):
         return cls.model_validate_json(data)
 
 
+MAX_EPOCHS_KEPT = 4096
+"""A node's distinct epochs an `EpochCount` keeps before it keeps only the count."""
+
+
+@dataclass(slots=True)
+class EpochCount:
+    """The restarts of a node's counters: the distinct epochs seen, less the first.
+
+    A report's fragments reach the sink through different partitions, which it
+    reads at different paces, so an epoch can come after a later one: every epoch
+    not seen before counts, wherever it falls. A partition's ledger sees only the
+    epochs of the fragments in that partition, so the node's count is the sink's.
+    After a sink restart the count goes on from the one written last (`seeded`),
+    and the epochs up to the one written then count as seen.
+
+    >>> count = EpochCount()
+    >>> [count.update(e) for e in (5, 5, 9, 7, 9, 3)]
+    [0, 0, 1, 2, 2, 3]
+    >>> seeded = EpochCount.seeded(restarts=4, epoch=9)
+    >>> [seeded.update(e) for e in (7, 9, 12, 10, 12)]
+    [4, 4, 5, 6, 6]
+    """
+
+    base: int = -1  # restarts before the epochs kept; -1: the first epoch is no restart
+    floor: int = -1  # epochs up to this one count as seen
+    epochs: set[int] = field(default_factory=set)
+
+    @classmethod
+    def seeded(cls, restarts: int, epoch: int) -> EpochCount:
+        """The count a sink wrote last: `restarts`, with `epoch` the latest epoch then."""
+        return cls(base=restarts, floor=epoch)
+
+    @property
+    def restarts(self) -> int:
+        return max(0, self.base + len(self.epochs))
+
+    def update(self, epoch: int) -> int:
+        """Note a fragment's epoch; the restarts so far."""
+        if epoch > self.floor and epoch not in self.epochs:
+            self.epochs.add(epoch)
+            if len(self.epochs) > MAX_EPOCHS_KEPT:  # keep the count, not the epochs
+                self.base += len(self.epochs)
+                self.floor, self.epochs = max(self.epochs), set()
+        return self.restarts
+
+
 @dataclass(slots=True)
 class NodeStatus:
     """What the sink knows of one node: its latest report and what came before."""
@@ -167,6 +213,7 @@ class NodeStatus:
     restarts: int  # the most epoch changes any partition's ledger has seen
     readings: dict[int, int] = field(default_factory=dict)  # partition -> readings
     interval_ms: int | None = None  # between the last two distinct observed_at
+    epochs: EpochCount = field(default_factory=EpochCount)  # the node's own restarts
 
     def fields(self, now_ms: int, default_interval_s: float) -> dict[str, int | float | bool]:
         """The `node_status` fields at `now_ms` (Unix ms, the sink's clock)."""
@@ -175,7 +222,7 @@ class NodeStatus:
         fields: dict[str, int | float | bool] = {
             "observed_at": self.observed_at, "received_at": self.received_at,
             "epoch": self.epoch, "readings": sum(self.readings.values()),
-            "restarts": self.restarts,
+            "restarts": max(self.restarts, self.epochs.restarts),
         }
         if interval_s is not None:
             fields["interval_s"] = interval_s
@@ -190,9 +237,9 @@ class NodeBook:
     A report is split into fragments, one per partition, each with its own totals
     record: the fragments of the latest report (same epoch and seq) add up their
     readings. An older report (a redelivery, a late one) changes nothing but the
-    restarts, which are the most any partition's ledger has counted. A node is
-    alive while its latest report is younger than 3 report intervals (its last two
-    `observed_at` apart; `default_interval_s` until two were seen).
+    restarts (`EpochCount`). A node is alive while its latest report is younger
+    than 3 report intervals (its last two `observed_at` apart; `default_interval_s`
+    until two were seen).
 
     >>> book = NodeBook(default_interval_s=60.0, forget_after_s=86_400.0)
     >>> def seen(seq, observed_s, readings, epoch=1, restarts=0):
@@ -230,8 +277,10 @@ class NodeBook:
                 seen.observed_at, seen.received_at, seen.epoch, seen.seq, seen.restarts,
                 {partition: seen.readings},
             )
+            self.nodes[node_id].epochs.update(seen.epoch)
             return
         known.restarts = max(known.restarts, seen.restarts)
+        known.epochs.update(seen.epoch)
         new = (seen.observed_at, seen.epoch, seen.seq)
         old = (known.observed_at, known.epoch, known.seq)
         if new == old:
