@@ -95,22 +95,18 @@ def msgspec_decoder() -> Callable[[bytes], Any] | None:
                                         pattern=r"^(?: |\\*[^\\ \x00-\x1f\x7f-\x9f])*$")]
     count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNTER)]
     seq = Annotated[int, msgspec.Meta(ge=0, lt=MAX_SEQ)]
-
-    class Counter(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-        user_id: ident
-        up: count
-        down: count
-
-    class Report(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-        node_id: ident
-        epoch: seq
-        seq: seq
-        observed_at: Annotated[datetime, msgspec.Meta(tz=True)]
-        kind: Literal["cumulative", "delta"] = "cumulative"
-        baseline: bool = False
-        counters: tuple[Counter, ...] = ()
-
-    decoder = msgspec.json.Decoder(Report, strict=True)
+    # built with defstruct: the annotations of a class body here would be strings
+    counter = msgspec.defstruct("Counter", [("user_id", ident), ("up", count),
+                                            ("down", count)],
+                                forbid_unknown_fields=True, frozen=True)
+    report_type = msgspec.defstruct("Report", [
+        ("node_id", ident), ("epoch", seq), ("seq", seq),
+        ("observed_at", Annotated[datetime, msgspec.Meta(tz=True)]),
+        ("kind", Literal["cumulative", "delta"], "cumulative"),
+        ("baseline", bool, False),
+        ("counters", tuple[counter, ...], ()),  # type: ignore[valid-type]
+    ], forbid_unknown_fields=True, frozen=True)
+    decoder = msgspec.json.Decoder(report_type, strict=True)
 
     def decode(data: bytes) -> Any:
         report = decoder.decode(data)
