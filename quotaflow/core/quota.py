@@ -277,17 +277,18 @@ class QuotaBook:
         seen: dict[str, _User] = {}
         bucket_s = BUCKET_S
         history_changed = self._history_changed
+        last_t = hour = -1
         for user_id, t, count in readings:
-            try:
-                user = users[user_id]
-            except KeyError:
+            user = users.get(user_id)
+            if user is None:
                 user = users[user_id] = _User()
             if user.lo <= t < user.end:
                 user.used += count
             elif user.rules is not None and t >= user.rules.count_from:
                 self._add_elsewhere(user, t, count)
+            if t != last_t:  # a message's readings share one observed_at
+                last_t, hour = t, t // bucket_s
             hours = user.hours
-            hour = t // bucket_s
             hours[hour] = hours.get(hour, 0) + count
             if hour != user.newest:
                 if hour > user.newest:
