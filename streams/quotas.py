@@ -279,18 +279,7 @@ class QuotaKeeper:
         """The quota states of the planned users that changed since the last report, as a
         `QuotaBatch` record (None if none did)."""
         book = self.partitions[partition].book
-        rows: list[tuple[str, str, int, int | None, str]] = []
-        for user_id in sorted(book.take_unreported()):
-            status = book.status(user_id)
-            if status is not None:
-                tz = book.users[user_id].rules.tz  # type: ignore[union-attr]
-                rows.append((
-                    user_id,
-                    datetime.fromtimestamp(status.period_start, tz).isoformat(),
-                    status.used,
-                    status.allowance,
-                    "disabled" if status.disabled else "enabled",
-                ))
+        rows = book.state_rows(sorted(book.take_unreported()))
         return QuotaBatch.encode(rows) if rows else None
 
     def sent(self, partition: int, command: Command) -> None:

@@ -408,6 +408,43 @@ class QuotaBook:
             disabled=tuple(reason for bit, reason in _DISABLE_REASONS if user.causes & bit),
         )
 
+    def state_rows(self, user_ids: Iterable[str]) -> list[tuple[str, str, int, int | None, str]]:
+        """The `QuotaBatch` rows of the users that have a plan, as `status()` gives them:
+        (user, period start in the plan's zone, used, allowance, enabled or disabled).
+
+        Without a `Status` per user, and with one date string per period start and
+        zone: the worker reports every user that changed, every second.
+
+        >>> from quotaflow.core.plans import CalendarMonth, Plan
+        >>> book = QuotaBook(ZoneInfo("UTC"))
+        >>> plan = Plan(user_id="bob", quota_bytes=10, period=CalendarMonth(kind="calendar_month"),
+        ...             enabled=True)
+        >>> now = datetime(2026, 11, 24, tzinfo=UTC)
+        >>> _ = book.set_plan("bob", plan, now)
+        >>> _ = book.update([("bob", int(now.timestamp()), 12), ("eve", 0, 1)], now)
+        >>> book.state_rows(["bob", "eve"])
+        [('bob', '2026-11-01T00:00:00+00:00', 12, 10, 'disabled')]
+        """
+        rows: list[tuple[str, str, int, int | None, str]] = []
+        starts: dict[tuple[int, ZoneInfo], str] = {}
+        users = self.users
+        for user_id in user_ids:
+            user = users.get(user_id)
+            if user is None or user.rules is None:
+                continue
+            rules = user.rules
+            start = starts.get((user.start, rules.tz))
+            if start is None:
+                start = starts[user.start, rules.tz] = datetime.fromtimestamp(
+                    user.start, rules.tz).isoformat()
+            rows.append((
+                user_id, start, user.used,
+                None if rules.quota is None
+                else rules.quota + user.drawn + rules.available(user.given, user.at),
+                "disabled" if user.causes else "enabled",
+            ))
+        return rows
+
     def usage(self, user_id: str, period_start: int) -> int | None:
         """Billed bytes of the user's period starting at `period_start`, if it is kept."""
         user = self.users.get(user_id)
