@@ -50,6 +50,7 @@ from quotaflow.core.contracts import (
     DeadReason,
     PeriodKind,
     TotalsRow,
+    right_sized,
 )
 from quotaflow.core.periods import Calendar
 from quotaflow.core.plans import RATE_UNIT
@@ -400,8 +401,8 @@ class NodeLedger:
         return None if found is None else (found[2], found[3])
 
     def to_bytes(self) -> bytes:
-        """The whole state as one record, for the changelog."""
-        return orjson.dumps(
+        """The whole state as one record, for the changelog (right-sized: tables keep it)."""
+        return right_sized(orjson.dumps(
             {
                 "v": 1,
                 "node": self.node_id,
@@ -412,7 +413,7 @@ class NodeLedger:
                 "dropped": self._deltas_dropped_until,
             },
             option=orjson.OPT_NON_STR_KEYS,
-        )
+        ))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> NodeLedger:

@@ -86,6 +86,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from quotaflow.core.contracts import right_sized
 from quotaflow.core.plans import (
     NO_END,
     Action,
@@ -487,7 +488,7 @@ class QuotaBook:
         record (`history_bytes()`), written far less often.
         """
         user = self.users.get(user_id)
-        return None if user is None else orjson.dumps(user.record(history=False))
+        return None if user is None else right_sized(orjson.dumps(user.record(history=False)))
 
     def history_bytes(self, user_id: str) -> bytes | None:
         """One user's older hourly buckets (all but the newest); None for a user never seen."""
@@ -495,7 +496,8 @@ class QuotaBook:
         if user is None:
             return None
         newest = user.newest
-        return orjson.dumps([x for pair in user.hours.items() if pair[0] != newest for x in pair])
+        return right_sized(orjson.dumps(
+            [x for pair in user.hours.items() if pair[0] != newest for x in pair]))
 
     def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
         """Put back records from `user_bytes()` and `history_bytes()` (None forgets the user)."""
