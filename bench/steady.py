@@ -344,18 +344,24 @@ def drain(settings: Settings, commands: list[list[str]], group: str, topic: str,
 
         start = sample()
         window.load = os.getloadavg()
-        last = start
+        last = now = start
+        exited = None
         while True:  # until 97% is committed: the workers stay saturated
             time.sleep(1.0)
-            if any(p.poll() is not None for p in procs):
-                raise SystemExit(f"{label}: a worker exited; see {workdir}")
+            exited = next((p for p in procs if p.poll() is not None), None)
+            if exited is not None:  # the window ends at the last sample before
+                window.note = (f"a worker exited (status {exited.returncode}; its log: "
+                               f"{logs[procs.index(exited)]}): the window ends before")
+                break
             now = sample()
             if now["handled"] >= total * 0.97:
                 break
             last = now
             if now["t"] > deadline:
                 raise SystemExit(f"{label}: not drained in an hour")
-        end = last if last is not start else now
+        end = last if last is not start or exited is not None else now
+        if end is start:
+            raise SystemExit(f"{label}: no window: {window.note or 'drained during warm-up'}")
         window.seconds = end["t"] - start["t"]
         window.readings = end["handled"] - start["handled"]
         window.worker_cpu_s = [b - a for a, b in zip(start["workers"], end["workers"],
@@ -368,18 +374,21 @@ def drain(settings: Settings, commands: list[list[str]], group: str, topic: str,
         window.machine_busy_s = end["machine"] - start["machine"]
         window.points = end["sink_counts"][0] - start["sink_counts"][0]
         window.writes = end["sink_counts"][1] - start["sink_counts"][1]
-        while _handled(sums, _committed(admin, group, topic, settings.partitions)) < total:
+        while exited is None and _handled(sums, _committed(admin, group, topic,
+                                                           settings.partitions)) < total:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 window.note = "the backlog's last readings were not all committed"
                 break
             time.sleep(0.5)
-        window.worker_rss_growth_mb = [_rss_mb(p.pid) - r for p, r in zip(procs, rss_first,
-                                                                           strict=True)]
+        window.worker_rss_growth_mb = [
+            _rss_mb(p.pid) - r if p.poll() is None else float("nan")
+            for p, r in zip(procs, rss_first, strict=True)
+        ]
         if changelog:
             window.changelog_bytes = _topic_bytes(admin, changelog)
         if window.seconds < 30:
-            window.note = (f"the window lasted {window.seconds:.0f} s, under 30 s: publish "
-                           "more --readings")
+            window.note += (f"{'; ' if window.note else ''}the window lasted "
+                            f"{window.seconds:.0f} s, under 30 s")
     finally:
         admin.close()
         for p in [*procs, *([sink_proc] if sink_proc else [])]:
