@@ -66,7 +66,7 @@ from typing import Any
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from throughput import RESULTS, merge_results, options, publish_plans
+from throughput import RESULTS, extract_tree, merge_results, options, publish_plans
 from workload import on_servers
 
 from quotaflow.admin import ensure_topics
@@ -294,9 +294,10 @@ def _topic_bytes(admin: KafkaAdminClient, topic: str) -> int:
 
 def drain(settings: Settings, commands: list[list[str]], group: str, topic: str,
           sums: dict[int, list[int]], warmup: float, workdir: Path, label: str,
-          changelog: str | None, sink: bool = True) -> Window:
-    """Start the workers (and the sink), measure the window, stop them."""
+          changelog: str | None, sink: bool = True, tree: Path | None = None) -> Window:
+    """Start the workers (of `tree`, if given) and the sink, measure the window, stop them."""
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    worker_env = {**env, "PYTHONPATH": str(tree)} if tree is not None else env
     total = sum(s[-1] for s in sums.values())
     bootstrap_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
     influx_port = int(settings.influx_url.rsplit(":", 1)[1].split("/")[0])
@@ -306,8 +307,8 @@ def drain(settings: Settings, commands: list[list[str]], group: str, topic: str,
     procs = []
     for command, log in zip(commands, logs, strict=True):
         with log.open("wb") as out:
-            procs.append(subprocess.Popen(command, env=env, stdout=out,
-                                          stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(command, env=worker_env, stdout=out,
+                                          stderr=subprocess.STDOUT, cwd=tree))
     sink_proc = None
     if sink:
         with sink_log.open("wb") as out:
@@ -450,6 +451,9 @@ def main() -> None:
                         help="0 leaves the per-reading baseline out")
     parser.add_argument("--memory-keys", type=int, default=1_000_000,
                         help="0 leaves the in-process memory measurement out")
+    parser.add_argument("--before", metavar="REF",
+                        help="first drain the same backlog with the worker of git revision REF "
+                             "(from git archive), on topics of its own")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
@@ -461,30 +465,43 @@ def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="quotaflow-steady-"))
     print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"logs in {workdir}", flush=True)
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings(kafka_bootstrap=bootstrap, influx_url=influx,
-                        topic_prefix=f"steady-{tag}", influx_bucket=f"steady_{tag}",
-                        state_dir=workdir / "state")
-    fleet = Fleet(args.keys, args.nodes, args.per_message, settings.partitions)
+    fleet = Fleet(args.keys, args.nodes, args.per_message, Settings().partitions)
     rounds = max(1, -(-args.readings // (fleet.keys // 2 * 2)))
     start = int(time.time()) - (rounds + 1) * ROUND_S
-    ensure_topics(settings)
-    plans = fleet.plans(rounds) if args.plans else []
-    if plans:
-        publish_plans(settings, plans)
-    sums, publish_s = publish(settings, settings.topics.raw, fleet.messages(rounds, start))
-    total = sum(s[-1] for s in sums.values())
-    messages = sum(len(s) - 1 for s in sums.values())
-    print(f"published {total:,} readings in {messages:,} messages ({total / messages:.0f} per "
-          f"message) of {fleet.keys:,} keys on {args.nodes} nodes, {rounds} rounds, "
-          f"{len(plans):,} plans, in {publish_s:.0f} s", flush=True)
     worker = [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"]
-    changelog = f"{settings.topics.worker_group}-ledgers-changelog"
-    main_window = drain(settings, [worker] * args.workers, settings.topics.worker_group,
-                        settings.topics.raw, sums, args.warmup, workdir, "worker", changelog)
+
+    def one(label: str, tree: Path | None) -> Window:
+        tag = uuid.uuid4().hex[:8]
+        settings = Settings(kafka_bootstrap=bootstrap, influx_url=influx,
+                            topic_prefix=f"steady-{tag}", influx_bucket=f"steady_{tag}",
+                            state_dir=workdir / label)
+        ensure_topics(settings)
+        plans = fleet.plans(rounds) if args.plans else []
+        if plans:
+            publish_plans(settings, plans)
+        sums, publish_s = publish(settings, settings.topics.raw, fleet.messages(rounds, start))
+        total = sum(s[-1] for s in sums.values())
+        messages = sum(len(s) - 1 for s in sums.values())
+        print(f"[{label}] published {total:,} readings in {messages:,} messages "
+              f"({total / messages:.0f} per message) of {fleet.keys:,} keys on {args.nodes} "
+              f"nodes, {rounds} rounds, {len(plans):,} plans, in {publish_s:.0f} s", flush=True)
+        changelog = f"{settings.topics.worker_group}-ledgers-changelog"
+        window = drain(settings, [worker] * args.workers, settings.topics.worker_group,
+                       settings.topics.raw, sums, args.warmup, workdir, label, changelog,
+                       tree=tree)
+        print(f"[{label}] worker CPU s per million readings {window.worker_s_per_m:.2f} over "
+              f"{window.seconds:.0f} s, {window.readings_per_s:,.0f} readings/s"
+              + (f"; {window.note}" if window.note else ""), flush=True)
+        return window
+
+    before_window = None
+    if args.before:
+        before_window = one(f"before-{args.before}", extract_tree(args.before, workdir))
+    main_window = one("worker", None)
 
     base_window = None
     if args.baseline_readings:
+        tag = uuid.uuid4().hex[:8]
         base = Settings(kafka_bootstrap=bootstrap, influx_url=influx,
                         topic_prefix=f"steady-{tag}-base", influx_bucket=f"steady_{tag}_base",
                         state_dir=workdir / "base")
@@ -500,13 +517,14 @@ def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
     memory = None
     if args.memory_keys:
         memory = memory_per_key(args.memory_keys, max(args.nodes, args.memory_keys // 5000),
-                                args.per_message, settings.partitions)
-    report(args, main_window, base_window, memory, load)
+                                args.per_message, fleet.partitions)
+    report(args, main_window, base_window, memory, load, before_window)
 
 
 def report(args: argparse.Namespace, w: Window, base: Window | None,
-           memory: dict[str, float] | None, load: tuple[float, float, float]) -> None:
-    m = w.readings / 1e6
+           memory: dict[str, float] | None, load: tuple[float, float, float],
+           before: Window | None = None) -> None:
+    m = max(w.readings, 1) / 1e6
     kafka = "n/a" if w.kafka_cpu_s is None else f"{w.kafka_cpu_s / m:.1f}"
     influx = "n/a" if w.influx_cpu_s is None else f"{w.influx_cpu_s / m:.1f}"
     others = w.machine_busy_s - sum(w.worker_cpu_s) - w.sink_cpu_s - (w.kafka_cpu_s or 0) - (
@@ -553,6 +571,14 @@ def report(args: argparse.Namespace, w: Window, base: Window | None,
         summary.update(baseline_cpu_s_per_million=round(base.worker_s_per_m, 2),
                        baseline_readings_per_s=round(base.readings_per_s),
                        ratio_cpu=round(ratio_cpu, 1), ratio_rate=round(ratio_rate, 1))
+    if before is not None:
+        rows += [(f"worker of {args.before}: worker CPU s per million readings, readings/s",
+                  f"{before.worker_s_per_m:.2f}, {before.readings_per_s:,.0f} "
+                  f"({before.seconds:.0f} s window)"
+                  + (f"; {before.note}" if before.note else ""))]
+        summary["before"] = {"ref": args.before,
+                             "worker_cpu_s_per_million": round(before.worker_s_per_m, 3),
+                             "readings_per_s": round(before.readings_per_s)}
     if memory is not None:
         rows += [
             (f"worker state per (node, user) key at {memory['keys']:,.0f} keys (tracemalloc, "
@@ -579,6 +605,7 @@ def report(args: argparse.Namespace, w: Window, base: Window | None,
         "options": {k: v for k, v in vars(args).items() if k not in ("results", "no_results")},
         "window": asdict(w),
         "baseline": asdict(base) if base is not None else None,
+        "before": asdict(before) if before is not None else None,
         **summary,
         "notes": notes,
     })
