@@ -199,7 +199,7 @@ def create_app(settings: Settings) -> faust.App:
     """Build the Faust app for these settings (the app id derives from the topic prefix)."""
     app = faust_app(settings, settings.topics.worker_group)
     raw = app.topic(settings.topics.raw, partitions=settings.partitions)
-    totals = app.topic(settings.topics.totals, partitions=settings.partitions)
+    totals_topic = settings.topics.totals
     dead = app.topic(settings.topics.dead, partitions=settings.partitions)
     table = app.Table(
         "ledgers",
@@ -339,8 +339,9 @@ def create_app(settings: Settings) -> faust.App:
             for fragment in outcome.rerouted:
                 await raw.send(key=fragment.key, value=fragment.value,
                                partition=fragment.partition)
-            for record in outcome.totals:
-                await totals.send(key=record.key, value=record.value, partition=record.partition)
+            for record in outcome.totals:  # straight to aiokafka, as the changelog records
+                await producer().send(totals_topic, record.value, key=record.key,
+                                      partition=record.partition)
             for letter in outcome.dead:
                 await dead.send(value=letter.value, partition=letter.partition)
             await acks.ack(event)
