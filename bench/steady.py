@@ -66,7 +66,7 @@ from typing import Any
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from throughput import RESULTS, extract_tree, merge_results, options, publish_plans
+from throughput import RESULTS, _cpu_s, extract_tree, merge_results, options, publish_plans
 from workload import on_servers
 
 from quotaflow.admin import ensure_topics
@@ -80,11 +80,6 @@ from quotaflow.streams.quotas import DictStore, QuotaKeeper
 HERE = Path(__file__).resolve().parent
 ROUND_S = 60
 UP, DOWN = 1000, 5000  # bytes each user moves per round on each node
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb(pid: int) -> float:
