@@ -26,8 +26,11 @@ One run, on fresh topics of the local (or given) servers:
    The Kafka broker's and InfluxDB's CPU in the window (found by their listening
    ports when they run on this machine) and the whole machine's busy CPU are
    printed beside it, with the load average.
-4. **Sink.** InfluxDB points and writes come from the sink's status line (every
-   10 s): points per write (a write is one flush) and sink CPU per point.
+4. **Sink.** InfluxDB points and write requests come from the sink's status line
+   (every 10 s): points per write request (the sink writes a flush in chunks of
+   at most `QUOTAFLOW_SINK_BATCH_LINES` lines), points per reading (below 2, the
+   day and month series of a reading, when the sink's coalescing merges
+   readings of one series within a flush) and sink CPU per point.
 5. **Changelog.** Bytes of the worker's changelog topic, as stored at the end
    (before compaction removes any), per reading handled.
 6. **Baseline.** The textbook per-reading Faust agent (`bench/baseline_worker.py`)
@@ -537,8 +540,10 @@ def report(args: argparse.Namespace, w: Window, base: Window | None,
         ("end to end readings/s in the window", f"{w.readings_per_s:,.0f}"),
         ("beside it, CPU s per million readings: Kafka broker / InfluxDB / everything else "
          "on the machine", f"{kafka} / {influx} / {others / m:.1f}"),
-        ("InfluxDB points per flush (points / writes in the window)",
-         f"{w.points / max(w.writes, 1):,.0f} ({w.points:,} / {w.writes:,})"),
+        ("InfluxDB points per write request (the sink's chunks of at most "
+         "QUOTAFLOW_SINK_BATCH_LINES lines) and per reading",
+         f"{w.points / max(w.writes, 1):,.0f} ({w.points:,} points / {w.writes:,} writes); "
+         f"{w.points / max(w.readings, 1):.2f}"),
         ("sink CPU µs per point", f"{w.sink_cpu_s / max(w.points, 1) * 1e6:.1f}"),
         ("changelog bytes per reading (topic size at the end / readings)",
          f"{w.changelog_bytes / max(w.total_readings, 1):.0f}"),
@@ -549,7 +554,8 @@ def report(args: argparse.Namespace, w: Window, base: Window | None,
         "worker_cpu_s_per_million": round(w.worker_s_per_m, 3),
         "sink_cpu_s_per_million": round(w.sink_cpu_s / m, 3),
         "readings_per_s": round(w.readings_per_s),
-        "points_per_flush": round(w.points / max(w.writes, 1), 1),
+        "points_per_write": round(w.points / max(w.writes, 1), 1),
+        "points_per_reading": round(w.points / max(w.readings, 1), 3),
         "sink_cpu_us_per_point": round(w.sink_cpu_s / max(w.points, 1) * 1e6, 2),
         "changelog_bytes_per_reading": round(w.changelog_bytes / max(w.total_readings, 1), 1),
     }
