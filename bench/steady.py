@@ -57,7 +57,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 import uuid
@@ -69,8 +68,8 @@ from typing import Any
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from throughput import RESULTS, _cpu_s, extract_tree, merge_results, options, publish_plans
-from workload import on_servers
+from throughput import _cpu_s, extract_tree, merge_results, options, publish_plans
+from workload import begin_run, on_servers, results_options
 
 from quotaflow.admin import ensure_topics
 from quotaflow.core.partitioning import partition_of
@@ -452,17 +451,13 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF",
                         help="first drain the same backlog with the worker of git revision REF "
                              "(from git archive), on topics of its own")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-results", action="store_true")
+    results_options(parser)
     args = parser.parse_args()
     on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
 
 
 def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
-    load = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="quotaflow-steady-"))
-    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"logs in {workdir}", flush=True)
+    load, workdir = begin_run("steady")
     fleet = Fleet(args.keys, args.nodes, args.per_message, Settings().partitions)
     rounds = max(1, -(-args.readings // (fleet.keys // 2 * 2)))
     start = int(time.time()) - (rounds + 1) * ROUND_S
