@@ -75,8 +75,6 @@ from quotaflow.core.settings import Settings
 from quotaflow.sinks.influxql import InfluxQL, InfluxQLError
 from quotaflow.streams.lag import LagProbe
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results.json"
 TARGET_P99_S = 5.0
 POLL_S = 0.1
 

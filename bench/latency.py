@@ -52,7 +52,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -65,7 +64,7 @@ from typing import Any, TypeVar
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from throughput import log_facts, merge_results, options
-from workload import on_servers
+from workload import begin_run, on_servers, results_options
 
 from quotaflow.admin import ensure_topics
 from quotaflow.core.health import percentile
@@ -75,8 +74,6 @@ from quotaflow.core.settings import Settings
 from quotaflow.sinks.influxql import InfluxQL, InfluxQLError
 from quotaflow.streams.lag import LagProbe
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results.json"
 PROBE_QUOTA = 1000
 PROBE_UP, PROBE_DOWN = 600, 600  # 1200 bytes: past 80% and 100% in one report
 TARGET_P99_S = 2.0
@@ -542,8 +539,7 @@ def load_parser(description: str, probes: int, settle: float) -> argparse.Argume
     parser.add_argument("--settle", type=float, default=settle)
     parser.add_argument("--bg-users", type=int, default=20_000)
     parser.add_argument("--bg-nodes", type=int, default=50)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-results", action="store_true")
+    results_options(parser)
     return parser
 
 
@@ -556,10 +552,7 @@ def run_phases(
     bootstrap: str, influx: str,
 ) -> tuple[list[P], dict[str, str]]:
     """Run one phase per rate in `--rates`; the phases and the facts for the results file."""
-    load = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix=f"quotaflow-{bench}-"))
-    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"logs in {workdir}", flush=True)
+    load, workdir = begin_run(bench)
     phases = []
     for rate in (int(r) for r in args.rates.split(",")):
         print(f"phase: background {rate:,} readings/s", flush=True)

@@ -29,6 +29,8 @@ table and merged into `bench/results.json` under "quotas" and the command line.
 --skip-baseline leave out the per-reading baseline (it takes three to six minutes).
 --skip-quotas   leave out (b).
 --before REF    also run the worker of git revision REF, e.g. 866ded1 (before quotas).
+--profile DIR   sample the workers of round 1 with py-spy (`bench/worker_profile.py`) and
+                print where their CPU goes.
 
 Worker CPU is given twice: all of it (start-up, loading the plans, billing) and
 the part used from its first message on ("drain CPU"), which is what the quotas
@@ -48,6 +50,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +66,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from worker_profile import read as read_profile
+from worker_profile import record, summary
 from workload import on_servers, workload, workload_parser
 
 from quotaflow.admin import ensure_topics
@@ -150,11 +155,13 @@ class Run:
 
 
 def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str,
-           workdir: Path, label: str, extra_env: dict[str, str] | None = None) -> Run:
+           workdir: Path, label: str, extra_env: dict[str, str] | None = None,
+           profile: Path | None = None) -> Run:
     """Start worker and sink, wait until InfluxDB has everything; what it took.
 
     A worker that exits before is not restarted: the run is marked failed, with
-    the worker's last error line and the rate it reached.
+    the worker's last error line and the rate it reached. With `profile`, py-spy
+    samples the worker into that file until the end of the run.
     """
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     worker_log = workdir / f"{label}-worker.log"
@@ -164,6 +171,7 @@ def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str,
                                   cwd=env.get("BENCH_WORKER_CWD"))
         sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"],
                                 env=sink_env, stdout=slog, stderr=subprocess.STDOUT)
+    spy = record(worker.pid, profile) if profile is not None else None
     probe = LagProbe(settings)
     topics = settings.topics
     sink_group = topics.influx_sink_group
@@ -212,6 +220,9 @@ def _drain(settings: Settings, worker_cmd: list[str], group: str, topic: str,
         run.sink_cpu_s = _cpu_s(sink.pid)
     finally:
         probe.close()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+            spy.wait(timeout=60)
         for p in (worker, sink):
             if p.poll() is None:
                 p.terminate()
@@ -355,8 +366,10 @@ def _publish(settings: Settings, sim: Simulation) -> tuple[float, int]:
 
 
 def run_worker(sim: Simulation, bootstrap: str, influx: str, workdir: Path, label: str,
-               plans: list[Plan] | None, tree: Path | None = None) -> Run:
-    """One drain of the workload by the batched worker (of `tree`, if given)."""
+               plans: list[Plan] | None, tree: Path | None = None,
+               profile: Path | None = None) -> Run:
+    """One drain of the workload by the batched worker (of `tree`, if given); with
+    `profile`, sampled by py-spy into that file, whose summary is printed."""
     tag = uuid.uuid4().hex[:8]
     settings = Settings(kafka_bootstrap=bootstrap, influx_url=influx,
                         topic_prefix=f"bench-{tag}", influx_bucket=f"bench_{tag}",
@@ -369,7 +382,11 @@ def run_worker(sim: Simulation, bootstrap: str, influx: str, workdir: Path, labe
     if tree is not None:
         extra = {"PYTHONPATH": str(tree), "BENCH_WORKER_CWD": str(tree)}
     run = _drain(settings, [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"],
-                 settings.topics.worker_group, settings.topics.raw, workdir, label, extra)
+                 settings.topics.worker_group, settings.topics.raw, workdir, label, extra,
+                 profile)
+    if profile is not None and profile.exists():
+        print(f"  [{label}] py-spy profile of the worker ({profile}):")
+        print("\n".join(f"    {line}" for line in summary(read_profile(profile))), flush=True)
     run.publish_s, run.raw_messages = publish_s, raw_messages
     run.plans = len(plans or ())
     if run.failed:  # the worker's own rate until it exited; nothing to check
@@ -511,6 +528,9 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF", help="also run the worker of this revision")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-results", action="store_true")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the workers of round 1 with py-spy into DIR and print "
+                             "where their CPU goes (the sampling costs CPU of its own)")
     args = parser.parse_args()
 
     on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
@@ -527,6 +547,14 @@ def options() -> list[str]:
         elif not arg.startswith("--results="):
             out.append(arg)
     return out
+
+
+def _profile_path(args: argparse.Namespace, label: str) -> Path | None:
+    """Where to put the py-spy profile of run `label`: round 1 only, with --profile."""
+    if args.profile is None or not label.endswith("1"):
+        return None
+    args.profile.mkdir(parents=True, exist_ok=True)
+    return Path(args.profile) / f"{label}.txt"
 
 
 def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
@@ -558,11 +586,12 @@ def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
         for which in order:
             if which == "a":
                 print(f"(a) worker, no plans, round {r + 1}:", flush=True)
-                without.append(run_worker(sim, bootstrap, influx, workdir, f"a{r + 1}", None))
+                without.append(run_worker(sim, bootstrap, influx, workdir, f"a{r + 1}", None,
+                                          profile=_profile_path(args, f"a{r + 1}")))
             elif not args.skip_quotas:
                 print(f"(b) worker, {len(plans)} plans, round {r + 1}:", flush=True)
                 with_plans.append(run_worker(sim, bootstrap, influx, workdir, f"b{r + 1}",
-                                             plans))
+                                             plans, profile=_profile_path(args, f"b{r + 1}")))
     baseline: list[Run] = []
     if not args.skip_baseline:
         print("per-reading baseline:", flush=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from quotaflow.dev.simulation import FleetSpec, Simulation, simulate
@@ -24,6 +26,24 @@ def workload(args: argparse.Namespace) -> Simulation:
     """The fleet the options describe, with no malformed lines."""
     return simulate(FleetSpec(nodes=args.nodes, users=args.users, days=args.days,
                               interval_s=args.interval, malformed=0, nodes_per_user=(1, 2)))
+
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def results_options(parser: argparse.ArgumentParser) -> None:
+    """--results FILE (default bench/results.json) and --no-results."""
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-results", action="store_true")
+
+
+def begin_run(kind: str) -> tuple[tuple[float, float, float], Path]:
+    """The load average now and a fresh directory for the run's logs, both printed."""
+    load = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix=f"quotaflow-{kind}-"))
+    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"logs in {workdir}", flush=True)
+    return load, workdir
 
 
 T = TypeVar("T")

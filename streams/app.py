@@ -137,15 +137,27 @@ def faust_app(settings: Settings, app_id: str) -> faust.App:
 
 
 class TableStore:
-    """A `QuotaStore` on a Faust table: records go to the changelog partition named.
+    """The ledger table and a `QuotaStore` on a Faust table, whose changelog records are
+    produced by `send()` rather than through Faust's producer buffer.
 
-    Faust writes a table's changelog to the partition of the message being
-    handled; quota records are also written by a timer, outside any message, so
-    the partition is given explicitly.
+    `put()` (quota records, for the partition named: a timer writes them outside
+    any message) and `table[key] = value` (a node ledger `N|P`, for partition P)
+    change the table's data at once and queue the changelog record; `send()`
+    hands the queued records to the producer in the order they were written.
+    The agent calls it before it acknowledges a message, so the records are in
+    the producer before the message's offset can be committed (Faust flushes the
+    producer before each commit), and the timers call it after they write.
+
+    Faust's table would queue each record in its producer buffer, which hands
+    them over one at a time, each with a timed wait of its own, and holds the
+    agent up whenever a hundred are queued: with a record per message and one
+    per user at each quota flush, that was most of the worker's time.
     """
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self.pending: list[tuple[int, bytes, bytes | None]] = []
+        self._lock = asyncio.Lock()
 
     def get(self, key: bytes, /) -> bytes | None:
         found: bytes | None = self.table.data.get(key)
@@ -156,11 +168,26 @@ class TableStore:
             self.table.data.pop(key, None)
         else:
             self.table.data[key] = value
-        self.table.send_changelog(partition, key, value, value_serializer="raw")
+        self.pending.append((partition, key, value))
+
+    def __setitem__(self, key: bytes, value: bytes, /) -> None:
+        """A node ledger's record, under `N|P`: for the changelog partition P."""
+        self.put(int(key.rsplit(b"|", 1)[1]), key, value)
 
     def keys_of(self, partition: int) -> Iterator[bytes]:
         prefix = f"{partition}\x1f".encode()
         return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
+
+    async def send(self, producer: Any) -> None:
+        """Hand the queued changelog records to `producer` (aiokafka's), in order."""
+        if not self.pending:
+            return
+        topic = self.table.changelog_topic.get_topic_name()
+        async with self._lock:  # one sender at a time: the order is kept
+            while self.pending:
+                batch, self.pending = self.pending, []
+                for partition, key, value in batch:
+                    await producer.send(topic, value, key=key, partition=partition)
 
 
 QUOTA_FLUSH_S = 10.0
@@ -173,7 +200,7 @@ def create_app(settings: Settings) -> faust.App:
     """Build the Faust app for these settings (the app id derives from the topic prefix)."""
     app = faust_app(settings, settings.topics.worker_group)
     raw = app.topic(settings.topics.raw, partitions=settings.partitions)
-    totals = app.topic(settings.topics.totals, partitions=settings.partitions)
+    totals_topic = settings.topics.totals
     dead = app.topic(settings.topics.dead, partitions=settings.partitions)
     table = app.Table(
         "ledgers",
@@ -188,16 +215,25 @@ def create_app(settings: Settings) -> faust.App:
     side = SideInputs(settings)
     # quota records share the ledgers' table: a message's journal record and its
     # ledger record then go to one changelog partition, in that order
-    keeper = QuotaKeeper(settings, TableStore(table))
-    handler = RawHandler(settings, table, rate=side.rate, quotas=keeper)
+    store = TableStore(table)
+    keeper = QuotaKeeper(settings, store)
+    handler = RawHandler(settings, store, rate=side.rate, quotas=keeper)
     app.handler = handler  # type: ignore[attr-defined]
     health = WorkerHealth(settings, handler.stats)
     metrics_topic = app.topic(settings.topics.metrics, partitions=settings.partitions)
     owned: set[int] = set()  # raw partitions assigned to this worker
     recovered = asyncio.Event()  # the tables hold everything of the owned partitions
 
-    def publish(partition: int, decided: Decided) -> None:
-        """Send a quota step's commands now, in the order they were decided."""
+    def producer() -> Any:
+        faust_producer: Any = app.producer
+        return faust_producer._ensure_producer()  # aiokafka's producer (private)
+
+    async def publish(partition: int, decided: Decided | None) -> None:
+        """Send the queued changelog records (the commands' unsent records among them),
+        then a quota step's commands, in the order they were decided."""
+        await store.send(producer())
+        if decided is None:
+            return
         health.commands_issued += len(decided.commands)
         for command in decided.commands:
             future = control.send_soon(
@@ -221,7 +257,8 @@ def create_app(settings: Settings) -> faust.App:
             await side.barrier(time.time())
             if side.complete(partition) and not keeper.loaded(partition):
                 side.take_changes(partition)  # all of them are in `latest`
-                publish(partition, keeper.load(partition, side.latest(partition), _now()))
+                await publish(partition,
+                              keeper.load(partition, side.latest(partition), _now()))
 
     @app.task  # type: ignore[untyped-decorator]
     async def _start_side_inputs() -> None:
@@ -238,6 +275,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _forget(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        await store.send(producer())  # what the partitions' owner wrote, before it lets go
         handler.forget_live()
         guard.forget_all()
         recovered.clear()
@@ -295,18 +333,19 @@ def create_app(settings: Settings) -> faust.App:
             await ready(partition)
             changes = side.take_changes(partition)
             if changes:  # most messages come with none: no clock read, no quota step
-                publish(partition, keeper.set_plans(partition, changes, _now()))
+                await publish(partition, keeper.set_plans(partition, changes, _now()))
             processed[partition] = offset
             outcome = handler.handle(event.value, partition, offset, message.key, appended)
-            if outcome.quota is not None:
-                publish(partition, outcome.quota)
-                if keeper.must_flush(partition):
-                    keeper.flush(partition)
+            await publish(partition, outcome.quota)  # the ledger record first: before the ack
+            if outcome.quota is not None and keeper.must_flush(partition):
+                keeper.flush(partition)
+                await store.send(producer())
             for fragment in outcome.rerouted:
                 await raw.send(key=fragment.key, value=fragment.value,
                                partition=fragment.partition)
-            for record in outcome.totals:
-                await totals.send(key=record.key, value=record.value, partition=record.partition)
+            for record in outcome.totals:  # straight to aiokafka, as the changelog records
+                await producer().send(totals_topic, record.value, key=record.key,
+                                      partition=record.partition)
             for letter in outcome.dead:
                 await dead.send(value=letter.value, partition=letter.partition)
             await acks.ack(event)
@@ -323,9 +362,10 @@ def create_app(settings: Settings) -> faust.App:
                 return  # a rebalance began
             await ready(partition)
             now = _now()
-            publish(partition, keeper.set_plans(partition, side.take_changes(partition), now))
+            await publish(partition,
+                          keeper.set_plans(partition, side.take_changes(partition), now))
             while keeper.loaded(partition) and keeper.due(partition, now):
-                publish(partition, keeper.tick(partition, now, CLOCK_CHUNK_USERS))
+                await publish(partition, keeper.tick(partition, now, CLOCK_CHUNK_USERS))
                 await asyncio.sleep(0)
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
@@ -336,6 +376,7 @@ def create_app(settings: Settings) -> faust.App:
                 states = keeper.report(partition)
                 if states is not None:
                     quota.send_soon(value=states, partition=partition)
+        await store.send(producer())  # commands struck off as sent, among others
 
     @app.timer(interval=QUOTA_FLUSH_S)  # type: ignore[untyped-decorator]
     async def _flush_quotas() -> None:
@@ -343,6 +384,7 @@ def create_app(settings: Settings) -> faust.App:
         for partition in sorted(owned):
             if keeper.loaded(partition):
                 keeper.flush(partition)
+        await store.send(producer())
 
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def _status() -> None:

@@ -66,6 +66,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from quotaflow.core.contracts import right_sized
 from quotaflow.core.plans import Command, Plan, QuotaBatch
 from quotaflow.core.quota import QuotaBook
 from quotaflow.core.settings import Settings
@@ -244,7 +245,8 @@ class QuotaKeeper:
             return Decided()
         held.handled = max(held.handled, offset)
         commands = held.book.update(readings, now)
-        self.store.put(partition, journal_key(partition, offset), orjson.dumps([offset, readings]))
+        self.store.put(partition, journal_key(partition, offset),
+                       right_sized(orjson.dumps([offset, readings])))
         held.since_flush += 1
         self._store_commands(partition, commands)
         return Decided(commands)
@@ -279,18 +281,7 @@ class QuotaKeeper:
         """The quota states of the planned users that changed since the last report, as a
         `QuotaBatch` record (None if none did)."""
         book = self.partitions[partition].book
-        rows: list[tuple[str, str, int, int | None, str]] = []
-        for user_id in sorted(book.take_unreported()):
-            status = book.status(user_id)
-            if status is not None:
-                tz = book.users[user_id].rules.tz  # type: ignore[union-attr]
-                rows.append((
-                    user_id,
-                    datetime.fromtimestamp(status.period_start, tz).isoformat(),
-                    status.used,
-                    status.allowance,
-                    "disabled" if status.disabled else "enabled",
-                ))
+        rows = book.state_rows(sorted(book.take_unreported()))
         return QuotaBatch.encode(rows) if rows else None
 
     def sent(self, partition: int, command: Command) -> None:
@@ -315,7 +306,7 @@ class QuotaKeeper:
     def _put_unsent(self, partition: int, user_id: str, unsent: list[Command]) -> None:
         self.store.put(
             partition, state_key(partition, user_id) + _UNSENT,
-            orjson.dumps([c.encode().decode() for c in unsent]) if unsent else None,
+            right_sized(orjson.dumps([c.encode().decode() for c in unsent])) if unsent else None,
         )
 
     def _store_commands(self, partition: int, commands: list[Command]) -> None:

@@ -50,6 +50,7 @@ from quotaflow.core.contracts import (
     DeadReason,
     PeriodKind,
     TotalsRow,
+    right_sized,
 )
 from quotaflow.core.periods import Calendar
 from quotaflow.core.plans import RATE_UNIT
@@ -115,16 +116,18 @@ class Billing:
         """Up plus down bytes billed, raw (before the rate)."""
         return sum(up + down for _, up, down in self.billed)
 
-    def rated(self) -> list[tuple[str, int]]:
-        """(user, billed up + billed down) of each billed reading, after the rate.
+    def rated(self, observed: int) -> list[tuple[str, int, int]]:
+        """(user, `observed`, billed up + billed down) of each billed reading, after the rate:
+        the quota step's readings.
 
-        >>> Billing(billed=[("alice", 3, 5)], rate=15_000).rated()
-        [('alice', 11)]
+        >>> Billing(billed=[("alice", 3, 5)], rate=15_000).rated(1764000000)
+        [('alice', 1764000000, 11)]
         """
         rate, unit = self.rate, RATE_UNIT
         if rate == unit:
-            return [(user, up + down) for user, up, down in self.billed]
-        return [(user, up * rate // unit + down * rate // unit) for user, up, down in self.billed]
+            return [(user, observed, up + down) for user, up, down in self.billed]
+        return [(user, observed, up * rate // unit + down * rate // unit)
+                for user, up, down in self.billed]
 
 
 @dataclass(slots=True)
@@ -333,21 +336,33 @@ class NodeLedger:
         than its days), so checking it bounds the day total too.
         """
         months = self._period("month", month)
+        days = self._period("day", day)
         refused: list[tuple[str, int, int]] | None = None
         rate, unit = billing.rate, RATE_UNIT
         for reading in billing.billed:
             user_id, up, down = reading
-            bill_up, bill_down = up * rate // unit, down * rate // unit
+            if rate == unit:
+                bill_up, bill_down = up, down
+            else:
+                bill_up, bill_down = up * rate // unit, down * rate // unit
             total = months.get(user_id)
-            if total is not None:
-                up, down = total[0] + up, total[1] + down
-                bill_up, bill_down = total[2] + bill_up, total[3] + bill_down
-            if up + down > MAX_COUNTER or bill_up + bill_down > MAX_COUNTER:
+            if total is None:
+                month_total = (up, down, bill_up, bill_down)
+            else:
+                month_total = (total[0] + up, total[1] + down,
+                               total[2] + bill_up, total[3] + bill_down)
+            if (month_total[0] + month_total[1] > MAX_COUNTER
+                    or month_total[2] + month_total[3] > MAX_COUNTER):
                 if refused is None:
                     refused = []
                 refused.append(reading)
-            else:
-                months[user_id] = (up, down, bill_up, bill_down)
+                continue
+            months[user_id] = month_total
+            total = days.get(user_id)
+            days[user_id] = (
+                (up, down, bill_up, bill_down) if total is None
+                else (total[0] + up, total[1] + down, total[2] + bill_up, total[3] + bill_down)
+            )
         if refused is not None:
             for user_id, up, down in refused:
                 billing.refused.append(Refusal(
@@ -356,14 +371,6 @@ class NodeLedger:
                 ))
             gone = set(refused)  # a user appears once in a report
             billing.billed = [r for r in billing.billed if r not in gone]
-        days = self._period("day", day)
-        for user_id, up, down in billing.billed:
-            bill_up, bill_down = up * rate // unit, down * rate // unit
-            total = days.get(user_id)
-            days[user_id] = (
-                (up, down, bill_up, bill_down) if total is None
-                else (total[0] + up, total[1] + down, total[2] + bill_up, total[3] + bill_down)
-            )
 
     def _period(self, period: PeriodKind, start: int) -> dict[str, tuple[int, int, int, int]]:
         """The user totals of one period, created empty when missing."""
@@ -415,8 +422,8 @@ class NodeLedger:
         return None if found is None else (found[2], found[3])
 
     def to_bytes(self) -> bytes:
-        """The whole state as one record, for the changelog."""
-        return orjson.dumps(
+        """The whole state as one record, for the changelog (right-sized: tables keep it)."""
+        return right_sized(orjson.dumps(
             {
                 "v": 1,
                 "node": self.node_id,
@@ -429,7 +436,7 @@ class NodeLedger:
                 "restarts": self.restarts,
             },
             option=orjson.OPT_NON_STR_KEYS,
-        )
+        ))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> NodeLedger:

@@ -86,6 +86,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from quotaflow.core.contracts import right_sized
 from quotaflow.core.plans import (
     NO_END,
     Action,
@@ -277,17 +278,18 @@ class QuotaBook:
         seen: dict[str, _User] = {}
         bucket_s = BUCKET_S
         history_changed = self._history_changed
+        last_t = hour = -1
         for user_id, t, count in readings:
-            try:
-                user = users[user_id]
-            except KeyError:
+            user = users.get(user_id)
+            if user is None:
                 user = users[user_id] = _User()
             if user.lo <= t < user.end:
                 user.used += count
             elif user.rules is not None and t >= user.rules.count_from:
                 self._add_elsewhere(user, t, count)
+            if t != last_t:  # a message's readings share one observed_at
+                last_t, hour = t, t // bucket_s
             hours = user.hours
-            hour = t // bucket_s
             hours[hour] = hours.get(hour, 0) + count
             if hour != user.newest:
                 if hour > user.newest:
@@ -407,6 +409,43 @@ class QuotaBook:
             disabled=tuple(reason for bit, reason in _DISABLE_REASONS if user.causes & bit),
         )
 
+    def state_rows(self, user_ids: Iterable[str]) -> list[tuple[str, str, int, int | None, str]]:
+        """The `QuotaBatch` rows of the users that have a plan, as `status()` gives them:
+        (user, period start in the plan's zone, used, allowance, enabled or disabled).
+
+        Without a `Status` per user, and with one date string per period start and
+        zone: the worker reports every user that changed, every second.
+
+        >>> from quotaflow.core.plans import CalendarMonth, Plan
+        >>> book = QuotaBook(ZoneInfo("UTC"))
+        >>> plan = Plan(user_id="bob", quota_bytes=10, period=CalendarMonth(kind="calendar_month"),
+        ...             enabled=True)
+        >>> now = datetime(2026, 11, 24, tzinfo=UTC)
+        >>> _ = book.set_plan("bob", plan, now)
+        >>> _ = book.update([("bob", int(now.timestamp()), 12), ("eve", 0, 1)], now)
+        >>> book.state_rows(["bob", "eve"])
+        [('bob', '2026-11-01T00:00:00+00:00', 12, 10, 'disabled')]
+        """
+        rows: list[tuple[str, str, int, int | None, str]] = []
+        starts: dict[tuple[int, ZoneInfo], str] = {}
+        users = self.users
+        for user_id in user_ids:
+            user = users.get(user_id)
+            if user is None or user.rules is None:
+                continue
+            rules = user.rules
+            start = starts.get((user.start, rules.tz))
+            if start is None:
+                start = starts[user.start, rules.tz] = datetime.fromtimestamp(
+                    user.start, rules.tz).isoformat()
+            rows.append((
+                user_id, start, user.used,
+                None if rules.quota is None
+                else rules.quota + user.drawn + rules.available(user.given, user.at),
+                "disabled" if user.causes else "enabled",
+            ))
+        return rows
+
     def usage(self, user_id: str, period_start: int) -> int | None:
         """Billed bytes of the user's period starting at `period_start`, if it is kept."""
         user = self.users.get(user_id)
@@ -449,7 +488,7 @@ class QuotaBook:
         record (`history_bytes()`), written far less often.
         """
         user = self.users.get(user_id)
-        return None if user is None else orjson.dumps(user.record(history=False))
+        return None if user is None else right_sized(orjson.dumps(user.record(history=False)))
 
     def history_bytes(self, user_id: str) -> bytes | None:
         """One user's older hourly buckets (all but the newest); None for a user never seen."""
@@ -457,7 +496,8 @@ class QuotaBook:
         if user is None:
             return None
         newest = user.newest
-        return orjson.dumps([x for pair in user.hours.items() if pair[0] != newest for x in pair])
+        return right_sized(orjson.dumps(
+            [x for pair in user.hours.items() if pair[0] != newest for x in pair]))
 
     def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
         """Put back records from `user_bytes()` and `history_bytes()` (None forgets the user)."""

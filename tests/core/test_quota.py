@@ -671,6 +671,11 @@ def test_packs_follow_the_reference_order_expiry_and_carry_over(
         assert status.given == {k: v for k, v in reference.given.items() if v}
         assert (status.used, status.allowance) == (reference.used, reference.allowance)
         assert ("quota" in status.disabled) == reference.over
+        # the quota states the worker reports say what status() says
+        assert book.state_rows(["alice"]) == [(
+            "alice", datetime.fromtimestamp(status.period_start, UTC).isoformat(), status.used,
+            status.allowance, "disabled" if status.disabled else "enabled",
+        )]
         if reference.over == was_over:
             assert commands == []
         elif reference.over:
