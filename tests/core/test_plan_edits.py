@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quotaflow.core.contracts import MAX_COUNTER
+from quotaflow.core.contracts import MAX_COUNTER, identifier_problem
 from quotaflow.core.plan_edits import (
     SIZE_UNITS,
     PlanEdit,
@@ -484,7 +484,7 @@ plans_strategy = st.lists(
             user_id=user, quota_bytes=quota, period=rule, enabled=enabled,
             starts_at=THIS_SECOND if rule.kind == "none" else None,
         ),
-        st.text(min_size=1, max_size=20).filter(lambda u: u.isprintable() and u[-1] != "\\"),
+        st.text(min_size=1, max_size=20).filter(lambda u: identifier_problem(u) is None),
         st.none() | st.integers(1, MAX_COUNTER),
         rules,
         st.booleans(),
