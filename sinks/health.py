@@ -88,7 +88,7 @@ def seeded_status(row: dict[str, Any]) -> NodeStatus | None:
 
     >>> seeded_status({"received_at": 5100, "observed_at": 5000, "epoch": 7, "readings": 3,
     ...                "restarts": 1, "interval_s": 60.0})
-    NodeStatus(observed_at=5000, received_at=5100, epoch=7, seq=-1, restarts=1, \
+    NodeStatus(observed_at=5000, received_at=5100, epoch=7, seq=-1, \
 readings={-1: 3}, interval_ms=60000, epochs=EpochCount(base=1, floor=7, epochs=set()))
     """
     needed = ("received_at", "observed_at", "epoch", "readings", "restarts")
@@ -97,7 +97,7 @@ readings={-1: 3}, interval_ms=60000, epochs=EpochCount(base=1, floor=7, epochs=s
     interval = row.get("interval_s")
     return NodeStatus(
         observed_at=row["observed_at"], received_at=row["received_at"], epoch=row["epoch"],
-        seq=-1, restarts=row["restarts"], readings={-1: row["readings"]},
+        seq=-1, readings={-1: row["readings"]},
         interval_ms=None if not isinstance(interval, (int, float)) else round(interval * 1000),
         epochs=EpochCount.seeded(row["restarts"], row["epoch"]),
     )
@@ -109,7 +109,7 @@ class SinkHealth:
     >>> settings = Settings(topic_prefix="qf", node_interval_s=60.0)
     >>> health = SinkHealth(settings, host="s1")
     >>> seen = ReportSeen(epoch=1, seq=4, observed_at=1_000_000, received_at=1_000_500,
-    ...                   readings=20, restarts=0)
+    ...                   readings=20)
     >>> health.seed([])  # nothing in InfluxDB yet
     >>> health.written([("n1", seen, 2, True)], now_ms=1_002_000)  # written 1.5 s after
     >>> health.write_latency.add(12.0)

@@ -129,7 +129,6 @@ class Biller:
             report.node_id, int(report.observed_at.timestamp())
         )
         billing = ledger.update(report, self.policy, rate)
-        billing.restarts = ledger.note_epoch(report.epoch)
         self.stats.messages += 1
         self.stats.readings += len(report.counters)
         self.stats.billed_bytes += billing.billed_bytes
@@ -259,7 +258,7 @@ class RawHandler:
         # also without totals: the record tells the sinks the node is alive
         seen = (report.epoch, report.seq, int(report.observed_at.timestamp() * 1000),
                 int((self.now() if appended is None else appended) * 1000),
-                len(report.counters), billing.restarts)
+                len(report.counters))
         totals = (Keyed(partition, report.node_id.encode(), TotalsBatch.encode(
             report.node_id, billing.day, billing.month, billing.totals, seen
         )),)

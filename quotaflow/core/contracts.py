@@ -320,8 +320,7 @@ class ReportSeen(_Contract):
     `observed_at` and `received_at` are Unix milliseconds: the report's own time, and
     when it was appended to `<prefix>.raw` (the Kafka record's timestamp; for a
     fragment the worker re-routed, when it re-sent it). `readings` counts the
-    fragment's readings; `restarts` the epoch changes the worker has seen of the node
-    in this partition (`NodeLedger.restarts`).
+    fragment's readings. The sinks count the node's restarts from the epochs.
     """
 
     epoch: SeqNumber
@@ -329,7 +328,6 @@ class ReportSeen(_Contract):
     observed_at: StrictInt
     received_at: StrictInt
     readings: Annotated[StrictInt, Field(ge=0)]
-    restarts: Annotated[StrictInt, Field(ge=0)]
 
 
 class TotalsBatch(_Contract):
@@ -355,26 +353,26 @@ class TotalsBatch(_Contract):
     @staticmethod
     def encode(
         node_id: str, day: int, month: int, rows: list[TotalsRow],
-        report: tuple[int, int, int, int, int, int] | None = None,
+        report: tuple[int, int, int, int, int] | None = None,
     ) -> bytes:
         """Encode without building a model (the hot path); the same JSON the model reads.
 
         `report` is a `ReportSeen`'s fields in their order: epoch, seq, observed_at,
-        received_at, readings, restarts.
+        received_at, readings.
 
         >>> TotalsBatch.decode(TotalsBatch.encode("n", 86400, 0, [("u", 1, 2, 3, 4, 1, 3, 3, 6)]))
         TotalsBatch(node_id='n', day=86400, month=0, totals=(('u', 1, 2, 3, 4, 1, 3, 3, 6),), \
 report=None)
-        >>> TotalsBatch.decode(TotalsBatch.encode("n", 0, 0, [], (7, 3, 5000, 5100, 1, 0))).report
-        ReportSeen(epoch=7, seq=3, observed_at=5000, received_at=5100, readings=1, restarts=0)
+        >>> TotalsBatch.decode(TotalsBatch.encode("n", 0, 0, [], (7, 3, 5000, 5100, 1))).report
+        ReportSeen(epoch=7, seq=3, observed_at=5000, received_at=5100, readings=1)
         """
         if report is None:
             return orjson.dumps({"node_id": node_id, "day": day, "month": month, "totals": rows})
-        epoch, seq, observed_at, received_at, readings, restarts = report
+        epoch, seq, observed_at, received_at, readings = report
         return orjson.dumps({
             "node_id": node_id, "day": day, "month": month, "totals": rows,
             "report": {"epoch": epoch, "seq": seq, "observed_at": observed_at,
-                       "received_at": received_at, "readings": readings, "restarts": restarts},
+                       "received_at": received_at, "readings": readings},
         })
 
     @classmethod

@@ -210,10 +210,9 @@ class NodeStatus:
     received_at: int  # Unix ms, when that report was appended to `<prefix>.raw`
     epoch: int
     seq: int  # -1 when seeded from InfluxDB (which does not keep it)
-    restarts: int  # the most epoch changes any partition's ledger has seen
     readings: dict[int, int] = field(default_factory=dict)  # partition -> readings
     interval_ms: int | None = None  # between the last two distinct observed_at
-    epochs: EpochCount = field(default_factory=EpochCount)  # the node's own restarts
+    epochs: EpochCount = field(default_factory=EpochCount)  # the node's restarts
 
     def fields(self, now_ms: int, default_interval_s: float) -> dict[str, int | float | bool]:
         """The `node_status` fields at `now_ms` (Unix ms, the sink's clock)."""
@@ -222,7 +221,7 @@ class NodeStatus:
         fields: dict[str, int | float | bool] = {
             "observed_at": self.observed_at, "received_at": self.received_at,
             "epoch": self.epoch, "readings": sum(self.readings.values()),
-            "restarts": max(self.restarts, self.epochs.restarts),
+            "restarts": self.epochs.restarts,
         }
         if interval_s is not None:
             fields["interval_s"] = interval_s
@@ -242,16 +241,15 @@ class NodeBook:
     until two were seen).
 
     >>> book = NodeBook(default_interval_s=60.0, forget_after_s=86_400.0)
-    >>> def seen(seq, observed_s, readings, epoch=1, restarts=0):
+    >>> def seen(seq, observed_s, readings, epoch=1):
     ...     return ReportSeen(epoch=epoch, seq=seq, observed_at=observed_s * 1000,
-    ...                       received_at=observed_s * 1000 + 200, readings=readings,
-    ...                       restarts=restarts)
+    ...                       received_at=observed_s * 1000 + 200, readings=readings)
     >>> book.update("n1", seen(1, 1000, 3), partition=0)
     >>> book.update("n1", seen(1, 1000, 2), partition=1)  # the report's other fragment
     >>> book.update("n1", seen(1, 1000, 2), partition=1)  # delivered again: counted once
     >>> [(node, f["readings"], f["alive"], "interval_s" in f) for node, f in book.rows(1100_000)]
     [('n1', 5, True, False)]
-    >>> book.update("n1", seen(1, 1010, 4, epoch=2, restarts=1), partition=0)
+    >>> book.update("n1", seen(1, 1010, 4, epoch=2), partition=0)
     >>> book.update("n1", seen(9, 900, 9), partition=3)  # an older report: ignored
     >>> [(f["epoch"], f["readings"], f["restarts"], f["interval_s"]) for _, f in book.rows(0)]
     [(2, 4, 1, 10.0)]
@@ -273,13 +271,12 @@ class NodeBook:
         """Take one totals record's `ReportSeen`, from `partition`."""
         known = self.nodes.get(node_id)
         if known is None:
-            self.nodes[node_id] = NodeStatus(
-                seen.observed_at, seen.received_at, seen.epoch, seen.seq, seen.restarts,
+            known = self.nodes[node_id] = NodeStatus(
+                seen.observed_at, seen.received_at, seen.epoch, seen.seq,
                 {partition: seen.readings},
             )
-            self.nodes[node_id].epochs.update(seen.epoch)
+            known.epochs.update(seen.epoch)
             return
-        known.restarts = max(known.restarts, seen.restarts)
         known.epochs.update(seen.epoch)
         new = (seen.observed_at, seen.epoch, seen.seq)
         old = (known.observed_at, known.epoch, known.seq)

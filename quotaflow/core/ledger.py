@@ -109,7 +109,6 @@ class Billing:
     # A cumulative report whose seq went back while its counters went up (a node
     # reinstalled without its outbox): not billed now, and visible.
     seq_went_back: bool = False
-    restarts: int = 0  # the node's epoch changes seen so far in this ledger (`note_epoch`)
 
     @property
     def billed_bytes(self) -> int:
@@ -156,8 +155,8 @@ class NodeLedger:
     """One node's billing state within one partition; see the module docstring."""
 
     __slots__ = (
-        "_deltas", "_deltas_dropped_until", "_kept_from", "_totals", "epoch", "node_id",
-        "restarts", "users", "watermark",
+        "_deltas", "_deltas_dropped_until", "_kept_from", "_totals", "node_id", "users",
+        "watermark",
     )
 
     # period -> period start -> user -> (up, down, billed up, billed down)
@@ -177,26 +176,6 @@ class NodeLedger:
         self._deltas_dropped_until = 0
         self._kept_from = 0  # the oldest day start whose totals are kept
         self.watermark = 0  # the latest observed_at seen, Unix seconds
-        self.epoch: int | None = None  # the latest epoch seen (`note_epoch`)
-        self.restarts = 0  # epoch changes seen: the node's counters restarted
-
-    def note_epoch(self, epoch: int) -> int:
-        """Note a report's epoch; the node's restarts seen so far (epoch changes).
-
-        A later epoch is a restart of the node's counters; a report of an earlier
-        epoch (late, or redelivered) is none, nor is the first epoch seen.
-
-        >>> ledger = NodeLedger("node-a")
-        >>> [ledger.note_epoch(e) for e in (5, 5, 7, 6, 7, 9)]
-        [0, 0, 1, 1, 1, 2]
-        >>> NodeLedger.from_bytes(ledger.to_bytes()).note_epoch(9)  # kept in the record
-        2
-        """
-        if self.epoch is None or epoch > self.epoch:
-            if self.epoch is not None:
-                self.restarts += 1
-            self.epoch = epoch
-        return self.restarts
 
     def update(
         self, report: CounterReport, policy: BillingPolicy, rate: int = RATE_UNIT
@@ -432,8 +411,6 @@ class NodeLedger:
                 "totals": self._totals,
                 "deltas": {e: [s.low, s.above, s.last_seen] for e, s in self._deltas.items()},
                 "dropped": self._deltas_dropped_until,
-                "epoch": self.epoch,
-                "restarts": self.restarts,
             },
             option=orjson.OPT_NON_STR_KEYS,
         ))
@@ -463,11 +440,6 @@ class NodeLedger:
             int(e): _SeqSet(seqs[0], seqs[1], seqs[2] if len(seqs) > 2 else ledger.watermark)
             for e, seqs in raw["deltas"].items()
         }
-        # records from before restarts were counted: the latest epoch billed, none counted
-        ledger.restarts = raw.get("restarts", 0)
-        ledger.epoch = raw["epoch"] if "epoch" in raw else max(
-            [state[0] for state in ledger.users.values()] + list(ledger._deltas), default=None
-        )
         return ledger
 
 
