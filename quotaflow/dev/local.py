@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -475,13 +476,34 @@ def _build_influxd(cache: Path) -> None:
 # -- start and stop -----------------------------------------------------------------------
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out on loopback right now, all distinct."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
+    """Free loopback ports below the kernel's ephemeral range, all distinct.
+
+    The servers are stopped and started again on their ports to test outages, and
+    clients keep reconnecting meanwhile: to a port in the ephemeral range, one of
+    those connects can be given that very port as its own and connect to itself,
+    and hold the port so that the server cannot start again.
+    """
+    high = max(_ephemeral_low(), 12_000)
+    ports: list[int] = []
+    for port in random.sample(range(10_000, high), high - 10_000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise LocalServicesError(f"no {count} free loopback ports below {high}")
 
 
 def _kafka_cluster_id() -> str:
