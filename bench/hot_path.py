@@ -5,7 +5,8 @@
 Prints readings per second and CPU µs per reading for the whole path per
 message, the worker's own `RawHandler` with a dict as its table (validation of
 the raw fragment, the clock and routing checks, `NodeLedger.update`, the
-ledger's changelog record and the totals record): the ceiling any worker
+ledgers' changelog records, written at a checkpoint every 1,000 messages, and the
+totals record): the ceiling any worker
 process built on it can reach. With `--plans`, the quota step runs too
 (`QuotaKeeper` on the same dict, with the plan for every user that
 `bench/throughput.py` publishes, its journal record per message, and a flush
@@ -27,6 +28,7 @@ from quotaflow.streams.quotas import QuotaKeeper
 
 REPORT_EVERY = 100_000
 FLUSH_EVERY = 1_000_000
+CHECKPOINT_EVERY = 1_000  # messages: fewer than the worker handles in its 1 s interval
 
 
 class ChangelogTable(dict[bytes, bytes]):
@@ -90,6 +92,8 @@ def main() -> None:
         start, cpu = time.perf_counter(), time.process_time()
         for offset, (partition, value) in enumerate(messages):
             outcome = handler.handle(value, partition, offset)
+            if offset % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 or offset == len(messages) - 1:
+                handler.checkpoint()
             for record in outcome.totals:
                 out += len(record.value)
             if keeper is not None:

@@ -4,14 +4,17 @@ The agent only moves messages: each message is one node's report fragment for th
 partition it arrived on; `quotaflow.streams.billing.RawHandler` (no Faust in it) says
 what to publish for it, with `quotaflow.core.ledger.NodeLedger` deciding what to
 bill, and the agent sends that. The node's whole state in that partition is one
-Faust table entry, so the changelog record of a message carries all of its effects
-at once. Faust commits an offset only after the producer has flushed everything
-sent before it (at-least-once), and a redelivered message finds its seqs already
-applied: totals stay exact across crashes. Totals go to `<prefix>.totals`,
-refusals to `<prefix>.dead`.
+Faust table entry, written at checkpoints (every `QUOTAFLOW_CHECKPOINT_INTERVAL_S`,
+1 s by default, or sooner after `CHECKPOINT_MESSAGES` messages): a checkpoint
+writes every ledger that changed since the last one, then acknowledges the
+messages handled before it. Faust commits an offset only after the producer has
+flushed everything sent before it (at-least-once), so a committed message is in a
+written ledger; a redelivered message either finds its seqs already applied or
+meets a ledger from before it and bills it once: totals stay exact across
+crashes. Totals go to `<prefix>.totals` per message, refusals to `<prefix>.dead`.
 
-The agent acknowledges a message itself, only after handling it, and only in
-offset order: `quotaflow.streams.offsets.OffsetGuard` finds a hole in the offsets
+The agent acknowledges a message itself, only after handling it and a checkpoint,
+and only in offset order: `quotaflow.streams.offsets.OffsetGuard` finds a hole in the offsets
 Faust hands over at once, and the partition is rewound to it instead of billing
 past it. Faust's own gap filling, which commits past missing offsets, is turned
 off for the raw topic, whose offsets are contiguous.
@@ -190,6 +193,8 @@ class TableStore:
                     await producer.send(topic, value, key=key, partition=partition)
 
 
+CHECKPOINT_MESSAGES = 5000
+"""Messages handled since the last checkpoint that bring the next one forward."""
 QUOTA_FLUSH_S = 10.0
 """How often the worker writes the quota state of the users that changed."""
 CLOCK_CHUNK_USERS = 5000
@@ -273,9 +278,38 @@ def create_app(settings: Settings) -> faust.App:
 
     guard = OffsetGuard(retry_s=5.0)
 
+    # Messages handled since the last checkpoint, in order, with the stream that
+    # acknowledges them: only a checkpoint that holds their effects acknowledges them.
+    unacknowledged: list[tuple[Any, Any]] = []
+    checkpointing = asyncio.Lock()
+    last_checkpoint = [time.monotonic()]
+
+    async def checkpoint() -> None:
+        """Write the ledgers that changed, then acknowledge the messages they hold."""
+        async with checkpointing:
+            handled = unacknowledged[:]
+            del unacknowledged[:]
+            last_checkpoint[0] = time.monotonic()
+            handler.checkpoint()
+            await store.send(producer())
+            for stream, event in handled:
+                await stream.ack(event)
+
+    def checkpoint_due() -> bool:
+        return bool(unacknowledged) and (
+            len(unacknowledged) >= CHECKPOINT_MESSAGES
+            or time.monotonic() - last_checkpoint[0] >= settings.checkpoint_interval_s
+        )
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _forget(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
-        await store.send(producer())  # what the partitions' owner wrote, before it lets go
+        async with checkpointing:
+            # What the partitions' owner handled, written before it lets go, but not
+            # acknowledged: Faust has committed by now, so they come again and find
+            # their seqs in these ledgers (or bill again, if these never land).
+            del unacknowledged[:]
+            handler.checkpoint()
+            await store.send(producer())
         handler.forget_live()
         guard.forget_all()
         recovered.clear()
@@ -336,7 +370,7 @@ def create_app(settings: Settings) -> faust.App:
                 await publish(partition, keeper.set_plans(partition, changes, _now()))
             processed[partition] = offset
             outcome = handler.handle(event.value, partition, offset, message.key, appended)
-            await publish(partition, outcome.quota)  # the ledger record first: before the ack
+            await publish(partition, outcome.quota)  # the journal record before the ledger's
             if outcome.quota is not None and keeper.must_flush(partition):
                 keeper.flush(partition)
                 await store.send(producer())
@@ -348,7 +382,15 @@ def create_app(settings: Settings) -> faust.App:
                                       partition=record.partition)
             for letter in outcome.dead:
                 await dead.send(value=letter.value, partition=letter.partition)
-            await acks.ack(event)
+            unacknowledged.append((acks, event))
+            if checkpoint_due():
+                await checkpoint()
+
+    @app.timer(interval=settings.checkpoint_interval_s / 4)  # type: ignore[untyped-decorator]
+    async def _checkpoint() -> None:
+        """Checkpoint when messages stop coming: the last ones are acknowledged too."""
+        if checkpoint_due():
+            await checkpoint()
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def _clock() -> None:

@@ -5,8 +5,16 @@ and offset) and returns an `Outcome`: the totals records, dead letters and
 re-routed fragments to send. The Faust app (`quotaflow.streams.app`) only moves
 messages: it consumes, calls the handler and sends each output. The node ledgers
 live in a mapping the handler is given (a Faust table in the worker, a dict in
-tests), one record per node and partition, so a message's effects on them are
-one write.
+tests), one record per node and partition.
+
+Ledgers are written at checkpoints, not per message: `checkpoint()` writes every
+ledger that changed since the last one, as one record each, and the worker
+acknowledges a message only after a checkpoint that holds its effects. A crash
+then makes the worker handle again at most the messages since the last
+checkpoint, against ledgers that do not have them, so it bills them again
+exactly once; a message acknowledged is in a written ledger. A node whose
+ledger changes with every message is written once per checkpoint instead of
+once per message, which is most of what the worker produced.
 """
 
 from __future__ import annotations
@@ -93,11 +101,29 @@ class Biller:
         self.partitions = settings.partitions
         self.table = table
         self._live: dict[bytes, NodeLedger] = {}
+        # key -> (message, rate) of each fragment applied to the ledger since it was
+        # last written, in order: the ledger's changes to write at the checkpoint, and
+        # what rebuilds it if a later message fails half way
+        self._unwritten: dict[bytes, list[tuple[bytes, int]]] = {}
         self.stats = WorkerStats()
 
     def forget_live(self) -> None:
-        """Drop decoded ledgers; after a rebalance the table is the truth."""
+        """Drop decoded ledgers and their unwritten changes; after a rebalance the table
+        is the truth, and the messages not acknowledged come again."""
         self._live.clear()
+        self._unwritten.clear()
+
+    def own_fragment(
+        self, report: CounterReport, partition: int
+    ) -> tuple[CounterReport | None, dict[int, CounterReport]]:
+        """The fragment of `report` that `partition` bills, and the others by partition
+        (none when the report is all there). A cumulative report with nothing for
+        `partition` has no fragment there (None); a delta report has one on every
+        partition (see `split_report`)."""
+        if not self.misrouted(report, partition):
+            return report, {}
+        fragments = split_report(report, self.partitions)
+        return fragments.pop(partition, None), fragments
 
     def ledger(self, key: bytes, node_id: str) -> NodeLedger:
         """The node's ledger for this partition, from the live cache or the table."""
@@ -119,7 +145,7 @@ class Biller:
         return False
 
     def bill(self, report: CounterReport, partition: int) -> Billing:
-        """Apply one fragment that belongs to `partition`; `persist()` writes the ledger."""
+        """Apply one fragment that belongs to `partition`; `keep()` or `undo()` follows."""
         if not self.stats.messages:
             self.stats.started = time.monotonic()
             log.info("first message at %.3f", time.time())  # read by bench/throughput.py
@@ -134,10 +160,32 @@ class Biller:
         self.stats.billed_bytes += billing.billed_bytes
         return billing
 
-    def persist(self, node_id: str, partition: int) -> None:
-        """Write the node's ledger of `partition` to the table, as one record."""
+    def keep(self, node_id: str, partition: int, message: bytes, rate: int) -> None:
+        """Keep what `bill()` did with the fragment of `message` (billed at `rate`): the
+        ledger is written at the next `checkpoint()`."""
         key = f"{node_id}|{partition}".encode()
-        self.table[key] = self._live[key].to_bytes()
+        self._unwritten.setdefault(key, []).append((message, rate))
+
+    def undo(self, node_id: str, partition: int) -> None:
+        """Forget what the last `bill()` did to the node's ledger, which may be half
+        done: the ledger is read again and the fragments kept since its last write are
+        applied again, in order."""
+        key = f"{node_id}|{partition}".encode()
+        self._live.pop(key, None)
+        ledger = self.ledger(key, node_id)
+        for message, rate in self._unwritten.get(key, ()):
+            fragment, _ = self.own_fragment(CounterReport.decode(message), partition)
+            assert fragment is not None  # it was billed here
+            ledger.update(fragment, self.policy, rate)
+
+    def checkpoint(self) -> int:
+        """Write every ledger that changed since the last checkpoint, a record each;
+        the number written."""
+        written = self._unwritten
+        self._unwritten = {}
+        for key in written:
+            self.table[key] = self._live[key].to_bytes()
+        return len(written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +244,11 @@ class RawHandler:
         """Drop decoded ledgers (after a rebalance); the table is the truth."""
         self.biller.forget_live()
 
+    def checkpoint(self) -> int:
+        """Write the node ledgers that changed since the last checkpoint (see the module
+        docstring); the messages handled before it may then be acknowledged."""
+        return self.biller.checkpoint()
+
     def _dead(
         self, value: bytes, partition: int, offset: int, reason: DeadReason, detail: str,
         readings: tuple[dict[str, int | str], ...] = (),
@@ -228,16 +281,14 @@ class RawHandler:
                 f"observed_at is {ahead:.0f}s in the future "
                 f"(more than QUOTAFLOW_MAX_CLOCK_SKEW_S)",
             ),))
-        rerouted: tuple[Keyed, ...] = ()
-        if self.biller.misrouted(report, partition):
-            fragments = split_report(report, self.partitions)
-            report = fragments.pop(partition, report.model_copy(update={"counters": ()}))
-            rerouted = tuple(
-                Keyed(other, key, fragment.encode()) for other, fragment in fragments.items()
-            )
-            self.stats.rerouted += len(rerouted)
-            if not report.counters and report.kind == "cumulative":
-                return Outcome(rerouted=rerouted)
+        own, others = self.biller.own_fragment(report, partition)
+        rerouted = tuple(
+            Keyed(other, key, fragment.encode()) for other, fragment in others.items()
+        )
+        self.stats.rerouted += len(rerouted)
+        if own is None:
+            return Outcome(rerouted=rerouted)
+        report = own
         quota: Decided | None = None
         try:
             billing = self.biller.bill(report, partition)
@@ -248,10 +299,10 @@ class RawHandler:
                     partition, offset, billing.rated(int(report.observed_at.timestamp())),
                     datetime.fromtimestamp(self.now(), UTC),
                 )
-            self.biller.persist(report.node_id, partition)
+            self.biller.keep(report.node_id, partition, value, billing.rate)
         except Exception as exc:  # a bug must not stop the partition: keep the message
             log.exception("cannot bill %s[%d]@%d", self.raw_topic, partition, offset)
-            self.biller.forget_live()  # the ledger may be half updated; reload from the table
+            self.biller.undo(report.node_id, partition)  # the ledger may be half updated
             return Outcome(rerouted=rerouted, dead=(self._dead(
                 value, partition, offset, "error", f"{type(exc).__name__}: {exc}"[:500]
             ),))

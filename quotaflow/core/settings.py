@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_clock_skew_s: float = Field(default=86_400.0, gt=0)  # reports further ahead are refused
 
     state_dir: Path = Path("./.quotaflow-state")
+    # how often the worker writes the node ledgers that changed, and acknowledges the
+    # messages they hold (a crash makes it bill at most this much again, exactly)
+    checkpoint_interval_s: float = Field(default=1.0, gt=0)
     sink_batch_lines: int = Field(default=5000, ge=1)
     sink_flush_interval_s: float = Field(default=1.0, gt=0)
 

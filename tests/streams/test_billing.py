@@ -48,7 +48,8 @@ def test_a_valid_report_gives_totals() -> None:
     table: dict[bytes, bytes] = {}
     users = users_of(1)
     message = report(1, [(u, 100 * (i + 1), 1000) for i, u in enumerate(users)]).encode()
-    outcome = handler(table).handle(message, 1, 7, key=b"n1")
+    billing = handler(table)
+    outcome = billing.handle(message, 1, 7, key=b"n1")
     assert outcome.dead == () and outcome.rerouted == ()
     [record] = outcome.totals
     assert (record.partition, record.key) == (1, b"n1")
@@ -57,7 +58,9 @@ def test_a_valid_report_gives_totals() -> None:
     assert sorted(batch.totals) == sorted(
         (u, *(100 * (i + 1), 1000) * 4) for i, u in enumerate(users)
     )
-    # the ledger is stored under node|partition, one record
+    # the ledger is written at the checkpoint, under node|partition, one record
+    assert table == {}
+    assert billing.checkpoint() == 1
     assert list(table) == [b"n1|1"]
     assert NodeLedger.from_bytes(table[b"n1|1"]).total(users[0], "day", DAY) == (100, 1000)
 
@@ -119,12 +122,14 @@ def test_a_misrouted_report_is_split_and_rerouted() -> None:
     # only partition 0's part is billed here
     [batch] = totals_of(outcome)
     assert sorted(row[0] for row in batch.totals) == sorted(mine)
+    biller.checkpoint()
     assert list(table) == [b"n1|0"]
     assert biller.stats.rerouted == 2
     # each fragment is billed where it arrives
     again = biller.handle(outcome.rerouted[0].value, 2, 0, key=b"n1")
     assert again.rerouted == ()
     assert sorted(row[0] for row in totals_of(again)[0].totals) == sorted(other)
+    biller.checkpoint()
     assert sorted(table) == [b"n1|0", b"n1|2"]
 
 
@@ -144,12 +149,14 @@ def test_a_redelivered_message_bills_nothing_twice_but_resends_the_totals() -> N
     second = report(2, [(u, 150, 1500) for u in users]).encode()
     biller.handle(first, 3, 0)
     sent = biller.handle(second, 3, 1)
+    biller.checkpoint()
     billed, stored = biller.stats.billed_bytes, table[b"n1|3"]
     assert billed == len(users) * 1650
     again = biller.handle(second, 3, 1)  # a redelivery
     assert again.totals == sent.totals  # the same running totals, sent again
     assert again.dead == ()
     assert biller.stats.billed_bytes == billed
+    biller.checkpoint()
     assert table[b"n1|3"] == stored
     # also after a rebalance, when the ledger comes from the table
     biller.forget_live()
@@ -175,40 +182,79 @@ def test_refusals_are_dead_lettered_per_reason_with_their_readings() -> None:
     assert letter.readings == ({"user_id": users[0], "up": huge - 1, "down": 0},)
 
 
-class FlakyTable(dict[bytes, bytes]):
-    """A table whose next write fails once."""
-
-    fail = False
-
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        if self.fail:
-            self.fail = False
-            raise OSError("disk on fire")
-        super().__setitem__(key, value)
-
-
-def test_an_error_while_billing_is_dead_lettered_and_the_table_stays_the_truth() -> None:
-    table = FlakyTable()
+def test_an_error_while_billing_is_dead_lettered_and_only_that_message_is_undone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table: dict[bytes, bytes] = {}
     biller = handler(table)
     users = users_of(2)
     biller.handle(report(1, [(u, 100, 1000) for u in users]).encode(), 2, 0)
+    biller.checkpoint()
     stored = table[b"n1|2"]
-    table.fail = True
-    message = report(2, [(u, 300, 3000) for u in users]).encode()
-    outcome = biller.handle(message, 2, 1)
+    # a message kept since the checkpoint, a rerouted one, and one that fails half way
+    biller.handle(report(2, [(u, 200, 2000) for u in users]).encode(), 2, 1)
+    mixed = report(3, [(u, 250, 2500) for u in users] + [(users_of(1)[0], 1, 1)]).encode()
+    assert [r.partition for r in biller.handle(mixed, 2, 2).rerouted] == [1]
+    update = NodeLedger.update
+
+    def half_done(ledger: NodeLedger, fragment: CounterReport, *args: object) -> object:
+        done = update(ledger, fragment, *args)  # type: ignore[arg-type]
+        if fragment.seq == 4:
+            raise OSError("disk on fire")
+        return done
+
+    monkeypatch.setattr(NodeLedger, "update", half_done)
+    message = report(4, [(u, 300, 3000) for u in users]).encode()
+    outcome = biller.handle(message, 2, 3)
+    monkeypatch.setattr(NodeLedger, "update", update)
     assert outcome.totals == ()
     [dead] = outcome.dead
     letter = DeadLetter.decode(dead.value)
-    assert (letter.reason, letter.partition, letter.offset) == ("error", 2, 1)
+    assert (letter.reason, letter.partition, letter.offset) == ("error", 2, 3)
     assert letter.detail == "OSError: disk on fire"
     assert letter.original() == message
-    assert table[b"n1|2"] == stored  # the half-done update is not kept
-    # The ledger in memory had seq 2 applied; it was dropped, so a redelivery bills it.
+    assert table[b"n1|2"] == stored  # nothing written before the checkpoint
+    # seq 4 was applied to the ledger in memory: undone, with seqs 2 and 3 kept
     billed = biller.stats.billed_bytes
-    [batch] = totals_of(biller.handle(message, 2, 1))
-    assert biller.stats.billed_bytes == billed + len(users) * 2200
+    [batch] = totals_of(biller.handle(message, 2, 3))  # a redelivery bills it
+    assert biller.stats.billed_bytes == billed + len(users) * 550
     assert batch.totals[0][1:] == (300, 3000) * 4
+    biller.checkpoint()
     assert NodeLedger.from_bytes(table[b"n1|2"]).total(users[0], "day", DAY) == (300, 3000)
+
+
+def test_a_crash_bills_again_exactly_what_came_after_the_last_checkpoint() -> None:
+    """A worker acknowledges only what a checkpoint holds: after a crash it handles the
+    messages since then again, against the ledgers written then, and bills them once."""
+    users = users_of(0, 5)
+    messages = [
+        report(seq, [(u, 10 * seq * (i + 1), 100 * seq) for i, u in enumerate(users)
+                     if (seq + i) % 3],
+               at=AT + timedelta(minutes=seq), node=f"n{seq % 2}").encode()
+        for seq in range(1, 13)
+    ]
+    truth = handler()
+    sent, billed = {}, {}
+    for offset, message in enumerate(messages):
+        before = truth.stats.billed_bytes
+        sent[offset] = totals_of(truth.handle(message, 0, offset))
+        billed[offset] = truth.stats.billed_bytes - before
+    assert all(billed.values())
+    for checkpoint_at in range(len(messages)):
+        table: dict[bytes, bytes] = {}
+        crashed = handler(table)
+        for offset, message in enumerate(messages):
+            crashed.handle(message, 0, offset)
+            if offset == checkpoint_at:
+                crashed.checkpoint()
+        restarted = handler(table)  # the unwritten ledgers are gone with the process
+        # Kafka redelivers from the last committed offset, which may be below the checkpoint
+        # (those bill nothing, and send the totals as they are)
+        again = {o: totals_of(restarted.handle(messages[o], 0, o))
+                 for o in range(max(0, checkpoint_at - 2), len(messages))}
+        later = range(checkpoint_at + 1, len(messages))
+        assert [again[o] for o in later] == [sent[o] for o in later]
+        assert restarted.stats.billed_bytes == sum(billed[o] for o in later)
 
 
 def test_an_error_after_rerouting_still_sends_the_fragments(

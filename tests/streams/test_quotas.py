@@ -137,17 +137,19 @@ def test_a_users_history_is_written_about_once_an_hour() -> None:
     flushes=st.sets(st.integers(0, 20)),
     crash_at=st.integers(0, 20),
     committed=st.integers(0, 20),
-    ledger_landed=st.booleans(),
+    checkpointed=st.integers(0, 21),
 )
 def test_a_crash_anywhere_neither_loses_nor_doubles_usage_and_keeps_command_ids(
     amounts: list[list[tuple[str, int]]], flushes: set[int], crash_at: int, committed: int,
-    ledger_landed: bool,
+    checkpointed: int,
 ) -> None:
     """Messages 0..n-1 are billed; the store is copied after message `crash_at` (what
-    reached Kafka); offsets below `committed` are not seen again; a message whose ledger
-    record landed bills nothing when seen again, others bill again."""
+    reached Kafka); offsets below `committed` are not seen again; the messages below
+    `checkpointed` are in the ledger records that landed (a checkpoint, at or above the
+    committed offset) and bill nothing when seen again, the later ones bill again."""
     crash_at = min(crash_at, len(amounts) - 1)
     committed = min(committed, crash_at + 1)
+    checkpointed = min(max(checkpointed, committed), crash_at + 1)
     plans = {u: plan(u, 1500, warn_at=(0.5,)) for u in ("ann", "ben", "cy")}
 
     def run(keeper: QuotaKeeper, offsets: range, billed: set[int]) -> list[Command]:
@@ -170,11 +172,10 @@ def test_a_crash_anywhere_neither_loses_nor_doubles_usage_and_keeps_command_ids(
     keeper = QuotaKeeper(Settings(), store)
     keeper.load(1, plans, NOW)
     before = run(keeper, range(crash_at + 1), set())
-    crashed = copy(store)  # with ledger_landed False: the last journal record is in, its
+    crashed = copy(store)  # every journal record is in; ledger records up to the checkpoint
     again = QuotaKeeper(Settings(), crashed)
     after = again.load(1, plans, NOW).commands
-    # ledger record is not, so that message bills again when it is seen again
-    billed = set(range(crash_at + 1)) if ledger_landed else set(range(crash_at))
+    billed = set(range(checkpointed))
     after += run(again, range(committed, len(amounts)), billed)
     for user in ("ann", "ben", "cy"):
         got, want = again.books[1].status(user), truth.books[1].status(user)
