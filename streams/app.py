@@ -215,8 +215,8 @@ def create_app(settings: Settings) -> faust.App:
         value_type=bytes,
         extra_topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
     )
-    control = app.topic(settings.topics.control, partitions=settings.partitions)
-    quota = app.topic(settings.topics.quota, partitions=settings.partitions)
+    # sent straight to aiokafka's producer, as the totals and changelog records are
+    control_topic, quota_topic = settings.topics.control, settings.topics.quota
     side = SideInputs(settings)
     # quota records share the ledgers' table: a message's journal record and its
     # ledger record then go to one changelog partition, in that order
@@ -241,8 +241,9 @@ def create_app(settings: Settings) -> faust.App:
             return
         health.commands_issued += len(decided.commands)
         for command in decided.commands:
-            future = control.send_soon(
-                key=command.user_id.encode(), value=command.encode(), partition=partition,
+            future = await producer().send(
+                control_topic, command.encode(), key=command.user_id.encode(),
+                partition=partition,
             )
             future.add_done_callback(_when_sent(keeper, partition, command))
 
@@ -417,7 +418,7 @@ def create_app(settings: Settings) -> faust.App:
             if keeper.loaded(partition):
                 states = keeper.report(partition)
                 if states is not None:
-                    quota.send_soon(value=states, partition=partition)
+                    await producer().send(quota_topic, states, partition=partition)
         await store.send(producer())  # commands struck off as sent, among others
 
     @app.timer(interval=QUOTA_FLUSH_S)  # type: ignore[untyped-decorator]
