@@ -311,7 +311,18 @@ UserTotals = (
           ByteCount, ByteCount, ByteCount, ByteCount]
     | tuple[Identifier, ByteCount, ByteCount, ByteCount, ByteCount]
 )
-TotalsRow = tuple[str, int, int, int, int, int, int, int, int]
+FullTotalsRow = tuple[str, int, int, int, int, int, int, int, int]
+# a row as the worker sends it: without its billed bytes when they equal the raw ones
+TotalsRow = FullTotalsRow | tuple[str, int, int, int, int]
+
+
+def full_row(row: TotalsRow | UserTotals) -> FullTotalsRow:
+    """A totals row with its billed bytes, which equal the raw ones when it has none.
+
+    >>> full_row(("u", 1, 2, 3, 4))
+    ('u', 1, 2, 3, 4, 1, 2, 3, 4)
+    """
+    return row if len(row) == 9 else (*row, *row[1:])
 
 
 class ReportSeen(_Contract):
@@ -336,7 +347,8 @@ class TotalsBatch(_Contract):
     All totals of a fragment belong to the day and month that contain its
     `observed_at`, so they are given once (`day`, `month`: the periods' first
     seconds, Unix time, in the billing timezone) and each user's totals are a
-    row: raw day up, day down, month up, month down, then the same billed. A later
+    row: raw day up, day down, month up, month down, then the same billed, which a
+    row leaves out when they equal the raw ones (`rows()` fills them in). A later
     total of the same (user, node, period) replaces an earlier one.
 
     `report` says which report it came from (`ReportSeen`); records written before it
@@ -380,13 +392,13 @@ report=None)
         """Read and validate the wire form; raises `pydantic.ValidationError`."""
         return cls.model_validate_json(data)
 
-    def rows(self) -> list[TotalsRow]:
-        """Every row with its billed bytes (those of old raw-only rows equal the raw ones).
+    def rows(self) -> list[FullTotalsRow]:
+        """Every row with its billed bytes (those of raw-only rows equal the raw ones).
 
         >>> TotalsBatch.decode(b'{"node_id":"n","day":0,"month":0,"totals":[["u",1,2,3,4]]}').rows()
         [('u', 1, 2, 3, 4, 1, 2, 3, 4)]
         """
-        return [row if len(row) == 9 else (*row, *row[1:]) for row in self.totals]
+        return [full_row(row) for row in self.totals]
 
 
 DeadReason = Literal["invalid", "anomaly", "late", "stale-epoch", "stale-seq", "error"]

@@ -55,8 +55,8 @@ def test_a_valid_report_gives_totals() -> None:
     assert (record.partition, record.key) == (1, b"n1")
     batch = TotalsBatch.decode(record.value)
     assert (batch.node_id, batch.day, batch.month) == ("n1", DAY, MONTH)
-    assert sorted(batch.totals) == sorted(
-        (u, *(100 * (i + 1), 1000) * 4) for i, u in enumerate(users)
+    assert sorted(batch.totals) == sorted(  # at rate 1: no billed bytes of their own
+        (u, *(100 * (i + 1), 1000) * 2) for i, u in enumerate(users)
     )
     # the ledger is written at the checkpoint, under node|partition, one record
     assert table == {}
@@ -161,7 +161,7 @@ def test_a_redelivered_message_bills_nothing_twice_but_resends_the_totals() -> N
     # also after a rebalance, when the ledger comes from the table
     biller.forget_live()
     assert totals_of(handler(table).handle(first, 3, 0))[0].totals == totals_of(sent)[0].totals
-    assert totals_of(sent)[0].totals[0][1:] == (150, 1500, 150, 1500) * 2
+    assert totals_of(sent)[0].rows()[0][1:] == (150, 1500, 150, 1500) * 2
 
 
 def test_refusals_are_dead_lettered_per_reason_with_their_readings() -> None:
@@ -218,7 +218,7 @@ def test_an_error_while_billing_is_dead_lettered_and_only_that_message_is_undone
     billed = biller.stats.billed_bytes
     [batch] = totals_of(biller.handle(message, 2, 3))  # a redelivery bills it
     assert biller.stats.billed_bytes == billed + len(users) * 550
-    assert batch.totals[0][1:] == (300, 3000) * 4
+    assert batch.rows()[0][1:] == (300, 3000) * 4
     biller.checkpoint()
     assert NodeLedger.from_bytes(table[b"n1|2"]).total(users[0], "day", DAY) == (300, 3000)
 
