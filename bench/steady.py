@@ -418,6 +418,7 @@ def memory_per_key(keys: int, nodes: int, per_message: int, partitions: int) -> 
     handler = RawHandler(settings, table, now=time.time, quotas=keeper)
     for offset, (partition, value, _) in enumerate(messages):
         handler.handle(value, partition, offset)
+    handler.checkpoint()
     for p in range(partitions):
         keeper.flush(p)
     del messages
