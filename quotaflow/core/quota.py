@@ -113,6 +113,9 @@ _DISABLE_REASONS: tuple[tuple[int, Reason], ...] = (
 _NEVER = NO_END
 _BEFORE_ALL = -NO_END
 _NO_HOUR = -NO_END  # the newest hour of a user with no bucket
+_CHANGED, _UNREPORTED = 1, 2
+"""A user's marks: listed in the book's changed / unreported users since they were taken."""
+_TOUCHED = _CHANGED | _UNREPORTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +178,11 @@ class _Rules:
 class _User:
     """One user's state; with no plan, only `n` and `hours` mean anything."""
 
-    __slots__ = (
-        "at", "causes", "drawn", "due", "end", "first", "given", "hours", "issued", "lo", "mark",
-        "n", "newest", "rules", "start", "tally", "through", "usage", "used", "warned",
+    # the fields every reading reads first, so that they share the fewest cache lines
+    __slots__ = (  # noqa: RUF023
+        "lo", "end", "used", "newest", "tally", "first", "mark", "due", "rules", "marks",
+        "at", "causes", "drawn", "given", "hours", "issued", "n", "start", "through", "usage",
+        "warned",
     )
 
     def __init__(self) -> None:
@@ -191,6 +196,7 @@ class _User:
         self.newest = _NO_HOUR
         self.tally = 0  # the newest hour's bytes, added to per reading
         self.first = _NEVER  # the first hour in `hours` (mostly the oldest), for pruning
+        self.marks = 0  # _CHANGED | _UNREPORTED: listed as such in the book
         # for whoever stores the record: the last input position it holds (-1: none)
         self.through = -1
         self.rules: _Rules | None = None
@@ -305,9 +311,11 @@ class QuotaBook:
         self.history_s = (LONGEST_PERIOD_DAYS + lateness_days) * 86400
         self.users: dict[str, _User] = {}
         self._due: list[tuple[int, str]] = []  # (due, user_id), stale entries skipped
-        self._changed: set[str] = set()
+        # users listed once each, while their `marks` say so, rather than sets: a
+        # reading then touches nothing but its user
+        self._changed: list[str] = []
         self._history_changed: set[str] = set()
-        self._unreported: set[str] = set()  # changed since `take_unreported()`
+        self._unreported: list[str] = []  # changed since `take_unreported()`
 
     # ------------------------------------------------------------------ the three calls
 
@@ -335,16 +343,18 @@ class QuotaBook:
                 elif user.add_to_hour(hour, count):
                     history_changed.add(user_id)
                 seen[user_id] = user
-        self._changed.update(seen)
-        self._unreported.update(seen)
         oldest_hour = (now_s - self.history_s) // BUCKET_S
+        # every user's due is in the heap, so before its first entry nobody is due
+        none_due = not self._due or now_s < self._due[0][0]
         commands: list[Command] = []
         for user_id, user in seen.items():
+            if user.marks != _TOUCHED:
+                self._mark(user_id, user, _TOUCHED)
             if user.first < oldest_hour:  # mostly in order: the first is the oldest
                 user.keep_from(oldest_hour)
                 history_changed.add(user_id)
             # a user with no plan has nothing due and no mark
-            if (now_s < user.due and user.used < user.mark) or user.rules is None:
+            if (user.used < user.mark and (none_due or now_s < user.due)) or user.rules is None:
                 continue
             commands.extend(self._decide(user_id, user, now_s, now, ()))
         return commands
@@ -359,8 +369,7 @@ class QuotaBook:
             if plan is None:
                 return []
             user = self.users[user_id] = _User()
-        self._changed.add(user_id)
-        self._unreported.add(user_id)
+        self._mark(user_id, user, _TOUCHED)
         old = user.rules
         if plan is None:
             if old is None:
@@ -416,8 +425,7 @@ class QuotaBook:
             user = self.users.get(user_id)
             if user is None or user.rules is None or user.due != when:
                 continue  # a stale entry: the user's due moved
-            self._changed.add(user_id)
-            self._unreported.add(user_id)
+            self._mark(user_id, user, _TOUCHED)
             commands.extend(self._decide(user_id, user, now_s, now, ()))
             budget -= 1
         return commands
@@ -494,13 +502,13 @@ class QuotaBook:
 
     def take_changed(self) -> set[str]:
         """The users whose state records changed since the last call (for the changelog)."""
-        changed, self._changed = self._changed, set()
-        return changed
+        changed, self._changed = self._changed, []
+        return self._unmark(changed, _CHANGED)
 
     def take_unreported(self) -> set[str]:
         """The users whose state changed since the last call (to report their quota states)."""
-        changed, self._unreported = self._unreported, set()
-        return changed
+        changed, self._unreported = self._unreported, []
+        return self._unmark(changed, _UNREPORTED)
 
     def take_history_changed(self) -> set[str]:
         """The users whose history records changed since the last call (for the changelog)."""
@@ -513,7 +521,7 @@ class QuotaBook:
         for user_id, user in self.users.items():
             if user.hours and min(user.hours) < oldest_hour:
                 user.keep_from(oldest_hour)
-                self._changed.add(user_id)
+                self._mark(user_id, user, _CHANGED)
                 self._history_changed.add(user_id)
 
     # ------------------------------------------------------------------ state records
@@ -564,6 +572,23 @@ class QuotaBook:
                 book._due.append((user.due, user_id))
         heapq.heapify(book._due)
         return book
+
+    def _mark(self, user_id: str, user: _User, marks: int) -> None:
+        """List the user as changed (`_CHANGED`) and/or unreported (`_UNREPORTED`)."""
+        new = marks & ~user.marks
+        user.marks |= new
+        if new & _CHANGED:
+            self._changed.append(user_id)
+        if new & _UNREPORTED:
+            self._unreported.append(user_id)
+
+    def _unmark(self, listed: list[str], mark: int) -> set[str]:
+        users = self.users
+        for user_id in listed:
+            user = users.get(user_id)
+            if user is not None:
+                user.marks &= ~mark
+        return set(listed)
 
     # ------------------------------------------------------------------ the rules
 
