@@ -296,7 +296,7 @@ class RawHandler:
             if quotas is not None and billing.billed:
                 # journaled before the ledger record, on the same changelog partition
                 quota = quotas.update(
-                    partition, offset, billing.rated(int(report.observed_at.timestamp())),
+                    partition, offset, int(report.observed_at.timestamp()), billing.rated(),
                     datetime.fromtimestamp(self.now(), UTC),
                 )
             self.biller.keep(report.node_id, partition, value, billing.rate)

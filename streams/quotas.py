@@ -10,8 +10,10 @@ What is written, and when, so that a crash at any moment neither loses nor
 doubles a byte of usage and announces no change twice with different ids:
 
 - **A journal record per billed message**, written before the message's ledger
-  record, to the same changelog partition: the message's offset and its billed
-  readings. A ledger record that reached Kafka therefore has its journal record
+  record, to the same changelog partition: the message's offset, its observed_at
+  and its billed readings, `[offset, observed_at, [[user, bytes], ...]]` (records
+  written before that shape, `[offset, [[user, observed_at, bytes], ...]]`, still
+  load). A ledger record that reached Kafka therefore has its journal record
   there too. Journal keys are slots of a ring, so old records are overwritten
   rather than deleted.
 - **Users' state records at `flush()`** (the worker flushes every ten seconds,
@@ -34,7 +36,7 @@ doubles a byte of usage and announces no change twice with different ids:
 ...             period=CalendarMonth(kind="calendar_month"))
 >>> keeper.set_plans(1, [("alice", plan)], now).commands
 []
->>> decided = keeper.update(1, 7, [("alice", int(now.timestamp()), 1200)], now)
+>>> decided = keeper.update(1, 7, int(now.timestamp()), [("alice", 1200)], now)
 >>> [(c.action, c.reason) for c in decided.commands]
 [('warn', 'threshold'), ('disable', 'quota')]
 >>> keeper.report(1)
@@ -50,7 +52,7 @@ A worker that restarts before Kafka acknowledged the commands sends them again:
 >>> again = QuotaKeeper(Settings(), store)
 >>> again.load(1, {"alice": plan}, now).commands
 []
->>> again.update(1, 7, [("alice", int(now.timestamp()), 1200)], now).commands  # offset 7 again
+>>> again.update(1, 7, int(now.timestamp()), [("alice", 1200)], now).commands  # offset 7 again
 []
 >>> again.books[1].status("alice").used
 1200
@@ -123,6 +125,30 @@ def journal_key(partition: int, offset: int) -> bytes:
     return f"{partition}{_JOURNAL}{offset % JOURNAL_SLOTS}".encode()
 
 
+def _journaled(value: bytes) -> tuple[int, list[tuple[int, list[tuple[str, int]]]]]:
+    """A journal record's offset and readings, grouped by observed_at, in their order.
+
+    >>> _journaled(b'[7,1764000000,[["alice",11],["bob",3]]]')
+    (7, [(1764000000, [('alice', 11), ('bob', 3)])])
+
+    Records written before the observed_at was stored once, with every reading:
+
+    >>> _journaled(b'[7,[["alice",1764000000,11],["bob",1764000000,3],["cy",1764000060,1]]]')
+    (7, [(1764000000, [('alice', 11), ('bob', 3)]), (1764000060, [('cy', 1)])])
+    """
+    record = orjson.loads(value)
+    if len(record) == 3:
+        offset, observed_at, readings = record
+        return offset, [(observed_at, [(user, count) for user, count in readings])]
+    offset, triples = record
+    groups: list[tuple[int, list[tuple[str, int]]]] = []
+    for user, t, count in triples:
+        if not groups or groups[-1][0] != t:
+            groups.append((t, []))
+        groups[-1][1].append((user, count))
+    return offset, groups
+
+
 @dataclass(slots=True)
 class Decided:
     """What one quota step makes the worker publish."""
@@ -175,7 +201,7 @@ class QuotaKeeper:
         book = QuotaBook(self.default_tz, self.lateness_days)
         states: dict[str, bytes] = {}
         histories: dict[str, bytes] = {}
-        journal: list[tuple[int, list[tuple[str, int, int]]]] = []
+        journal: list[tuple[int, list[tuple[int, list[tuple[str, int]]]]]] = []
         resend: list[Command] = []
         prefix = f"{partition}{_SEP}".encode()
         journal_prefix = f"{partition}{_JOURNAL}".encode()
@@ -184,8 +210,7 @@ class QuotaKeeper:
             if value is None:
                 continue
             if key.startswith(journal_prefix):
-                offset, readings = orjson.loads(value)
-                journal.append((offset, [tuple(r) for r in readings]))
+                journal.append(_journaled(value))
             elif key.endswith(_UNSENT):
                 user_id = key[len(prefix):-len(_UNSENT)].decode()
                 unsent = [Command.decode(c) for c in orjson.loads(value)]
@@ -200,11 +225,13 @@ class QuotaKeeper:
         held = self.partitions[partition] = _Partition(book)
         held.handled = max((user.through for user in book.users.values()), default=-1)
         commands = list(resend)
-        for offset, readings in sorted(journal):
-            users = book.users
+        users = book.users
+        for offset, groups in sorted(journal, key=lambda record: record[0]):
             missing = [
-                r for r in readings if r[0] not in users or offset > users[r[0]].through
+                (t, [(u, b) for u, b in readings if u not in users or offset > users[u].through])
+                for t, readings in groups
             ]
+            missing = [group for group in missing if group[1]]
             if missing:
                 commands += book.update(missing, now)
             held.replayed = held.handled = max(held.handled, offset)
@@ -232,10 +259,11 @@ class QuotaKeeper:
         return Decided(commands)
 
     def update(
-        self, partition: int, offset: int, readings: list[tuple[str, int, int]], now: datetime
+        self, partition: int, offset: int, observed_at: int, readings: list[tuple[str, int]],
+        now: datetime,
     ) -> Decided:
-        """Add the billed readings `(user, observed_at Unix s, billed bytes)` of the message
-        at `offset`; journal them before the message's ledger record is written.
+        """Add the billed readings `(user, billed bytes)` of the message at `offset`, observed
+        at `observed_at` (Unix s); journal them before the message's ledger record is written.
 
         A message at or below the offsets replayed from the journal at load is
         in the book already, and changes nothing.
@@ -244,9 +272,9 @@ class QuotaKeeper:
         if offset <= held.replayed:
             return Decided()
         held.handled = max(held.handled, offset)
-        commands = held.book.update(readings, now)
+        commands = held.book.update(((observed_at, readings),), now)
         self.store.put(partition, journal_key(partition, offset),
-                       right_sized(orjson.dumps([offset, readings])))
+                       right_sized(orjson.dumps([offset, observed_at, readings])))
         held.since_flush += 1
         self._store_commands(partition, commands)
         return Decided(commands)

@@ -117,17 +117,17 @@ class Billing:
         """Up plus down bytes billed, raw (before the rate)."""
         return sum(up + down for _, up, down in self.billed)
 
-    def rated(self, observed: int) -> list[tuple[str, int, int]]:
-        """(user, `observed`, billed up + billed down) of each billed reading, after the rate:
-        the quota step's readings.
+    def rated(self) -> list[tuple[str, int]]:
+        """(user, billed up + billed down) of each billed reading, after the rate: the quota
+        step's readings (all observed at the report's observed_at).
 
-        >>> Billing(billed=[("alice", 3, 5)], rate=15_000).rated(1764000000)
-        [('alice', 1764000000, 11)]
+        >>> Billing(billed=[("alice", 3, 5)], rate=15_000).rated()
+        [('alice', 11)]
         """
         rate, unit = self.rate, RATE_UNIT
         if rate == unit:
-            return [(user, observed, up + down) for user, up, down in self.billed]
-        return [(user, observed, up * rate // unit + down * rate // unit)
+            return [(user, up + down) for user, up, down in self.billed]
+        return [(user, up * rate // unit + down * rate // unit)
                 for user, up, down in self.billed]
 
 

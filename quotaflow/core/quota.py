@@ -7,8 +7,9 @@ already warned about and why the user is disabled. It changes through three
 calls, each pure (the clock is an argument) and each returning the commands to
 publish, in order:
 
-- `update(readings, now)`: billed bytes `(user_id, observed_at, bytes)`, Unix
-  seconds for `observed_at`; each user's decisions are taken once per batch;
+- `update(batch, now)`: billed bytes, as groups `(observed_at, [(user_id, bytes),
+  ...])` that share an `observed_at` (Unix seconds; a message's readings do);
+  each user's decisions are taken once per batch;
 - `set_plan(user_id, plan or None, now)`: a plan arrived, changed or was deleted;
 - `tick(now)`: period rollovers, expiries and packs coming or going, found by the
   clock; only users with something due are touched.
@@ -24,20 +25,20 @@ publish, in order:
 ...     for c in commands:
 ...         print(c.action, c.reason, c.used_bytes, c.allowance_bytes, c.threshold)
 >>> book = QuotaBook(ZoneInfo("UTC"))
->>> show(book.update([("alice", s(1, 8), 600)], now=at(2)))   # no plan yet: no commands
+>>> show(book.update([(s(1, 8), [("alice", 600)])], now=at(2)))   # no plan yet: no commands
 >>> plan = Plan(user_id="alice", quota_bytes=1000, period=CalendarMonth(kind="calendar_month"),
 ...             enabled=True, warn_at=(0.5, 0.8))
 >>> show(book.set_plan("alice", plan, now=at(2)))      # sees the 600 bytes already used
 warn threshold 600 1000 0.5
->>> show(book.update([("alice", s(2, 1), 150), ("alice", s(2, 2), 300)], now=at(3)))
+>>> show(book.update([(s(2, 1), [("alice", 150)]), (s(2, 2), [("alice", 300)])], now=at(3)))
 warn threshold 1050 1000 0.8
 disable quota 1050 1000 None
 >>> pack = Pack(pack_id="extra", bytes=500, added_at=at(3))
 >>> show(book.set_plan("alice", plan.model_copy(update={"packs": (pack,)}), now=at(3)))
 enable pack 1050 1500 None
->>> show(book.update([("alice", s(3, 1), 500)], now=at(4)))   # the pack is used up
+>>> show(book.update([(s(3, 1), [("alice", 500)])], now=at(4)))   # the pack is used up
 disable quota 1550 1500 None
->>> show(book.update([("alice", s(30, 23), 10)], now=datetime(2026, 12, 1, 0, 5, tzinfo=UTC)))
+>>> show(book.update([(s(30, 23), [("alice", 10)])], now=datetime(2026, 12, 1, 0, 5, tzinfo=UTC)))
 enable period_reset 0 1000 None
 >>> show(book.tick(datetime(2026, 12, 2, tzinfo=UTC)))  # nothing due
 >>> december = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
@@ -49,7 +50,7 @@ pack gave all its 500 bytes in November, so December's allowance is the quota
 alone. Commands carry a deterministic id, and the state survives a restart:
 
 >>> again = QuotaBook.from_bytes(book.to_bytes(), ZoneInfo("UTC"))
->>> show(again.update([("alice", s(30, 23), 1)], now=datetime(2026, 12, 2, tzinfo=UTC)))
+>>> show(again.update([(s(30, 23), [("alice", 1)])], now=datetime(2026, 12, 2, tzinfo=UTC)))
 >>> again.usage("alice", s(1)) == 1561 and again.to_bytes() != book.to_bytes()
 True
 
@@ -111,6 +112,10 @@ _DISABLE_REASONS: tuple[tuple[int, Reason], ...] = (
 )
 _NEVER = NO_END
 _BEFORE_ALL = -NO_END
+_NO_HOUR = -NO_END  # the newest hour of a user with no bucket
+_CHANGED, _UNREPORTED = 1, 2
+"""A user's marks: listed in the book's changed / unreported users since they were taken."""
+_TOUCHED = _CHANGED | _UNREPORTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,22 +178,64 @@ class _Rules:
 class _User:
     """One user's state; with no plan, only `n` and `hours` mean anything."""
 
-    __slots__ = (
-        "at", "causes", "drawn", "due", "end", "given", "hours", "issued", "lo", "mark", "n",
-        "newest", "rules", "start", "through", "usage", "used", "warned",
+    # the fields every reading reads first, so that they share the fewest cache lines
+    __slots__ = (  # noqa: RUF023
+        "lo", "end", "used", "newest", "tally", "first", "mark", "due", "rules", "marks",
+        "at", "causes", "drawn", "given", "hours", "issued", "n", "start", "through", "usage",
+        "warned",
     )
 
     def __init__(self) -> None:
         self.n = 0  # commands issued so far, for their ids; never reset
         self.issued = 0  # the last command's issued_at, Unix ms; never reset
-        self.hours: dict[int, int] = {}  # hour (Unix s // 3600) -> billed bytes observed in it
+        # hour (Unix s // 3600) -> billed bytes observed in it; read it through `buckets()`:
+        # the newest hour's entry is brought up to date from `tally` only when needed
+        self.hours: dict[int, int] = {}
         # the latest hour with traffic: its bucket is in the state record, the older
         # ones in the history record, which changes about once an hour
-        self.newest = -1
+        self.newest = _NO_HOUR
+        self.tally = 0  # the newest hour's bytes, added to per reading
+        self.first = _NEVER  # the first hour in `hours` (mostly the oldest), for pruning
+        self.marks = 0  # _CHANGED | _UNREPORTED: listed as such in the book
         # for whoever stores the record: the last input position it holds (-1: none)
         self.through = -1
         self.rules: _Rules | None = None
         self._clear()
+
+    def buckets(self) -> dict[int, int]:
+        """`hours`, with the newest hour's bucket up to date."""
+        hours = self.hours
+        if self.newest in hours:
+            hours[self.newest] = self.tally
+        return hours
+
+    def set_buckets(self, hours: dict[int, int]) -> None:
+        """Replace the hourly buckets (`hours` is kept, not copied)."""
+        self.hours = hours
+        self.first = next(iter(hours), _NEVER)
+        self.newest = max(hours, default=_NO_HOUR)
+        self.tally = hours.get(self.newest, 0)
+
+    def keep_from(self, oldest_hour: int) -> None:
+        """Forget the buckets before `oldest_hour`."""
+        self.set_buckets({h: b for h, b in self.buckets().items() if h >= oldest_hour})
+
+    def add_to_hour(self, hour: int, count: int) -> bool:
+        """Add `count` bytes to `hour`'s bucket, which is not the newest one; whether the
+        history record (the buckets but the newest) changed."""
+        hours = self.hours
+        if not hours:
+            self.first = hour
+        newest = self.newest
+        if hour > newest:
+            history = newest in hours  # the old newest bucket joins the history
+            if history:
+                hours[newest] = self.tally
+            self.newest = hour
+            self.tally = hours[hour] = count  # a new bucket: the newest is the latest
+            return history
+        hours[hour] = hours.get(hour, 0) + count
+        return True
 
     def _clear(self) -> None:
         self.start = 0  # the current period [start, end), as of the last decision
@@ -208,10 +255,10 @@ class _User:
         """The user as JSON-ready values; without `history`, only the newest bucket."""
         hours = self.hours
         if history:
-            flat = [x for pair in hours.items() for x in pair]
+            flat = [x for pair in self.buckets().items() for x in pair]
         else:
             newest = self.newest
-            flat = [newest, hours[newest]] if newest in hours else []
+            flat = [newest, self.tally] if newest in hours else []
         if self.rules is None:
             return {"n": self.n, "i": self.issued, "h": flat, "k": self.through}
         return {
@@ -229,8 +276,7 @@ class _User:
         user.n = raw["n"]  # type: ignore[assignment]
         user.issued = raw.get("i", 0)  # type: ignore[assignment]
         flat: list[int] = raw["h"]  # type: ignore[assignment]
-        user.hours = dict(zip(flat[::2], flat[1::2], strict=True))
-        user.newest = max(user.hours, default=-1)
+        user.set_buckets(dict(zip(flat[::2], flat[1::2], strict=True)))
         user.through = raw.get("k", -1)  # type: ignore[assignment]
         plan = raw.get("p")
         if plan is None:
@@ -265,49 +311,50 @@ class QuotaBook:
         self.history_s = (LONGEST_PERIOD_DAYS + lateness_days) * 86400
         self.users: dict[str, _User] = {}
         self._due: list[tuple[int, str]] = []  # (due, user_id), stale entries skipped
-        self._changed: set[str] = set()
+        # users listed once each, while their `marks` say so, rather than sets: a
+        # reading then touches nothing but its user
+        self._changed: list[str] = []
         self._history_changed: set[str] = set()
-        self._unreported: set[str] = set()  # changed since `take_unreported()`
+        self._unreported: list[str] = []  # changed since `take_unreported()`
 
     # ------------------------------------------------------------------ the three calls
 
-    def update(self, readings: Iterable[tuple[str, int, int]], now: datetime) -> list[Command]:
-        """Add billed readings `(user_id, observed_at Unix s, bytes)`; the commands they cause."""
+    def update(
+        self, batch: Iterable[tuple[int, Iterable[tuple[str, int]]]], now: datetime
+    ) -> list[Command]:
+        """Add billed readings, grouped by observed_at: `(Unix s, [(user_id, bytes), ...])`;
+        the commands they cause."""
         now_s = unix(now)
         users = self.users
         seen: dict[str, _User] = {}
-        bucket_s = BUCKET_S
         history_changed = self._history_changed
-        last_t = hour = -1
-        for user_id, t, count in readings:
-            user = users.get(user_id)
-            if user is None:
-                user = users[user_id] = _User()
-            if user.lo <= t < user.end:
-                user.used += count
-            elif user.rules is not None and t >= user.rules.count_from:
-                self._add_elsewhere(user, t, count)
-            if t != last_t:  # a message's readings share one observed_at
-                last_t, hour = t, t // bucket_s
-            hours = user.hours
-            hours[hour] = hours.get(hour, 0) + count
-            if hour != user.newest:
-                if hour > user.newest:
-                    if user.newest in hours:  # the old newest bucket joins the history
-                        history_changed.add(user_id)
-                    user.newest = hour
-                else:
+        for t, readings in batch:
+            hour = t // BUCKET_S
+            for user_id, count in readings:
+                user = users.get(user_id)
+                if user is None:
+                    user = users[user_id] = _User()
+                if user.lo <= t < user.end:
+                    user.used += count
+                elif user.rules is not None and t >= user.rules.count_from:
+                    self._add_elsewhere(user, t, count)
+                if hour == user.newest:
+                    user.tally += count
+                elif user.add_to_hour(hour, count):
                     history_changed.add(user_id)
-            seen[user_id] = user
-        self._changed.update(seen)
-        self._unreported.update(seen)
+                seen[user_id] = user
         oldest_hour = (now_s - self.history_s) // BUCKET_S
+        # every user's due is in the heap, so before its first entry nobody is due
+        none_due = not self._due or now_s < self._due[0][0]
         commands: list[Command] = []
         for user_id, user in seen.items():
-            if next(iter(user.hours)) < oldest_hour:  # mostly in order: the oldest is first
-                user.hours = {h: b for h, b in user.hours.items() if h >= oldest_hour}
+            if user.marks != _TOUCHED:
+                self._mark(user_id, user, _TOUCHED)
+            if user.first < oldest_hour:  # mostly in order: the first is the oldest
+                user.keep_from(oldest_hour)
                 history_changed.add(user_id)
-            if user.rules is None or (now_s < user.due and user.used < user.mark):
+            # a user with no plan has nothing due and no mark
+            if (user.used < user.mark and (none_due or now_s < user.due)) or user.rules is None:
                 continue
             commands.extend(self._decide(user_id, user, now_s, now, ()))
         return commands
@@ -322,8 +369,7 @@ class QuotaBook:
             if plan is None:
                 return []
             user = self.users[user_id] = _User()
-        self._changed.add(user_id)
-        self._unreported.add(user_id)
+        self._mark(user_id, user, _TOUCHED)
         old = user.rules
         if plan is None:
             if old is None:
@@ -379,8 +425,7 @@ class QuotaBook:
             user = self.users.get(user_id)
             if user is None or user.rules is None or user.due != when:
                 continue  # a stale entry: the user's due moved
-            self._changed.add(user_id)
-            self._unreported.add(user_id)
+            self._mark(user_id, user, _TOUCHED)
             commands.extend(self._decide(user_id, user, now_s, now, ()))
             budget -= 1
         return commands
@@ -422,7 +467,7 @@ class QuotaBook:
         ...             enabled=True)
         >>> now = datetime(2026, 11, 24, tzinfo=UTC)
         >>> _ = book.set_plan("bob", plan, now)
-        >>> _ = book.update([("bob", int(now.timestamp()), 12), ("eve", 0, 1)], now)
+        >>> _ = book.update([(int(now.timestamp()), [("bob", 12)]), (0, [("eve", 1)])], now)
         >>> book.state_rows(["bob", "eve"])
         [('bob', '2026-11-01T00:00:00+00:00', 12, 10, 'disabled')]
         """
@@ -457,13 +502,13 @@ class QuotaBook:
 
     def take_changed(self) -> set[str]:
         """The users whose state records changed since the last call (for the changelog)."""
-        changed, self._changed = self._changed, set()
-        return changed
+        changed, self._changed = self._changed, []
+        return self._unmark(changed, _CHANGED)
 
     def take_unreported(self) -> set[str]:
         """The users whose state changed since the last call (to report their quota states)."""
-        changed, self._unreported = self._unreported, set()
-        return changed
+        changed, self._unreported = self._unreported, []
+        return self._unmark(changed, _UNREPORTED)
 
     def take_history_changed(self) -> set[str]:
         """The users whose history records changed since the last call (for the changelog)."""
@@ -475,8 +520,8 @@ class QuotaBook:
         oldest_hour = (unix(now) - self.history_s) // BUCKET_S
         for user_id, user in self.users.items():
             if user.hours and min(user.hours) < oldest_hour:
-                user.hours = {h: b for h, b in user.hours.items() if h >= oldest_hour}
-                self._changed.add(user_id)
+                user.keep_from(oldest_hour)
+                self._mark(user_id, user, _CHANGED)
                 self._history_changed.add(user_id)
 
     # ------------------------------------------------------------------ state records
@@ -508,9 +553,8 @@ class QuotaBook:
         if history is not None:
             flat: list[int] = orjson.loads(history)
             older = dict(zip(flat[::2], flat[1::2], strict=True))
-            older.update(user.hours)
-            user.hours = dict(sorted(older.items()))
-            user.newest = max(user.hours, default=-1)
+            older.update(user.buckets())
+            user.set_buckets(dict(sorted(older.items())))
         if user.rules is not None and user.due < _NEVER:
             heapq.heappush(self._due, (user.due, user_id))
 
@@ -529,13 +573,30 @@ class QuotaBook:
         heapq.heapify(book._due)
         return book
 
+    def _mark(self, user_id: str, user: _User, marks: int) -> None:
+        """List the user as changed (`_CHANGED`) and/or unreported (`_UNREPORTED`)."""
+        new = marks & ~user.marks
+        user.marks |= new
+        if new & _CHANGED:
+            self._changed.append(user_id)
+        if new & _UNREPORTED:
+            self._unreported.append(user_id)
+
+    def _unmark(self, listed: list[str], mark: int) -> set[str]:
+        users = self.users
+        for user_id in listed:
+            user = users.get(user_id)
+            if user is not None:
+                user.marks &= ~mark
+        return set(listed)
+
     # ------------------------------------------------------------------ the rules
 
     def _usage(self, user: _User, start: int, end: int) -> int:
         """A period's usage from the hourly buckets: those whose first second it counts."""
         assert user.rules is not None
         lo = max(start, user.rules.count_from)
-        return sum(b for h, b in user.hours.items() if lo <= h * BUCKET_S < end)
+        return sum(b for h, b in user.buckets().items() if lo <= h * BUCKET_S < end)
 
     def _add_elsewhere(self, user: _User, t: int, count: int) -> None:
         """Count a reading observed outside the current period (late, or early)."""

@@ -60,9 +60,14 @@ def acts(commands: Sequence[Command]) -> list[tuple[str, str] | tuple[str, str, 
     return out
 
 
+def grouped(readings: list[tuple[str, int, int]]) -> list[tuple[int, list[tuple[str, int]]]]:
+    """`QuotaBook.update`'s batch of readings `(user, observed_at, bytes)`, in their order."""
+    return [(t, [(user, count)]) for user, t, count in readings]
+
+
 def use(book: QuotaBook, count: int, now: datetime, observed: datetime | None = None,
         user: str = "alice") -> list[Command]:
-    return book.update([(user, s(observed or now), count)], now)
+    return book.update([(s(observed or now), [(user, count)])], now)
 
 
 # ---------------------------------------------------------------------------- starting
@@ -309,13 +314,13 @@ def test_a_plan_arriving_mid_period_sees_earlier_usage_to_within_an_hour() -> No
         ("alice", s(start) + 60, 100),  # November, in the straddling hour
         ("alice", s(start) + 3600, 1000),  # November
     ]
-    book.update(readings, at(5))
+    book.update(grouped(readings), at(5))
     book.set_plan("alice", plan(timezone="Asia/Kolkata", quota_bytes=10**6), at(5))
     status = book.status("alice")
     assert status is not None and status.period_start == s(start)
     assert status.used == 1000  # the straddling hour counts toward October
     # from now on the period is exact: late readings of any hour count where observed
-    book.update([("alice", s(start) + 60, 100_000), ("alice", s(start) - 60, 7)], at(6))
+    book.update(grouped([("alice", s(start) + 60, 100_000), ("alice", s(start) - 60, 7)]), at(6))
     assert book.status("alice").used == 101_000  # type: ignore[union-attr]
 
 
@@ -445,7 +450,7 @@ def test_per_user_records_round_trip() -> None:
     assert "bob" not in copy.users
     # the restored book keeps its clock duties
     assert acts(copy.tick(at(30))) == acts(book.tick(at(30))) == []
-    assert acts(copy.update([("alice", s(at(31)), 2000)], at(31))) == [
+    assert acts(copy.update([(s(at(31)), [("alice", 2000)])], at(31))) == [
         ("warn", "threshold", 0.8), ("disable", "quota"),
     ]
 
@@ -519,7 +524,7 @@ def run_batches(
             copy.load_user("alice", book.user_bytes("alice"), book.history_bytes("alice"))
             book = copy
         batch = [("alice", origin + t, b) for t, b in readings[lo:hi]]
-        out.append(book.update(batch, at(20, seconds=index)))
+        out.append(book.update(grouped(batch), at(20, seconds=index)))
     return out
 
 
@@ -571,7 +576,7 @@ def test_late_traffic_of_a_closed_period_never_issues_a_command(
     for size in [*sizes, len(late)]:
         batch = [("alice", s(T0) + t, b) for t, b in late[position:position + size]]
         position += size
-        assert book.update(batch, at(30, 1)) == []
+        assert book.update(grouped(batch), at(30, 1)) == []
     assert book.usage("alice", s(T0)) == 10 + sum(b for _, b in late)
     assert book.status("alice").used == 0  # type: ignore[union-attr]
 
@@ -662,7 +667,7 @@ def test_packs_follow_the_reference_order_expiry_and_carry_over(
         was_over = reference.over
         moment = datetime.fromtimestamp(now, UTC)
         if readings:
-            commands = book.update([("alice", t, b) for t, b in readings], moment)
+            commands = book.update([(t, [("alice", b)]) for t, b in readings], moment)
         else:
             commands = book.tick(moment)
         reference.step(now, readings)

@@ -76,8 +76,8 @@ def test_unsent_commands_are_kept_in_order_until_kafka_has_them() -> None:
     keeper = QuotaKeeper(Settings(), store)
     keeper.load(1, {}, NOW)
     keeper.set_plans(1, [("cat", plan("cat"))], NOW)
-    first = keeper.update(1, 0, [("cat", T, 900)], NOW).commands
-    second = keeper.update(1, 1, [("cat", T, 200)], NOW).commands
+    first = keeper.update(1, 0, T, [("cat", 900)], NOW).commands
+    second = keeper.update(1, 1, T, [("cat", 200)], NOW).commands
     assert acts(first + second) == [("cat", "warn", "threshold"), ("cat", "disable", "quota")]
     key = state_key(1, "cat") + b"\x1fc"
     assert [Command.decode(c) for c in orjson.loads(store.data[key])] == first + second
@@ -96,14 +96,49 @@ def test_between_flushes_a_message_writes_one_journal_record_and_no_state() -> N
     keeper.flush(3)
     before = set(store.data)
     for offset in range(10):
-        keeper.update(3, offset, [(f"u{i}", T, 5) for i in range(100)], NOW)
+        keeper.update(3, offset, T, [(f"u{i}", 5) for i in range(100)], NOW)
     assert set(store.data) - before == {journal_key(3, o) for o in range(10)}
     keeper.flush(3)
     assert {state_key(3, f"u{i}") for i in range(100)} <= set(store.data)
     assert not keeper.must_flush(3)
     for offset in range(10, 10 + JOURNAL_SLOTS // 2):
-        keeper.update(3, offset, [("u0", T, 1)], NOW)
+        keeper.update(3, offset, T, [("u0", 1)], NOW)
     assert keeper.must_flush(3)
+
+
+def test_journal_records_of_the_earlier_shape_are_replayed_as_the_current_ones() -> None:
+    """Changelogs of running deployments hold `[offset, [[user, observed_at, bytes], ...]]`
+    records: a worker that loads them counts what one loading the current shape does."""
+    readings = [[("ann", 700), ("ben", 200)], [("ann", 400)], [("ben", 900), ("cy", 5)]]
+    plans = {u: plan(u, 1000, warn_at=(0.5,)) for u in ("ann", "ben", "cy")}
+    written = DictStore()
+    keeper = QuotaKeeper(Settings(), written)
+    keeper.load(1, plans, NOW)
+    keeper.flush(1)
+    for offset, pairs in enumerate(readings):
+        keeper.update(1, offset, T + offset, pairs, NOW)
+    earlier = copy(written)
+    for offset, pairs in enumerate(readings):
+        key = journal_key(1, offset)
+        assert orjson.loads(written.data[key]) == [offset, T + offset, [list(p) for p in pairs]]
+        earlier.data[key] = orjson.dumps([offset, [[u, T + offset, b] for u, b in pairs]])
+    current, old = QuotaKeeper(Settings(), written), QuotaKeeper(Settings(), earlier)
+    replayed = current.load(1, plans, NOW).commands
+    assert acts(replayed) == [
+        ("ann", "warn", "threshold"), ("ann", "disable", "quota"), ("ben", "warn", "threshold"),
+        ("ben", "disable", "quota"),
+    ]
+    assert [c.command_id for c in old.load(1, plans, NOW).commands] == [
+        c.command_id for c in replayed
+    ]
+    for user, used in (("ann", 1100), ("ben", 1100), ("cy", 5)):
+        got, want = old.books[1].status(user), current.books[1].status(user)
+        assert got is not None and want is not None and got.used == want.used == used
+    old.flush(1)
+    current.flush(1)
+    assert {k: v for k, v in earlier.data.items() if b"\x1fj\x1f" not in k} == {
+        k: v for k, v in written.data.items() if b"\x1fj\x1f" not in k
+    }
 
 
 def test_a_users_history_is_written_about_once_an_hour() -> None:
@@ -121,7 +156,7 @@ def test_a_users_history_is_written_about_once_an_hour() -> None:
     store.put = put  # type: ignore[method-assign]
     start = T - 20 * 86400
     for minute in range(20 * 24 * 60):  # twenty days, a reading a minute, a flush each
-        keeper.update(3, minute, [("dan", start + 60 * minute, 1000)], NOW)
+        keeper.update(3, minute, start + 60 * minute, [("dan", 1000)], NOW)
         keeper.flush(3)
     history = [k for k in writes if k.endswith(b"\x1fh")]
     assert len(history) == 20 * 24 - 1  # once per hour that became history
@@ -157,9 +192,9 @@ def test_a_crash_anywhere_neither_loses_nor_doubles_usage_and_keeps_command_ids(
         for offset in offsets:
             if offset in billed:
                 continue  # its ledger record says it was billed: no readings
-            readings = [(u, T, b) for u, b in amounts[offset] if b]
+            readings = [(u, b) for u, b in amounts[offset] if b]
             if readings:
-                out += keeper.update(1, offset, readings, NOW).commands
+                out += keeper.update(1, offset, T, readings, NOW).commands
             if offset in flushes:
                 keeper.flush(1)
         return out
