@@ -37,7 +37,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,11 +108,33 @@ class CommitWatchdog:
         return waited if active and waited >= self.stall_s else 0.0
 
 
-def faust_app(settings: Settings, app_id: str) -> faust.App:
+class _App(faust.App):
+    """Faust's app, with work that must be done before its consumer stops.
+
+    Stopping, Faust waits until every message the agents started on is
+    acknowledged, and its timers have stopped by then; the worker's last
+    checkpoint, which acknowledges the messages since the one before, is run
+    here instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_stop: list[Callable[[], Awaitable[None]]] = []
+
+    async def on_stop(self) -> None:
+        for finish in self.before_stop:
+            try:
+                await finish()
+            except Exception:  # stopping goes on: what is not acknowledged comes again
+                log.exception("cannot finish before stopping")
+        await super().on_stop()
+
+
+def faust_app(settings: Settings, app_id: str) -> _App:
     """A Faust app with quotaflow's broker, delivery and size settings."""
     datadir = settings.state_dir / app_id
     datadir.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    return _App(
         app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
@@ -296,11 +318,20 @@ def create_app(settings: Settings) -> faust.App:
             for stream, event in handled:
                 await stream.ack(event)
 
+    stopping = asyncio.Event()
+
     def checkpoint_due() -> bool:
         return bool(unacknowledged) and (
             len(unacknowledged) >= CHECKPOINT_MESSAGES
             or time.monotonic() - last_checkpoint[0] >= settings.checkpoint_interval_s
+            or stopping.is_set()  # Faust waits for the acknowledgements; no timer runs
         )
+
+    async def last_checkpoint_before_stop() -> None:
+        stopping.set()
+        await checkpoint()
+
+    app.before_stop.append(last_checkpoint_before_stop)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _forget(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:

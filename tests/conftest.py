@@ -105,6 +105,18 @@ class Pipeline:
         process.send_signal(signal.SIGKILL)
         process.wait()
 
+    def terminate(self, name: str, timeout_s: float) -> int:
+        """SIGTERM one process, as systemd stops it; its exit status, which must come
+        within `timeout_s`."""
+        process = self.processes.pop(name)
+        process.terminate()
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            log = (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"{name} did not stop within {timeout_s:.0f} s of SIGTERM: {log}")
+
     def stop(self) -> None:
         """Stop everything still running."""
         for process in self.processes.values():

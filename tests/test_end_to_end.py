@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from quotaflow.core.contracts import CounterReport, DeadLetter
 from quotaflow.core.periods import Calendar
@@ -106,6 +106,45 @@ def test_worker_killed_mid_stream_keeps_totals_exact(fleet: Simulation, settings
         pipeline.start("worker")
     probe.close()
     assert killed_with_work_left >= 2, "the kills should interrupt the worker mid-stream"
+    pipeline.wait()
+    _assert_exact(settings, fleet)
+
+
+def _wait_until_totals_stop_coming(settings: Settings, quiet_s: float = 3.0) -> None:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    partitions = [TopicPartition(settings.topics.totals, p) for p in range(settings.partitions)]
+    deadline, last, since = time.monotonic() + 90, -1, time.monotonic()
+    while True:
+        ends = sum(consumer.end_offsets(partitions).values())
+        if ends != last:
+            last, since = ends, time.monotonic()
+        elif ends and time.monotonic() - since >= quiet_s:
+            break
+        assert time.monotonic() < deadline, "the worker did not handle the messages"
+        time.sleep(0.5)
+    consumer.close()
+
+
+def test_a_stopped_worker_acknowledges_what_it_handled_and_stops_promptly(
+    fleet: Simulation, settings: Settings, pipeline: Any,
+) -> None:
+    """Stopping, Faust waits for every message the worker started on to be acknowledged,
+    and the worker acknowledges only at a checkpoint: its last one runs as it stops.
+    With checkpoints far apart, the handled messages are all unacknowledged then."""
+    pipeline.kill("worker")
+    pipeline.settings = settings.model_copy(update={"checkpoint_interval_s": 120.0})
+    pipeline.start("worker")
+    first = fleet.lines[:600]  # fewer messages than bring a checkpoint forward
+    _publish(settings, first)
+    _wait_until_totals_stop_coming(settings)  # the worker handled them all
+    probe = LagProbe(settings)
+    assert probe.lag().raw > 0, "no checkpoint yet: nothing committed"
+    assert pipeline.terminate("worker", timeout_s=20.0) == 0
+    assert probe.lag().raw == 0  # the last checkpoint acknowledged them, and Faust committed
+    probe.close()
+    pipeline.settings = settings
+    pipeline.start("worker")
+    _publish(settings, fleet.lines[len(first):])
     pipeline.wait()
     _assert_exact(settings, fleet)
 
