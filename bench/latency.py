@@ -63,8 +63,8 @@ from typing import Any, TypeVar
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from throughput import log_facts, merge_results, options
-from workload import begin_run, on_servers, results_options
+from throughput import _cpu_s, log_facts, merge_results, options
+from workload import begin_run, machine_busy_s, on_servers, pid_listening, results_options
 
 from quotaflow.admin import ensure_topics
 from quotaflow.core.health import percentile
@@ -81,11 +81,6 @@ TARGET_P99_S = 2.0
 
 def _iso_now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------- background
@@ -277,6 +272,24 @@ def watch_influx(settings: Settings, probe: Probe, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+def _port(address: str) -> int:
+    """The port of `host:port` or of a URL `scheme://host:port/...`."""
+    return int(address.rsplit(":", 1)[1].split("/")[0])
+
+
+def _cpu_snapshot(worker: int, sink: subprocess.Popen[bytes] | None,
+                  others: dict[str, int | None]) -> dict[str, float | None]:
+    """CPU seconds so far of the machine and of each process named (None: not found)."""
+    found: dict[str, float | None] = {"machine": machine_busy_s(), "worker": _cpu_s(worker),
+                                      "sink": None if sink is None else _cpu_s(sink.pid)}
+    for name, pid in others.items():
+        try:
+            found[name] = None if pid is None else _cpu_s(pid)
+        except OSError:
+            found[name] = None
+    return found
+
+
 def start_background(args: argparse.Namespace, bootstrap: str, settings: Settings,
                      rate: int) -> tuple[Any, Any]:
     """Start `background` in a process of its own for `--warmup` + `--probe-seconds`
@@ -333,6 +346,15 @@ class Phase:
     worker_failed: str = ""
     worker_cpu_s: float = 0.0
     sink_cpu_s: float = 0.0
+    # cores busy while the probes were sent under the background load: the whole
+    # machine (of `cores`), the worker, the sink
+    cores: int = 0
+    machine_cores_busy: float = 0.0
+    worker_cores_busy: float = 0.0
+    sink_cores_busy: float = 0.0
+    # and the others: the background generator, the Kafka broker, InfluxDB (None: not
+    # found on this machine)
+    others_cores_busy: dict[str, float | None] = field(default_factory=dict)
     producer_backlog_peak: int = 0
     raw_lag_end: int | None = None  # raw records not committed by the worker at the end
     commands_seen: int = 0
@@ -381,8 +403,9 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
         worker = subprocess.Popen(
             [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"], env=env,
             stdout=wlog, stderr=subprocess.STDOUT)
-        sink = subprocess.Popen([sys.executable, "-m", "quotaflow", "sink", "influx"], env=env,
-                                stdout=slog, stderr=subprocess.STDOUT)
+        sink = None if args.no_sink else subprocess.Popen(
+            [sys.executable, "-m", "quotaflow", "sink", "influx"], env=env, stdout=slog,
+            stderr=subprocess.STDOUT)
     watcher = ControlWatcher(settings)
     watcher.start()
     prober = Prober(settings)
@@ -407,10 +430,27 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
                 thread.start()
                 influx_threads.append(thread)
 
+        others = {"generator": bg_process.pid, "Kafka": pid_listening(_port(bootstrap)),
+                  "InfluxDB": pid_listening(_port(influx))}
         start = time.monotonic()
+        busy = _cpu_snapshot(worker.pid, sink, others)
         send_probes(args, prober, probes, watch)
         phase.probes_sent = len(probes)
-        print(f"  {len(probes)} probes sent over {time.monotonic() - start:.1f} s", flush=True)
+        took = time.monotonic() - start
+        if worker.poll() is None and (sink is None or sink.poll() is None) and (
+                bg_process.is_alive()):
+            used = {k: None if v is None or busy[k] is None else round((v - busy[k]) / took, 2)
+                    for k, v in _cpu_snapshot(worker.pid, sink, others).items()}
+            phase.cores = os.cpu_count() or 1
+            phase.machine_cores_busy = used.pop("machine") or 0.0
+            phase.worker_cores_busy = used.pop("worker") or 0.0
+            phase.sink_cores_busy = used.pop("sink") or 0.0
+            phase.others_cores_busy = used
+        print(f"  {len(probes)} probes sent over {took:.1f} s; cores busy meanwhile: the "
+              f"machine {phase.machine_cores_busy:.2f} of {phase.cores}, the worker "
+              f"{phase.worker_cores_busy:.2f}, the sink {phase.sink_cores_busy:.2f}, "
+              + ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}"
+                          for k, v in phase.others_cores_busy.items()), flush=True)
         phase.background = queue.get(timeout=args.warmup + args.probe_seconds + 120)
         bg_process.join(timeout=30)
         bg = phase.background
@@ -432,13 +472,14 @@ def run_phase(args: argparse.Namespace, bootstrap: str, influx: str, rate: int,
         prober.close()
         if bg_process is not None and bg_process.is_alive():
             bg_process.terminate()
-        if sink.poll() is None:
+        if sink is not None and sink.poll() is None:
             phase.sink_cpu_s = _cpu_s(sink.pid)
         exited = worker.poll()  # before we stop it: a worker that exited by itself
-        for p in (worker, sink):
+        running = [worker] if sink is None else [worker, sink]
+        for p in running:
             if p.poll() is None:
                 p.terminate()
-        for p in (worker, sink):
+        for p in running:
             p.wait(timeout=30)
         watcher.join(timeout=5)
     error, _rate, phase.producer_backlog_peak = log_facts(worker_log)
@@ -500,8 +541,8 @@ def report(phases: list[Phase], settle: float) -> None:
     print()
     print("| background asked | background achieved | probes | disables seen | p50 s | p99 s "
           "| max s | worker share p50 / p99 s | p50 1st / 2nd half s | report -> InfluxDB "
-          "p50 / p99 s (n) | worker |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "p50 / p99 s (n) | cores busy: machine / worker / sink | worker |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for ph in phases:
         bg = ph.background
         p99 = _s(ph.p99_s) if ph.p99_s is not None or not ph.missing else f"> {settle:.0f}"
@@ -511,7 +552,8 @@ def report(phases: list[Phase], settle: float) -> None:
               f"{_s(ph.max_s)} | {_s(ph.worker_p50_s)} / {_s(ph.worker_p99_s)} | "
               f"{_s(ph.first_half_p50_s)} / {_s(ph.second_half_p50_s)} | "
               f"{_s(ph.influx_p50_s)} / {_s(ph.influx_p99_s)} ({ph.influx_samples}) | "
-              f"{worker} |")
+              f"{ph.machine_cores_busy:.2f} of {ph.cores} / {ph.worker_cores_busy:.2f} / "
+              f"{ph.sink_cores_busy:.2f} | {worker} |")
     print()
     for ph in phases:
         achieved = ph.background.get("achieved_per_s", 0.0)
@@ -568,7 +610,13 @@ def run_phases(
 def main() -> None:
     parser = load_parser(__doc__.splitlines()[0], probes=200, settle=30.0)
     parser.add_argument("--influx-every", type=int, default=10)
+    parser.add_argument("--no-sink", action="store_true",
+                        help="run no InfluxDB sink (nor time reports to InfluxDB): the worker "
+                             "gets the cores the sink and InfluxDB would use, as when they run "
+                             "on other machines")
     args = parser.parse_args()
+    if args.no_sink:
+        args.influx_every = 0
 
     on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
 

@@ -69,7 +69,7 @@ from typing import Any
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from throughput import _cpu_s, extract_tree, merge_results, options, publish_plans
-from workload import begin_run, on_servers, results_options
+from workload import begin_run, machine_busy_s, on_servers, pid_listening, results_options
 
 from quotaflow.admin import ensure_topics
 from quotaflow.core.partitioning import partition_of
@@ -90,39 +90,6 @@ def _rss_mb(pid: int) -> float:
             return int(line.split()[1]) / 1024
     return float("nan")
 
-
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
-    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = parts[3] + parts[4]
-    return (sum(parts[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def pid_listening(port: int) -> int | None:
-    """The pid of the local process listening on TCP `port`, if it can be found."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cols[9])
-    if not inodes:
-        return None
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    return int(proc.name)
-        except OSError:
-            continue
-    return None
 
 
 # ----------------------------------------------------------------------------- the fleet
@@ -336,7 +303,7 @@ def drain(settings: Settings, commands: list[list[str]], group: str, topic: str,
                 "sink": _cpu_s(sink_proc.pid) if sink_proc else 0.0,
                 "kafka": _cpu_s(kafka_pid) if kafka_pid else None,
                 "influx": _cpu_s(influx_pid) if influx_pid else None,
-                "machine": _machine_busy_s(),
+                "machine": machine_busy_s(),
                 "sink_counts": _sink_counts(sink_log) if sink else (0, 0),
             }
 
