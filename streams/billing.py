@@ -36,7 +36,7 @@ from quotaflow.core.contracts import (
     validation_reason,
 )
 from quotaflow.core.ledger import Billing, NodeLedger, Refusal
-from quotaflow.core.partitioning import partition_of, split_report
+from quotaflow.core.partitioning import owners, split_report
 from quotaflow.core.plans import RATE_UNIT
 from quotaflow.core.settings import Settings
 from quotaflow.streams.quotas import Decided, QuotaKeeper
@@ -99,6 +99,7 @@ class Biller:
         self.rate = rate
         self.policy = settings.billing_policy
         self.partitions = settings.partitions
+        self.owners = owners(settings.partitions)
         self.table = table
         self._live: dict[bytes, NodeLedger] = {}
         # key -> (message, rate) of each fragment applied to the ledger since it was
@@ -136,11 +137,10 @@ class Biller:
 
     def misrouted(self, report: CounterReport, partition: int) -> bool:
         """True if some reading belongs to another partition."""
-        n = self.partitions
-        owner = partition_of
+        owner = self.owners
         # a plain loop: no generator to resume per reading (the hot path)
         for counter in report.counters:  # noqa: SIM110
-            if owner(counter.user_id, n) != partition:
+            if owner[counter.user_id] != partition:
                 return True
         return False
 

@@ -42,18 +42,45 @@ def murmur2(data: bytes) -> int:
     return h - (1 << 32) if h & 0x80000000 else h
 
 
-_owners: dict[tuple[str, int], int] = {}
+class Owners(dict[str, int]):
+    """User id -> the partition that owns it among `partitions`, computed once per user.
+
+    A lookup of a known user is a plain dict lookup, with no Python call: the hot
+    path's routing check looks up every reading.
+
+    >>> owners = Owners(4)
+    >>> owners["alice"], owners["bob"], len(owners)
+    (1, 2, 2)
+    """
+
+    __slots__ = ("partitions",)
+    MAX_USERS = 1 << 21  # then it starts again, so that it cannot grow without bound
+
+    def __init__(self, partitions: int) -> None:
+        super().__init__()
+        self.partitions = partitions
+
+    def __missing__(self, user_id: str) -> int:
+        if len(self) >= self.MAX_USERS:
+            self.clear()
+        found = self[user_id] = (murmur2(user_id.encode()) & 0x7FFFFFFF) % self.partitions
+        return found
+
+
+_owners: dict[int, Owners] = {}
+
+
+def owners(partitions: int) -> Owners:
+    """The `Owners` of `partitions` partitions, shared by every caller."""
+    found = _owners.get(partitions)
+    if found is None:
+        found = _owners[partitions] = Owners(partitions)
+    return found
 
 
 def partition_of(user_id: str, partitions: int) -> int:
     """The partition that owns `user_id` among `partitions` partitions (memoised)."""
-    key = (user_id, partitions)
-    found = _owners.get(key)
-    if found is None:
-        if len(_owners) >= 1 << 21:
-            _owners.clear()
-        found = _owners[key] = (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
-    return found
+    return owners(partitions)[user_id]
 
 
 def split_report(report: CounterReport, partitions: int) -> dict[int, CounterReport]:
