@@ -596,8 +596,6 @@ def wait_recovered(
 
 
 def free_port() -> int:
-    import socket
+    from quotaflow.dev.local import free_ports
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]

@@ -484,23 +484,31 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def _free_ports(count: int) -> list[int]:
-    """Free loopback ports below the kernel's ephemeral range, all distinct.
+_handed_out: set[int] = set()
 
-    The servers are stopped and started again on their ports to test outages, and
-    clients keep reconnecting meanwhile: to a port in the ephemeral range, one of
-    those connects can be given that very port as its own and connect to itself,
-    and hold the port so that the server cannot start again.
+
+def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> list[int]:
+    """Free loopback ports below the kernel's ephemeral range, all distinct, and none
+    handed out before by this process.
+
+    A port from the ephemeral range can be taken between the moment it is found
+    free and the moment a server binds it: the kernel gives those ports to
+    outgoing connections. The servers here are also stopped and started again on
+    their ports to test outages while clients keep reconnecting, and a client
+    can be given that very port as its own, connect to itself and hold it.
     """
     high = max(_ephemeral_low(), 12_000)
     ports: list[int] = []
     for port in random.sample(range(10_000, high), high - 10_000):
-        with socket.socket() as sock:
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, kind) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
         ports.append(port)
+        _handed_out.add(port)
         if len(ports) == count:
             return ports
     raise LocalServicesError(f"no {count} free loopback ports below {high}")
@@ -521,7 +529,7 @@ def _create(sdir: Path, explicit: bool) -> LocalServices:
     if influxd is None:  # install() just ran, so this means another process removed it
         raise LocalServicesError(f"no influxd in {cache / 'bin'}")
     run_dir = _new_run_dir((sdir if explicit else cache) / "runs")
-    kafka_port, controller_port, influx_port, rpc_port = _free_ports(4)
+    kafka_port, controller_port, influx_port, rpc_port = free_ports(4)
     services = LocalServices(
         kafka_bootstrap=f"127.0.0.1:{kafka_port}",
         influx_url=f"http://127.0.0.1:{influx_port}",

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
+from quotaflow.dev.local import free_ports
 from quotaflow.producers.outbox import Outbox
 from quotaflow.producers.push import PUSH_PATH, RECEIVER, PushConfig, make_app, start_site
 
@@ -507,9 +508,7 @@ def measure_push_memory(
     import sys
     import time
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_ports(1)[0]
     outbox = tmp / "push-outbox.db"
     config = tmp / "agent.toml"
     node_map = ", ".join(f'"vless-big-{i}" = "big"' for i in range(big)) if one_billing_node \

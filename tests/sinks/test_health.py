@@ -9,7 +9,6 @@ restarted sink must go on writing the nodes it knew.
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from quotaflow.core.contracts import Counter, CounterReport
 from quotaflow.core.partitioning import split_report
 from quotaflow.core.settings import Settings
+from quotaflow.dev.local import free_ports
 from quotaflow.dev.simulation import FleetSpec, Simulation, simulate
 from quotaflow.producers.publisher import ReportPublisher
 from quotaflow.sinks.influxql import InfluxQL, InfluxQLError
@@ -40,9 +40,7 @@ DYING_INTERVAL_S = 4
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @pytest.fixture

@@ -114,7 +114,11 @@ class Node:
         }
         self._start("server", config)
         for port in (self.ss, self.ssm, self.v2ray, self.clash):
-            wait_until(f"sing-box on port {port}", lambda p=port: listening(p))  # type: ignore[misc]
+            try:
+                wait_until(f"sing-box on port {port}",
+                           lambda p=port: listening(p))  # type: ignore[misc]
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; {processes.logs()}") from None
         self.url = f"http://{LOCAL}:{self.ssm}"
 
     def _start(self, name: str, config: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from quotaflow.core.contracts import Counter
 from quotaflow.core.settings import Settings
+from quotaflow.dev.local import free_ports
 from quotaflow.producers.sources.prometheus import (
     PrometheusMapping,
 )
@@ -76,10 +77,8 @@ def node_software() -> None:
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((LOCAL, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free loopback port below the ephemeral range (see `free_ports`)."""
+    return free_ports(1, kind)[0]
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
