@@ -595,8 +595,10 @@ class AgentProcess:
     def freeze_and_drain(self, timeout_s: float = 120.0) -> dict[str, tuple[int, int]]:
         """Stop the source growing; wait until its last reading is in Kafka; the truth."""
         (self.source_dir / "frozen").write_text("")
+        # A call that began before the freeze still counts once more: the count is
+        # read after it has surely ended, and after a collection of the frozen counters.
+        time.sleep(3.0)
         n = self.calls()
-        time.sleep(3.0)  # a collection after the freeze
         deadline = time.monotonic() + timeout_s
         while self.pending() != 0:
             assert self.process is not None and self.process.poll() is None, self.log.read_text()
