@@ -307,16 +307,22 @@ def create_app(settings: Settings) -> faust.App:
     checkpointing = asyncio.Lock()
     last_checkpoint = [time.monotonic()]
 
-    async def checkpoint() -> None:
-        """Write the ledgers that changed, then acknowledge the messages they hold."""
+    async def checkpoint(acknowledge: bool = True) -> None:
+        """Write the ledgers that changed, then acknowledge the messages they hold (or,
+        without `acknowledge`, leave them to come again)."""
         async with checkpointing:
             handled = unacknowledged[:]
             del unacknowledged[:]
             last_checkpoint[0] = time.monotonic()
             handler.checkpoint()
-            await store.send(producer())
-            for stream, event in handled:
-                await stream.ack(event)
+            try:
+                await store.send(producer())
+            except BaseException:  # Kafka away: they wait for the next checkpoint
+                unacknowledged[:0] = handled
+                raise
+            if acknowledge:
+                for stream, event in handled:
+                    await stream.ack(event)
 
     stopping = asyncio.Event()
 
@@ -335,14 +341,14 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _forget(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
-        async with checkpointing:
-            # What the partitions' owner handled, written before it lets go, but not
-            # acknowledged: Faust has committed by now, so they come again and find
-            # their seqs in these ledgers (or bill again, if these never land).
+        # What the partitions' owner handled, written before it lets go, but not
+        # acknowledged: Faust has committed by now, so they come again and find
+        # their seqs in these ledgers (or bill again, if these never land).
+        try:
+            await checkpoint(acknowledge=False)
+        finally:
             del unacknowledged[:]
-            handler.checkpoint()
-            await store.send(producer())
-        handler.forget_live()
+            handler.forget_live()
         guard.forget_all()
         recovered.clear()
         keeper.forget_all()
