@@ -295,6 +295,9 @@ def create_app(settings: Settings) -> faust.App:
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
     async def _recovered(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         recovered.set()
+        now = time.monotonic()
+        for partition in owned:  # their messages may come from now on
+            arrived[partition] = now
     stats = handler.stats
     processed: dict[int, int] = {}  # raw partition -> last offset handled
     raw_topic = settings.topics.raw
@@ -374,7 +377,13 @@ def create_app(settings: Settings) -> faust.App:
         return int(earliest.get(tp) or 0)
 
     arrived: dict[int, float] = {}  # raw partition -> when its last message arrived
-    lose = _offsets_to_lose()
+    lose = LostOffsets.from_env()
+
+    async def reread(partition: int, offset: int) -> None:
+        """Seek the raw partition back to `offset`: what follows comes again."""
+        if lose is not None:
+            lose.reread(partition, offset)
+        await app.consumer.seek_wait({TP(raw_topic, partition): offset})
 
     @app.agent(raw)
     async def bill(stream: Any) -> None:
@@ -382,8 +391,7 @@ def create_app(settings: Settings) -> faust.App:
         async for event in acks.events():
             message = event.message
             partition, offset = message.partition, message.offset
-            if lose and (partition, offset) in lose:
-                lose.discard((partition, offset))
+            if lose is not None and lose.drops(partition, offset):
                 continue  # as if Faust never handed it over (fault injection for tests)
             arrived[partition] = time.monotonic()
             if not guard.knows(partition):
@@ -396,7 +404,7 @@ def create_app(settings: Settings) -> faust.App:
                     log.warning("%s[%d]: offset %d arrived before %d; not billing past the "
                                 "hole, re-reading from %d", raw_topic, partition, offset,
                                 expected, expected)
-                    await app.consumer.seek_wait({message.tp: expected})
+                    await reread(partition, expected)
                 continue  # neither billed nor acknowledged: it comes again
             # plans and rates published before this report was appended are in force
             appended = message.timestamp if message.timestamp else time.time()
@@ -496,15 +504,20 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def _watch_commits() -> None:
         now = time.monotonic()
-        for partition in guard.partitions():
+        for partition in sorted(owned) if recovered.is_set() else ():
             # A dropped message with nothing after it shows no hole: the log's end does.
-            tp, expected = TP(raw_topic, partition), guard.expected(partition)
+            # So does a partition that has delivered nothing since it was assigned.
+            tp = TP(raw_topic, partition)
             end = app.consumer.highwater(tp)
-            if end is not None and end > expected and now - arrived.get(partition, now) > 10.0:
+            if end is None or now - arrived.get(partition, now) <= 10.0:
+                continue
+            expected = (guard.expected(partition) if guard.knows(partition)
+                        else await start_offset(tp))
+            if end > expected:
                 log.warning("%s[%d]: nothing arrives though the log ends at %d; "
                             "re-reading from %d", raw_topic, partition, end, expected)
                 arrived[partition] = now
-                await app.consumer.seek_wait({tp: expected})
+                await reread(partition, expected)
         stuck = guard.stuck(now, limit_s=60.0)
         if stuck:
             log.error("%s partitions %s: re-reading from a hole did not fill it for 60 s: "
@@ -547,16 +560,48 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _offsets_to_lose() -> set[tuple[int, int]]:
-    """Fault injection for tests: raw (partition, offset) pairs the worker drops once.
+class LostOffsets:
+    """Fault injection for tests: raw offsets that Faust does not hand over until the
+    worker re-reads them.
 
     `QUOTAFLOW_FAULT_LOSE_OFFSETS="0:5,2:0"` makes the worker behave as if Faust did
-    not hand over offset 5 of partition 0 and offset 0 of partition 2 the first time,
-    as Faust 0.15.3 was seen to do after restarts. Unset in production.
+    not hand over offset 5 of partition 0 and offset 0 of partition 2, from the first
+    time they come until the worker seeks their partition back to them, as Faust
+    0.15.3 was seen to do after restarts. Unset in production.
+
+    >>> lost = LostOffsets({(0, 5)})
+    >>> lost.drops(0, 4), lost.drops(0, 5), lost.drops(0, 5)  # Faust redelivers on its own
+    (False, True, True)
+    >>> lost.reread(0, 6); lost.drops(0, 5)                   # a seek past it changes nothing
+    True
+    >>> lost.reread(0, 5); lost.drops(0, 5)
+    False
     """
-    spec = os.environ.get("QUOTAFLOW_FAULT_LOSE_OFFSETS", "")
-    pairs = (item.split(":") for item in spec.split(",") if item.strip())
-    return {(int(partition), int(offset)) for partition, offset in pairs}
+
+    def __init__(self, offsets: set[tuple[int, int]]) -> None:
+        self._armed = set(offsets)
+        self._dropped: set[tuple[int, int]] = set()
+
+    @classmethod
+    def from_env(cls) -> LostOffsets | None:
+        """The offsets named by `QUOTAFLOW_FAULT_LOSE_OFFSETS`, or None when it is unset."""
+        spec = os.environ.get("QUOTAFLOW_FAULT_LOSE_OFFSETS", "")
+        pairs = (item.split(":") for item in spec.split(",") if item.strip())
+        offsets = {(int(partition), int(offset)) for partition, offset in pairs}
+        return cls(offsets) if offsets else None
+
+    def drops(self, partition: int, offset: int) -> bool:
+        """Whether the message at this offset is to be taken as never handed over."""
+        key = (partition, offset)
+        if key in self._armed:
+            self._armed.discard(key)
+            self._dropped.add(key)
+            return True
+        return key in self._dropped
+
+    def reread(self, partition: int, offset: int) -> None:
+        """The worker seeks `partition` back to `offset`: what it dropped from there comes."""
+        self._dropped = {(p, o) for p, o in self._dropped if p != partition or o < offset}
 
 
 def _no_gap_filling(consumer: Any, topic: str) -> None:
