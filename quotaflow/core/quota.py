@@ -116,6 +116,12 @@ _NO_HOUR = -NO_END  # the newest hour of a user with no bucket
 _CHANGED, _UNREPORTED = 1, 2
 """A user's marks: listed in the book's changed / unreported users since they were taken."""
 _TOUCHED = _CHANGED | _UNREPORTED
+# Shared by the users that hold nothing there, never written to: the dicts a user
+# with no plan (most of them) or a single hour of traffic would hold cost more than
+# the rest of the user's state.
+_NO_HOURS: dict[int, int] = {}
+_NO_USAGE: dict[int, int] = {}
+_NO_PACKS: dict[str, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +194,14 @@ class _User:
     def __init__(self) -> None:
         self.n = 0  # commands issued so far, for their ids; never reset
         self.issued = 0  # the last command's issued_at, Unix ms; never reset
-        # hour (Unix s // 3600) -> billed bytes observed in it; read it through `buckets()`:
-        # the newest hour's entry is brought up to date from `tally` only when needed
-        self.hours: dict[int, int] = {}
-        # the latest hour with traffic: its bucket is in the state record, the older
-        # ones in the history record, which changes about once an hour
-        self.newest = _NO_HOUR
+        # hour (Unix s // 3600) -> billed bytes observed in it, but the newest hour's,
+        # which is `newest` and `tally`; `buckets()` gives them all. The newest bucket
+        # is in the state record, the older ones in the history record, which changes
+        # about once an hour.
+        self.hours = _NO_HOURS  # a dict of its own once it holds a bucket
+        self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
-        self.first = _NEVER  # the first hour in `hours` (mostly the oldest), for pruning
+        self.first = _NEVER  # the first hour of `buckets()` (mostly the oldest), for pruning
         self.marks = 0  # _CHANGED | _UNREPORTED: listed as such in the book
         # for whoever stores the record: the last input position it holds (-1: none)
         self.through = -1
@@ -203,18 +209,17 @@ class _User:
         self._clear()
 
     def buckets(self) -> dict[int, int]:
-        """`hours`, with the newest hour's bucket up to date."""
-        hours = self.hours
-        if self.newest in hours:
-            hours[self.newest] = self.tally
-        return hours
+        """All the hourly buckets, the newest one among them (a new dict)."""
+        if self.newest == _NO_HOUR:
+            return {}
+        return {**self.hours, self.newest: self.tally}
 
     def set_buckets(self, hours: dict[int, int]) -> None:
-        """Replace the hourly buckets (`hours` is kept, not copied)."""
-        self.hours = hours
+        """Replace the hourly buckets (`hours` is kept, not copied, without the newest)."""
         self.first = next(iter(hours), _NEVER)
         self.newest = max(hours, default=_NO_HOUR)
-        self.tally = hours.get(self.newest, 0)
+        self.tally = hours.pop(self.newest, 0)
+        self.hours = hours if hours else _NO_HOURS
 
     def keep_from(self, oldest_hour: int) -> None:
         """Forget the buckets before `oldest_hour`."""
@@ -223,28 +228,32 @@ class _User:
     def add_to_hour(self, hour: int, count: int) -> bool:
         """Add `count` bytes to `hour`'s bucket, which is not the newest one; whether the
         history record (the buckets but the newest) changed."""
+        newest = self.newest
+        if newest == _NO_HOUR:  # the first bucket
+            self.first = self.newest = hour
+            self.tally = count
+            return False
         hours = self.hours
         if not hours:
-            self.first = hour
-        newest = self.newest
-        if hour > newest:
-            history = newest in hours  # the old newest bucket joins the history
-            if history:
-                hours[newest] = self.tally
+            hours = self.hours = {}
+        if hour > newest:  # the old newest bucket joins the history
+            hours[newest] = self.tally
             self.newest = hour
-            self.tally = hours[hour] = count  # a new bucket: the newest is the latest
-            return history
-        hours[hour] = hours.get(hour, 0) + count
+            self.tally = count
+        else:
+            hours[hour] = hours.get(hour, 0) + count
         return True
 
-    def _clear(self) -> None:
+    def _clear(self, planned: bool = False) -> None:
         self.start = 0  # the current period [start, end), as of the last decision
         self.end = 0
         self.lo = 0  # max(start, count_from): a reading in [lo, end) counts toward `used`
         self.used = 0  # billed bytes of the current period
-        self.usage: dict[int, int] = {}  # other periods' start -> billed bytes
+        # other periods' start -> billed bytes
+        self.usage: dict[int, int] = {} if planned else _NO_USAGE
         self.drawn = 0  # pack bytes given in the current period
-        self.given: dict[str, int] = {}  # pack_id -> bytes it gave, ever
+        # pack_id -> bytes it gave, ever
+        self.given: dict[str, int] = {} if planned else _NO_PACKS
         self.warned: tuple[float, ...] = ()  # thresholds warned about in the current period
         self.causes = 0  # OPERATOR | EXPIRED | QUOTA: disabled when not 0
         self.at = 0  # when the last decision was taken
@@ -253,12 +262,11 @@ class _User:
 
     def record(self, history: bool = True) -> dict[str, object]:
         """The user as JSON-ready values; without `history`, only the newest bucket."""
-        hours = self.hours
         if history:
             flat = [x for pair in self.buckets().items() for x in pair]
         else:
             newest = self.newest
-            flat = [newest, self.tally] if newest in hours else []
+            flat = [newest, self.tally] if newest != _NO_HOUR else []
         if self.rules is None:
             return {"n": self.n, "i": self.issued, "h": flat, "k": self.through}
         return {
@@ -392,7 +400,7 @@ class QuotaBook:
             return commands
         rules = _Rules(plan, self.default_tz)
         if old is None:
-            user._clear()
+            user._clear(planned=True)
             user.rules = rules
             return self._decide(user_id, user, now_s, now, ())
         reasons = _plan_changes(old, rules, user.given, now_s)
@@ -519,7 +527,7 @@ class QuotaBook:
         """Forget buckets older than the history window of users not seen for that long."""
         oldest_hour = (unix(now) - self.history_s) // BUCKET_S
         for user_id, user in self.users.items():
-            if user.hours and min(user.hours) < oldest_hour:
+            if user.newest != _NO_HOUR and min(user.hours, default=user.newest) < oldest_hour:
                 user.keep_from(oldest_hour)
                 self._mark(user_id, user, _CHANGED)
                 self._history_changed.add(user_id)
@@ -540,9 +548,7 @@ class QuotaBook:
         user = self.users.get(user_id)
         if user is None:
             return None
-        newest = user.newest
-        return right_sized(orjson.dumps(
-            [x for pair in user.hours.items() if pair[0] != newest for x in pair]))
+        return right_sized(orjson.dumps([x for pair in user.hours.items() for x in pair]))
 
     def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
         """Put back records from `user_bytes()` and `history_bytes()` (None forgets the user)."""
