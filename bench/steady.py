@@ -76,6 +76,7 @@ from throughput import _cpu_s, extract_tree, merge_results, options, publish_pla
 from workload import begin_run, machine_busy_s, on_servers, pid_listening, results_options
 
 from quotaflow.admin import ensure_topics
+from quotaflow.core.ledger import NodeLedger
 from quotaflow.core.partitioning import partition_of
 from quotaflow.core.plans import CalendarMonth, Plan
 from quotaflow.core.settings import Settings
@@ -405,7 +406,8 @@ def memory_per_key(keys: int, nodes: int, per_message: int, partitions: int,
     structures (`sys.getsizeof`, each object counted once, in the order listed):
     the user id strings, the ledgers' last counters, day and month totals, the
     table's ledger and quota records (bytes objects, keys and the dict), the quota
-    books' users, and what remains of the tracemalloc figure.
+    books' users, and what remains of the tracemalloc figure; and the ledgers as
+    decoded from their records (after a restart or a rebalance), by tracemalloc.
     """
     fleet = Fleet(keys, nodes, per_message, partitions)
     settings = Settings(partitions=partitions)
@@ -455,6 +457,16 @@ def memory_per_key(keys: int, nodes: int, per_message: int, partitions: int,
             name: round(sum(_deep_size(root, seen) for root in roots) / keys, 1)
             for name, roots in parts.items()
         }
+        # the ledgers as a worker holds them after a restart or a rebalance
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = [NodeLedger.from_bytes(record) for record in table.values()]
+        gc.collect()
+        figures["decoded_ledgers_bytes_per_key"] = (
+            tracemalloc.get_traced_memory()[0] - before) / keys
+        tracemalloc.stop()
+        del decoded
     return figures
 
 
@@ -507,6 +519,8 @@ def print_memory(args: argparse.Namespace) -> None:
     print(f"| the rest | {rest:.1f} |")
     print(f"| (the table's record bytes alone) | "
           f"{memory['changelog_records_bytes_per_key']:.1f} |")
+    print(f"| (the ledgers decoded from their records, as after a restart) | "
+          f"{memory['decoded_ledgers_bytes_per_key']:.1f} |")
 
 
 def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:

@@ -242,6 +242,16 @@ def test_records_with_every_total_as_four_numbers_still_load() -> None:
     assert old.to_bytes() == straight.to_bytes()
 
 
+def test_a_loaded_ledger_shares_what_a_reports_users_share() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(10**6, ("alice", 10**6, 10**7), ("bob", 10**6, 10**7),
+                         epoch=1_700_000_000_000), POLICY)
+    loaded = NodeLedger.from_bytes(ledger.to_bytes())
+    alice, bob = loaded.users["alice"], loaded.users["bob"]
+    assert alice == bob == ledger.users["alice"]
+    assert alice[0] is bob[0] and alice[1] is bob[1] and alice[4] is bob[4]  # epoch, seq, seen
+
+
 # --- anomalies and late data --------------------------------------------------------------
 
 SMALL = BillingPolicy(timezone=BERLIN, max_rate_bytes_per_s=1000, min_interval_s=60)
