@@ -209,7 +209,7 @@ class _User:
         # which is `newest` and `tally`; `buckets()` gives them all. The newest bucket
         # is in the state record, the older ones in the history record, which changes
         # about once an hour.
-        self.hours = _NO_HOURS  # a dict of its own once it holds a bucket
+        self.hours = _NO_HOURS  # a dict of its own once there is a bucket before the newest
         self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
         self.first = _NEVER  # the first hour of `buckets()` (mostly the oldest), for pruning
