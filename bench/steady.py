@@ -432,12 +432,15 @@ def memory_per_key(keys: int, nodes: int, per_message: int, partitions: int,
     del messages
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
-    table_bytes = sum(len(v) for v in table.values()) + sum(len(v) for v in store.data.values())
+    ledger_bytes = sum(len(v) for v in table.values())
+    quota_bytes = sum(len(v) for v in store.data.values())
     tracemalloc.stop()
     figures: dict[str, Any] = {
         "keys": keys,
         "worker_state_bytes_per_key": (after - before) / keys,
-        "changelog_records_bytes_per_key": table_bytes / keys,
+        "changelog_records_bytes_per_key": (ledger_bytes + quota_bytes) / keys,
+        "ledger_records_bytes_per_key": ledger_bytes / keys,
+        "quota_records_bytes_per_key": quota_bytes / keys,
     }
     if breakdown:
         ledgers = list(handler.biller._live.values())
@@ -517,8 +520,10 @@ def print_memory(args: argparse.Namespace) -> None:
         print(f"| {name} | {value:.1f} |")
     rest = memory["worker_state_bytes_per_key"] - sum(memory["parts"].values())
     print(f"| the rest | {rest:.1f} |")
-    print(f"| (the table's record bytes alone) | "
-          f"{memory['changelog_records_bytes_per_key']:.1f} |")
+    print(f"| (the table's record bytes alone: ledger + quota records) | "
+          f"{memory['changelog_records_bytes_per_key']:.1f} "
+          f"({memory['ledger_records_bytes_per_key']:.1f} + "
+          f"{memory['quota_records_bytes_per_key']:.1f}) |")
     print(f"| (the ledgers decoded from their records, as after a restart) | "
           f"{memory['decoded_ledgers_bytes_per_key']:.1f} |")
 
