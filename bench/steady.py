@@ -4,6 +4,7 @@
         --readings 10000000 --warmup 10 --workers 1 --plans/--no-plans
         --baseline-readings 300000 --memory-keys 1000000]
         [--results bench/results.json | --no-results]
+    python bench/steady.py --memory-only [--memory-keys 1000000 --per-message 100]
 
 One run, on fresh topics of the local (or given) servers:
 
@@ -40,7 +41,9 @@ One run, on fresh topics of the local (or given) servers:
    table's records, the decoded ledgers and the quota book's users, as the
    worker keeps them) after one round over `--memory-keys` keys, measured with
    tracemalloc, per (node, user) key. The live workers' RSS growth from their
-   first message to the end is printed too.
+   first message to the end is printed too. `--memory-only` runs this step
+   alone (no servers, nothing merged into the results) and prints what each
+   part of the state holds per key, by walking it with `sys.getsizeof`.
 
 Figures are printed as a table and merged into `bench/results.json` under
 "steady" and the command line.
@@ -64,6 +67,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FunctionType, ModuleType
 from typing import Any
 
 import orjson
@@ -72,6 +76,7 @@ from throughput import _cpu_s, extract_tree, merge_results, options, publish_pla
 from workload import begin_run, machine_busy_s, on_servers, pid_listening, results_options
 
 from quotaflow.admin import ensure_topics
+from quotaflow.core.ledger import NodeLedger
 from quotaflow.core.partitioning import partition_of
 from quotaflow.core.plans import CalendarMonth, Plan
 from quotaflow.core.settings import Settings
@@ -367,8 +372,43 @@ def drain(settings: Settings, commands: list[list[str]], group: str, topic: str,
 # ----------------------------------------------------------------------------- memory
 
 
-def memory_per_key(keys: int, nodes: int, per_message: int, partitions: int) -> dict[str, float]:
-    """Bytes per (node, user) key of the worker's state after one round, by tracemalloc."""
+def _deep_size(obj: object, seen: set[int]) -> int:
+    """Bytes of `obj` and of everything it holds that `seen` does not list yet (then listed):
+    containers, slotted objects and their items; types, modules and functions are not counted."""
+    total = 0
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, type | ModuleType | FunctionType):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list | tuple | set | frozenset):
+            stack.extend(o)
+        elif hasattr(o, "__slots__") or hasattr(o, "__dict__"):
+            for cls in type(o).__mro__:
+                for name in getattr(cls, "__slots__", ()):
+                    if hasattr(o, name):
+                        stack.append(getattr(o, name))
+            if hasattr(o, "__dict__"):
+                stack.append(vars(o))
+    return total
+
+
+def memory_per_key(keys: int, nodes: int, per_message: int, partitions: int,
+                   breakdown: bool = False) -> dict[str, Any]:
+    """Bytes per (node, user) key of the worker's state after one round, by tracemalloc.
+
+    With `breakdown`, also the bytes per key of each part of it, by walking the
+    structures (`sys.getsizeof`, each object counted once, in the order listed):
+    the user id strings, the ledgers' last counters, day and month totals, the
+    table's ledger and quota records (bytes objects, keys and the dict), the quota
+    books' users, and what remains of the tracemalloc figure; and the ledgers as
+    decoded from their records (after a restart or a rebalance), by tracemalloc.
+    """
     fleet = Fleet(keys, nodes, per_message, partitions)
     settings = Settings(partitions=partitions)
     start = int(time.time()) - 2 * ROUND_S
@@ -388,16 +428,49 @@ def memory_per_key(keys: int, nodes: int, per_message: int, partitions: int) -> 
     handler.checkpoint()
     for p in range(partitions):
         keeper.flush(p)
+        keeper.report(p)  # as the worker does every second: the users to report are taken
     del messages
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
-    table_bytes = sum(len(v) for v in table.values()) + sum(len(v) for v in store.data.values())
+    ledger_bytes = sum(len(v) for v in table.values())
+    quota_bytes = sum(len(v) for v in store.data.values())
     tracemalloc.stop()
-    return {
+    figures: dict[str, Any] = {
         "keys": keys,
         "worker_state_bytes_per_key": (after - before) / keys,
-        "changelog_records_bytes_per_key": table_bytes / keys,
+        "changelog_records_bytes_per_key": (ledger_bytes + quota_bytes) / keys,
+        "ledger_records_bytes_per_key": ledger_bytes / keys,
+        "quota_records_bytes_per_key": quota_bytes / keys,
     }
+    if breakdown:
+        ledgers = list(handler.biller._live.values())
+        books = [held.book for held in keeper.partitions.values()]
+        seen: set[int] = set()
+        parts: dict[str, list[object]] = {
+            "user id strings": [u for ledger in ledgers for u in ledger.users],
+            "ledgers' last counters (NodeLedger.users)": [ledger.users for ledger in ledgers],
+            "day totals": [ledger._totals["day"] for ledger in ledgers],
+            "month totals": [ledger._totals["month"] for ledger in ledgers],
+            "table: ledger records": [table],
+            "table: quota records": [store.data],
+            "quota books' users (_User)": [book.users for book in books],
+            "ledgers and books otherwise": [*ledgers, *books],
+        }
+        figures["parts"] = {
+            name: round(sum(_deep_size(root, seen) for root in roots) / keys, 1)
+            for name, roots in parts.items()
+        }
+        # the ledgers as a worker holds them after a restart or a rebalance
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = [NodeLedger.from_bytes(record) for record in table.values()]
+        gc.collect()
+        figures["decoded_ledgers_bytes_per_key"] = (
+            tracemalloc.get_traced_memory()[0] - before) / keys
+        tracemalloc.stop()
+        del decoded
+    return figures
 
 
 # ----------------------------------------------------------------------------- the run
@@ -419,9 +492,40 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF",
                         help="first drain the same backlog with the worker of git revision REF "
                              "(from git archive), on topics of its own")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the in-process memory measurement, with its breakdown by "
+                             "part; no servers are started and no figures are merged")
     results_options(parser)
     args = parser.parse_args()
+    if args.memory_only:
+        print_memory(args)
+        return
     on_servers(lambda bootstrap, influx: run(args, bootstrap, influx))
+
+
+def _memory_nodes(args: argparse.Namespace) -> int:
+    """Nodes of the memory measurement's fleet: 5000 keys a node, at least `--nodes`."""
+    return max(args.nodes, args.memory_keys // 5000)
+
+
+def print_memory(args: argparse.Namespace) -> None:
+    """`--memory-only`: the memory measurement and its breakdown, as a table."""
+    memory = memory_per_key(args.memory_keys, _memory_nodes(args), args.per_message,
+                            Settings().partitions, breakdown=True)
+    print(f"worker state per (node, user) key at {memory['keys']:,} keys on "
+          f"{_memory_nodes(args)} nodes (tracemalloc, no plans)\n")
+    print("| part | bytes per key |\n|---|---|")
+    print(f"| all (tracemalloc) | {memory['worker_state_bytes_per_key']:.1f} |")
+    for name, value in memory["parts"].items():
+        print(f"| {name} | {value:.1f} |")
+    rest = memory["worker_state_bytes_per_key"] - sum(memory["parts"].values())
+    print(f"| the rest | {rest:.1f} |")
+    print(f"| (the table's record bytes alone: ledger + quota records) | "
+          f"{memory['changelog_records_bytes_per_key']:.1f} "
+          f"({memory['ledger_records_bytes_per_key']:.1f} + "
+          f"{memory['quota_records_bytes_per_key']:.1f}) |")
+    print(f"| (the ledgers decoded from their records, as after a restart) | "
+          f"{memory['decoded_ledgers_bytes_per_key']:.1f} |")
 
 
 def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
@@ -477,8 +581,8 @@ def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
 
     memory = None
     if args.memory_keys:
-        memory = memory_per_key(args.memory_keys, max(args.nodes, args.memory_keys // 5000),
-                                args.per_message, fleet.partitions)
+        memory = memory_per_key(args.memory_keys, _memory_nodes(args), args.per_message,
+                                fleet.partitions)
     report(args, main_window, base_window, memory, load, before_window)
 
 

@@ -161,8 +161,9 @@ class NodeLedger:
         "watermark",
     )
 
-    # period -> period start -> user -> (up, down, billed up, billed down)
-    _totals: dict[PeriodKind, dict[int, dict[str, tuple[int, int, int, int]]]]
+    # period -> period start -> user -> (up, down, billed up, billed down), or (up, down)
+    # when the billed bytes equal the raw ones (a node at rate 1): a `Total`
+    _totals: dict[PeriodKind, dict[int, dict[str, Total]]]
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -170,8 +171,8 @@ class NodeLedger:
         # them, so a large state costs no time in collections.
         # user -> (epoch, seq, up, down, observed_s) of the last cumulative counters
         self.users: dict[str, tuple[int, int, int, int, int]] = {}
-        # period -> period start -> user -> (up, down); nested so that the whole
-        # state serialises without a Python loop
+        # period -> period start -> user -> `Total`; nested so that the whole state
+        # serialises without a Python loop
         self._totals = {"day": {}, "month": {}}
         self._deltas: dict[int, _SeqSet] = {}
         # the latest observed_at of any delta epoch whose seqs were dropped
@@ -331,11 +332,12 @@ class NodeLedger:
             total = months.get(user_id)
             if total is None:
                 user_id = intern(user_id)  # one string per user, however many dicts hold it
-                month_total = (up, down, bill_up, bill_down)
+                month_total = _first(up, down, bill_up, bill_down)
             else:
                 month_total = _added(total, up, down, bill_up, bill_down, plain)
+            # the billed bytes are the last two, in either form
             if (month_total[0] + month_total[1] > MAX_COUNTER
-                    or month_total[2] + month_total[3] > MAX_COUNTER):
+                    or month_total[-2] + month_total[-1] > MAX_COUNTER):
                 if refused is None:
                     refused = []
                 refused.append(reading)
@@ -343,7 +345,7 @@ class NodeLedger:
             months[user_id] = month_total
             total = days.get(user_id)
             days[user_id] = (
-                (up, down, bill_up, bill_down) if total is None
+                _first(up, down, bill_up, bill_down) if total is None
                 else _added(total, up, down, bill_up, bill_down, plain)
             )
         if refused is not None:
@@ -355,7 +357,7 @@ class NodeLedger:
             gone = set(refused)  # a user appears once in a report
             billing.billed = [r for r in billing.billed if r not in gone]
 
-    def _period(self, period: PeriodKind, start: int) -> dict[str, tuple[int, int, int, int]]:
+    def _period(self, period: PeriodKind, start: int) -> dict[str, Total]:
         """The user totals of one period, created empty when missing."""
         starts = self._totals[period]
         found = starts.get(start)
@@ -384,12 +386,11 @@ class NodeLedger:
             total = today.get(user_id)
             if total is not None:
                 monthly = this_month[user_id]
-                if (total[2] == total[0] and total[3] == total[1]
-                        and monthly[2] == monthly[0] and monthly[3] == monthly[1]):
+                if len(total) == 2 and len(monthly) == 2:
                     out.append((user_id, total[0], total[1], monthly[0], monthly[1]))
                 else:
                     out.append((user_id, total[0], total[1], monthly[0], monthly[1],
-                                total[2], total[3], monthly[2], monthly[3]))
+                                total[-2], total[-1], monthly[-2], monthly[-1]))
         return out
 
     def _forget_before(self, oldest_day: int, oldest_month: int) -> None:
@@ -408,7 +409,7 @@ class NodeLedger:
     ) -> tuple[int, int] | None:
         """The running billed (up, down) total of a user for the period starting at `start`."""
         found = self._totals[period].get(start, {}).get(user_id)
-        return None if found is None else (found[2], found[3])
+        return None if found is None else (found[-2], found[-1])
 
     def to_bytes(self) -> bytes:
         """The whole state as one record, for the changelog (right-sized: tables keep it)."""
@@ -431,13 +432,22 @@ class NodeLedger:
         raw = orjson.loads(data)
         ledger = cls(raw["node"])
         ledger.watermark = raw["wm"]
-        ledger.users = {intern(user): tuple(state) for user, state in raw["users"].items()}
+        # A report's users share its epoch, seq and observed_at: one int object each
+        # again, rather than three per user (a tenth of the state)
+        shared: dict[int, int] = {}
+        one = shared.setdefault
+        ledger.users = {
+            intern(user): (one(epoch, epoch), one(seq, seq), up, down, one(seen, seen))
+            for user, (epoch, seq, up, down, seen) in raw["users"].items()
+        }
         ledger._totals = {
             period: {
-                # records written before rates existed hold (up, down): billed alike
+                # records written before rates existed hold (up, down) too: billed alike;
+                # records written before (up, down) stood for billed alike may hold
+                # (up, down, up, down)
                 int(start): {
                     intern(user): (
-                        (t[0], t[1], t[0], t[1]) if len(t) == 2 or (t[2] == t[0] and t[3] == t[1])
+                        (t[0], t[1]) if len(t) == 2 or (t[2] == t[0] and t[3] == t[1])
                         else (t[0], t[1], t[2], t[3])
                     )
                     for user, t in users.items()
@@ -456,25 +466,43 @@ class NodeLedger:
         return ledger
 
 
+Total = tuple[int, int] | tuple[int, int, int, int]
+"""A user's period total: (up, down, billed up, billed down), or (up, down) when the
+billed bytes equal the raw ones, which is most totals (nodes at rate 1): two fewer
+items per total, in memory and in the ledger's record."""
+
+
+def _first(up: int, down: int, bill_up: int, bill_down: int) -> Total:
+    """The `Total` of a user's first reading in a period.
+
+    >>> _first(3, 5, 3, 5), _first(3, 5, 4, 7)
+    ((3, 5), (3, 5, 4, 7))
+    """
+    if bill_up == up and bill_down == down:
+        return (up, down)
+    return (up, down, bill_up, bill_down)
+
+
 def _added(
-    total: tuple[int, int, int, int], up: int, down: int, bill_up: int, bill_down: int,
-    plain: bool,
-) -> tuple[int, int, int, int]:
-    """`total` (up, down, billed up, billed down) plus a reading's bytes.
+    total: Total, up: int, down: int, bill_up: int, bill_down: int, plain: bool,
+) -> Total:
+    """`total` plus a reading's bytes (`plain`: billed alike, the reading's rate is 1).
 
-    While the billed bytes equal the raw ones (`plain`: the reading's rate is 1),
-    the tuple holds the same two int objects twice, which saves two per total.
-
-    >>> a = _added((5, 6, 5, 6), 1, 1, 1, 1, True)
-    >>> a, a[0] is a[2]
-    ((6, 7, 6, 7), True)
-    >>> _added((5, 6, 7, 9), 1, 1, 1, 1, True)
-    (6, 7, 8, 10)
+    >>> _added((5, 6), 1, 1, 1, 1, True), _added((5, 6, 7, 9), 1, 1, 1, 1, True)
+    ((6, 7), (6, 7, 8, 10))
+    >>> _added((5, 6), 2, 2, 3, 3, False), _added((5, 6, 4, 5), 2, 2, 3, 3, False)
+    ((7, 8, 8, 9), (7, 8))
     """
     raw_up, raw_down = total[0] + up, total[1] + down
-    if plain and total[2] == total[0] and total[3] == total[1]:
-        return (raw_up, raw_down, raw_up, raw_down)
-    return (raw_up, raw_down, total[2] + bill_up, total[3] + bill_down)
+    if len(total) == 2:
+        if plain:
+            return (raw_up, raw_down)
+        billed_up, billed_down = total[0] + bill_up, total[1] + bill_down
+    else:
+        billed_up, billed_down = total[2] + bill_up, total[3] + bill_down
+    if billed_up == raw_up and billed_down == raw_down:
+        return (raw_up, raw_down)
+    return (raw_up, raw_down, billed_up, billed_down)
 
 
 _calendars: dict[ZoneInfo, Calendar] = {}

@@ -83,6 +83,7 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -116,6 +117,12 @@ _NO_HOUR = -NO_END  # the newest hour of a user with no bucket
 _CHANGED, _UNREPORTED = 1, 2
 """A user's marks: listed in the book's changed / unreported users since they were taken."""
 _TOUCHED = _CHANGED | _UNREPORTED
+# Shared by the users that hold nothing there, never written to: the dicts a user
+# with no plan (most of them) or a single hour of traffic would hold cost more than
+# the rest of the user's state.
+_NO_HOURS: dict[int, int] = {}
+_NO_USAGE: dict[int, int] = {}
+_NO_PACKS: dict[str, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,45 +183,52 @@ class _Rules:
 
 
 class _User:
-    """One user's state; with no plan, only `n` and `hours` mean anything."""
+    """One user's state. A user with no plan (most users, mostly) is a `_User`, which
+    holds the fields every user has; the plan's fields are the class's, and read as
+    those of a user with nothing to decide. A user with a plan is a `_PlannedUser`,
+    which holds them too.
+    """
 
     # the fields every reading reads first, so that they share the fewest cache lines
     __slots__ = (  # noqa: RUF023
-        "lo", "end", "used", "newest", "tally", "first", "mark", "due", "rules", "marks",
-        "at", "causes", "drawn", "given", "hours", "issued", "n", "start", "through", "usage",
-        "warned",
+        "newest", "tally", "first", "marks", "hours", "issued", "n", "through",
     )
+
+    # the plan's fields of a user with no plan: never written to (see `_PlannedUser`)
+    rules: _Rules | None = None
+    start = end = lo = used = drawn = causes = at = 0
+    due = mark = _NEVER
+    usage: dict[int, int] = _NO_USAGE
+    given: dict[str, int] = _NO_PACKS
+    warned: tuple[float, ...] = ()
 
     def __init__(self) -> None:
         self.n = 0  # commands issued so far, for their ids; never reset
         self.issued = 0  # the last command's issued_at, Unix ms; never reset
-        # hour (Unix s // 3600) -> billed bytes observed in it; read it through `buckets()`:
-        # the newest hour's entry is brought up to date from `tally` only when needed
-        self.hours: dict[int, int] = {}
-        # the latest hour with traffic: its bucket is in the state record, the older
-        # ones in the history record, which changes about once an hour
-        self.newest = _NO_HOUR
+        # hour (Unix s // 3600) -> billed bytes observed in it, but the newest hour's,
+        # which is `newest` and `tally`; `buckets()` gives them all. The newest bucket
+        # is in the state record, the older ones in the history record, which changes
+        # about once an hour.
+        self.hours = _NO_HOURS  # a dict of its own once there is a bucket before the newest
+        self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
-        self.first = _NEVER  # the first hour in `hours` (mostly the oldest), for pruning
+        self.first = _NEVER  # the first hour of `buckets()` (mostly the oldest), for pruning
         self.marks = 0  # _CHANGED | _UNREPORTED: listed as such in the book
         # for whoever stores the record: the last input position it holds (-1: none)
         self.through = -1
-        self.rules: _Rules | None = None
-        self._clear()
 
     def buckets(self) -> dict[int, int]:
-        """`hours`, with the newest hour's bucket up to date."""
-        hours = self.hours
-        if self.newest in hours:
-            hours[self.newest] = self.tally
-        return hours
+        """All the hourly buckets, the newest one among them (a new dict)."""
+        if self.newest == _NO_HOUR:
+            return {}
+        return {**self.hours, self.newest: self.tally}
 
     def set_buckets(self, hours: dict[int, int]) -> None:
-        """Replace the hourly buckets (`hours` is kept, not copied)."""
-        self.hours = hours
+        """Replace the hourly buckets (`hours` is kept, not copied, without the newest)."""
         self.first = next(iter(hours), _NEVER)
         self.newest = max(hours, default=_NO_HOUR)
-        self.tally = hours.get(self.newest, 0)
+        self.tally = hours.pop(self.newest, 0)
+        self.hours = hours if hours else _NO_HOURS
 
     def keep_from(self, oldest_hour: int) -> None:
         """Forget the buckets before `oldest_hour`."""
@@ -223,42 +237,29 @@ class _User:
     def add_to_hour(self, hour: int, count: int) -> bool:
         """Add `count` bytes to `hour`'s bucket, which is not the newest one; whether the
         history record (the buckets but the newest) changed."""
+        newest = self.newest
+        if newest == _NO_HOUR:  # the first bucket
+            self.first = self.newest = hour
+            self.tally = count
+            return False
         hours = self.hours
         if not hours:
-            self.first = hour
-        newest = self.newest
-        if hour > newest:
-            history = newest in hours  # the old newest bucket joins the history
-            if history:
-                hours[newest] = self.tally
+            hours = self.hours = {}
+        if hour > newest:  # the old newest bucket joins the history
+            hours[newest] = self.tally
             self.newest = hour
-            self.tally = hours[hour] = count  # a new bucket: the newest is the latest
-            return history
-        hours[hour] = hours.get(hour, 0) + count
+            self.tally = count
+        else:
+            hours[hour] = hours.get(hour, 0) + count
         return True
-
-    def _clear(self) -> None:
-        self.start = 0  # the current period [start, end), as of the last decision
-        self.end = 0
-        self.lo = 0  # max(start, count_from): a reading in [lo, end) counts toward `used`
-        self.used = 0  # billed bytes of the current period
-        self.usage: dict[int, int] = {}  # other periods' start -> billed bytes
-        self.drawn = 0  # pack bytes given in the current period
-        self.given: dict[str, int] = {}  # pack_id -> bytes it gave, ever
-        self.warned: tuple[float, ...] = ()  # thresholds warned about in the current period
-        self.causes = 0  # OPERATOR | EXPIRED | QUOTA: disabled when not 0
-        self.at = 0  # when the last decision was taken
-        self.due = _NEVER  # the next instant at which the clock can change a decision
-        self.mark = _NEVER  # the usage at which a decision can change
 
     def record(self, history: bool = True) -> dict[str, object]:
         """The user as JSON-ready values; without `history`, only the newest bucket."""
-        hours = self.hours
         if history:
             flat = [x for pair in self.buckets().items() for x in pair]
         else:
             newest = self.newest
-            flat = [newest, self.tally] if newest in hours else []
+            flat = [newest, self.tally] if newest != _NO_HOUR else []
         if self.rules is None:
             return {"n": self.n, "i": self.issued, "h": flat, "k": self.through}
         return {
@@ -270,28 +271,69 @@ class _User:
             "a": self.at, "x": self.due, "m": self.mark,
         }
 
-    @classmethod
-    def restore(cls, raw: dict[str, object], default_tz: ZoneInfo) -> _User:
-        user = cls()
+    def copy_to(self, other: _User) -> None:
+        """Give `other` the fields every user has."""
+        other.n, other.issued, other.hours = self.n, self.issued, self.hours
+        other.newest, other.tally, other.first = self.newest, self.tally, self.first
+        other.marks, other.through = self.marks, self.through
+
+    @staticmethod
+    def restore(raw: dict[str, object], default_tz: ZoneInfo) -> _User:
+        plan = raw.get("p")
+        user = _User() if plan is None else _PlannedUser()
         user.n = raw["n"]  # type: ignore[assignment]
         user.issued = raw.get("i", 0)  # type: ignore[assignment]
         flat: list[int] = raw["h"]  # type: ignore[assignment]
         user.set_buckets(dict(zip(flat[::2], flat[1::2], strict=True)))
         user.through = raw.get("k", -1)  # type: ignore[assignment]
-        plan = raw.get("p")
-        if plan is None:
-            return user
-        user.rules = rules = _Rules(Plan.decode(plan), default_tz)  # type: ignore[arg-type]
-        user.start, user.end = raw["s"], raw["e"]  # type: ignore[assignment]
-        user.lo = max(user.start, rules.count_from)
-        user.used = raw["u"]  # type: ignore[assignment]
-        other: list[int] = raw["o"]  # type: ignore[assignment]
-        user.usage = dict(zip(other[::2], other[1::2], strict=True))
-        user.drawn, user.given = raw["d"], raw["g"]  # type: ignore[assignment]
-        user.warned = tuple(raw["w"])  # type: ignore[arg-type]
-        user.causes, user.at = raw["c"], raw["a"]  # type: ignore[assignment]
-        user.due, user.mark = raw["x"], raw["m"]  # type: ignore[assignment]
+        if isinstance(user, _PlannedUser):
+            user.restore_plan(raw, default_tz)
         return user
+
+
+class _PlannedUser(_User):
+    """A user with a plan: the plan's fields are its own."""
+
+    __slots__ = (  # noqa: RUF023
+        "lo", "end", "used", "mark", "due", "rules", "at", "causes", "drawn", "given", "start",
+        "usage", "warned",
+    )
+
+    def __init__(self, user: _User | None = None) -> None:
+        """A user given a plan: `user`'s fields every user has (new ones without)."""
+        if user is None:
+            super().__init__()
+        else:
+            user.copy_to(self)
+        self.rules = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.start = 0  # the current period [start, end), as of the last decision
+        self.end = 0
+        self.lo = 0  # max(start, count_from): a reading in [lo, end) counts toward `used`
+        self.used = 0  # billed bytes of the current period
+        self.usage = {}  # other periods' start -> billed bytes
+        self.drawn = 0  # pack bytes given in the current period
+        self.given = {}  # pack_id -> bytes it gave, ever
+        self.warned = ()  # thresholds warned about in the current period
+        self.causes = 0  # OPERATOR | EXPIRED | QUOTA: disabled when not 0
+        self.at = 0  # when the last decision was taken
+        self.due = _NEVER  # the next instant at which the clock can change a decision
+        self.mark = _NEVER  # the usage at which a decision can change
+
+    def restore_plan(self, raw: dict[str, object], default_tz: ZoneInfo) -> None:
+        """Put back the plan's fields of a `record()`."""
+        self.rules = rules = _Rules(Plan.decode(raw["p"]), default_tz)  # type: ignore[arg-type]
+        self.start, self.end = raw["s"], raw["e"]  # type: ignore[assignment]
+        self.lo = max(self.start, rules.count_from)
+        self.used = raw["u"]  # type: ignore[assignment]
+        other: list[int] = raw["o"]  # type: ignore[assignment]
+        self.usage = dict(zip(other[::2], other[1::2], strict=True))
+        self.drawn, self.given = raw["d"], raw["g"]  # type: ignore[assignment]
+        self.warned = tuple(raw["w"])  # type: ignore[arg-type]
+        self.causes, self.at = raw["c"], raw["a"]  # type: ignore[assignment]
+        self.due, self.mark = raw["x"], raw["m"]  # type: ignore[assignment]
 
 
 class QuotaBook:
@@ -334,10 +376,10 @@ class QuotaBook:
                 user = users.get(user_id)
                 if user is None:
                     user = users[user_id] = _User()
-                if user.lo <= t < user.end:
-                    user.used += count
+                if user.lo <= t < user.end:  # only a `_PlannedUser` has lo < end
+                    user.used += count  # type: ignore[misc]
                 elif user.rules is not None and t >= user.rules.count_from:
-                    self._add_elsewhere(user, t, count)
+                    self._add_elsewhere(cast(_PlannedUser, user), t, count)
                 if hour == user.newest:
                     user.tally += count
                 elif user.add_to_hour(hour, count):
@@ -353,10 +395,10 @@ class QuotaBook:
             if user.first < oldest_hour:  # mostly in order: the first is the oldest
                 user.keep_from(oldest_hour)
                 history_changed.add(user_id)
-            # a user with no plan has nothing due and no mark
-            if (user.used < user.mark and (none_due or now_s < user.due)) or user.rules is None:
+            # a user with no plan has nothing to decide
+            if user.rules is None or (user.used < user.mark and (none_due or now_s < user.due)):
                 continue
-            commands.extend(self._decide(user_id, user, now_s, now, ()))
+            commands.extend(self._decide(user_id, cast(_PlannedUser, user), now_s, now, ()))
         return commands
 
     def set_plan(self, user_id: str, plan: Plan | None, now: datetime) -> list[Command]:
@@ -365,50 +407,53 @@ class QuotaBook:
             raise ValueError(f"the plan of {plan.user_id!r} was given for {user_id!r}")
         now_s = unix(now)
         user = self.users.get(user_id)
-        if user is None:
-            if plan is None:
+        old = None if user is None else user.rules
+        if old is None:
+            if plan is None:  # no plan before, none now
+                if user is not None:
+                    self._mark(user_id, user, _TOUCHED)
                 return []
-            user = self.users[user_id] = _User()
-        self._mark(user_id, user, _TOUCHED)
-        old = user.rules
+            user = self.users[user_id] = _PlannedUser(user)  # the plan's fields its own
+        planned = cast(_PlannedUser, user)  # it has a plan, or is given one
+        self._mark(user_id, planned, _TOUCHED)
         if plan is None:
-            if old is None:
-                return []
+            assert old is not None
             commands = []
-            if user.causes:
+            if planned.causes:
                 start, end = old.bounds(now_s)
-                used = user.used if start == user.start else self._usage(user, start, end)
+                used = (planned.used if start == planned.start
+                        else self._usage(planned, start, end))
                 allowance = (
                     None if old.quota is None
-                    else old.quota + (user.drawn if start == user.start else 0)
-                    + old.available(user.given, now_s)
+                    else old.quota + (planned.drawn if start == planned.start else 0)
+                    + old.available(planned.given, now_s)
                 )
                 commands.append(self._command(
-                    user_id, user, "enable", "plan_removed", start, end, used, allowance, None,
+                    user_id, planned, "enable", "plan_removed", start, end, used, allowance, None,
                     now,
                 ))
-            user.rules = None
-            user._clear()
+            planned.copy_to(plain := _User())  # the plan's fields are gone with it
+            self.users[user_id] = plain
             return commands
         rules = _Rules(plan, self.default_tz)
         if old is None:
-            user._clear()
-            user.rules = rules
-            return self._decide(user_id, user, now_s, now, ())
-        reasons = _plan_changes(old, rules, user.given, now_s)
-        user.rules = rules
+            planned.rules = rules
+            return self._decide(user_id, planned, now_s, now, ())
+        reasons = _plan_changes(old, rules, planned.given, now_s)
+        planned.rules = rules
         if not rules.same_periods(old):
-            user.usage = {}  # counted under the old periods
+            planned.usage = {}  # counted under the old periods
             start, end = rules.bounds(now_s)
-            if start == user.start:  # the same period, counted from elsewhere
-                user.end = end
-                user.lo = max(start, rules.count_from)
-                user.used = self._usage(user, start, end)
+            if start == planned.start:  # the same period, counted from elsewhere
+                planned.end = end
+                planned.lo = max(start, rules.count_from)
+                planned.used = self._usage(planned, start, end)
             else:
-                user.start = user.end = user.lo = 0  # a new period from the next decision
+                # a new period from the next decision
+                planned.start = planned.end = planned.lo = 0
         names = {p.pack_id for p in plan.packs}
-        user.given = {k: v for k, v in user.given.items() if k in names}
-        return self._decide(user_id, user, now_s, now, reasons)
+        planned.given = {k: v for k, v in planned.given.items() if k in names}
+        return self._decide(user_id, planned, now_s, now, reasons)
 
     def tick(self, now: datetime, max_users: int | None = None) -> list[Command]:
         """Decide again for the users whose period ended, plan expired or packs came or went.
@@ -426,7 +471,7 @@ class QuotaBook:
             if user is None or user.rules is None or user.due != when:
                 continue  # a stale entry: the user's due moved
             self._mark(user_id, user, _TOUCHED)
-            commands.extend(self._decide(user_id, user, now_s, now, ()))
+            commands.extend(self._decide(user_id, cast(_PlannedUser, user), now_s, now, ()))
             budget -= 1
         return commands
 
@@ -519,7 +564,7 @@ class QuotaBook:
         """Forget buckets older than the history window of users not seen for that long."""
         oldest_hour = (unix(now) - self.history_s) // BUCKET_S
         for user_id, user in self.users.items():
-            if user.hours and min(user.hours) < oldest_hour:
+            if user.newest != _NO_HOUR and min(user.hours, default=user.newest) < oldest_hour:
                 user.keep_from(oldest_hour)
                 self._mark(user_id, user, _CHANGED)
                 self._history_changed.add(user_id)
@@ -540,9 +585,7 @@ class QuotaBook:
         user = self.users.get(user_id)
         if user is None:
             return None
-        newest = user.newest
-        return right_sized(orjson.dumps(
-            [x for pair in user.hours.items() if pair[0] != newest for x in pair]))
+        return right_sized(orjson.dumps([x for pair in user.hours.items() for x in pair]))
 
     def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
         """Put back records from `user_bytes()` and `history_bytes()` (None forgets the user)."""
@@ -598,7 +641,7 @@ class QuotaBook:
         lo = max(start, user.rules.count_from)
         return sum(b for h, b in user.buckets().items() if lo <= h * BUCKET_S < end)
 
-    def _add_elsewhere(self, user: _User, t: int, count: int) -> None:
+    def _add_elsewhere(self, user: _PlannedUser, t: int, count: int) -> None:
         """Count a reading observed outside the current period (late, or early)."""
         assert user.rules is not None
         start, end = user.rules.bounds(t)
@@ -608,7 +651,8 @@ class QuotaBook:
         user.usage[start] = found + count
 
     def _decide(
-        self, user_id: str, user: _User, now_s: int, now: datetime, changes: tuple[Reason, ...]
+        self, user_id: str, user: _PlannedUser, now_s: int, now: datetime,
+        changes: tuple[Reason, ...],
     ) -> list[Command]:
         """Take the user's decisions at `now`; `changes` are what a plan update brought."""
         rules = user.rules

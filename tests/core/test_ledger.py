@@ -223,6 +223,35 @@ def test_old_ledger_records_without_last_seen_still_load() -> None:
     assert loaded.update(delta(1, ("alice", 1, 1)), POLICY).duplicate
 
 
+def test_records_with_every_total_as_four_numbers_still_load() -> None:
+    """Records written before a total billed alike was (up, down) hold (up, down, up, down)."""
+    straight = NodeLedger("node-a")
+    straight.update(report(1, ("alice", 100, 200), ("bob", 5, 6)), POLICY)
+    straight.update(report(2, ("bob", 9, 9)), POLICY, rate=15_000)
+    record = orjson.loads(straight.to_bytes())
+    day = next(iter(record["totals"]["day"].values()))
+    assert day == {"alice": [100, 200], "bob": [9, 9, 11, 10]}  # alice: billed alike
+    for starts in record["totals"].values():
+        for users in starts.values():
+            for user, total in users.items():
+                users[user] = total * 2 if len(total) == 2 else total
+    old = NodeLedger.from_bytes(orjson.dumps(record))
+    assert old.to_bytes() == straight.to_bytes()
+    more = report(3, ("alice", 160, 270), ("bob", 10, 10))
+    assert outcome(old.update(more, POLICY)) == outcome(straight.update(more, POLICY))
+    assert old.to_bytes() == straight.to_bytes()
+
+
+def test_a_loaded_ledger_shares_what_a_reports_users_share() -> None:
+    ledger = NodeLedger("node-a")
+    ledger.update(report(10**6, ("alice", 10**6, 10**7), ("bob", 10**6, 10**7),
+                         epoch=1_700_000_000_000), POLICY)
+    loaded = NodeLedger.from_bytes(ledger.to_bytes())
+    alice, bob = loaded.users["alice"], loaded.users["bob"]
+    assert alice == bob == ledger.users["alice"]
+    assert alice[0] is bob[0] and alice[1] is bob[1] and alice[4] is bob[4]  # epoch, seq, seen
+
+
 # --- anomalies and late data --------------------------------------------------------------
 
 SMALL = BillingPolicy(timezone=BERLIN, max_rate_bytes_per_s=1000, min_interval_s=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -455,6 +456,29 @@ def test_per_user_records_round_trip() -> None:
     ]
 
 
+def test_users_without_plans_hold_no_plan_state_of_their_own() -> None:
+    book = QuotaBook(UTC_TZ)
+    scenario(book)  # alice: a plan, a pack drawn from, late traffic, a plan update
+    for hour in range(3):  # buckets of several hours, then a plan that comes and goes
+        use(book, 5, at(6, hours=hour), user="bob")
+    bob_plan = plan(user_id="bob", quota_bytes=10)
+    assert acts(book.set_plan("bob", bob_plan, at(7))) == [
+        ("warn", "threshold", 0.8), ("disable", "quota")]
+    assert acts(book.set_plan("bob", None, at(7, hours=1))) == [("enable", "plan_removed")]
+    use(book, 5, at(8), user="carol")
+    # what users without plans share is never written to
+    assert (quota_module._NO_HOURS, quota_module._NO_USAGE, quota_module._NO_PACKS) == ({}, {}, {})
+    assert book.users["carol"].hours is quota_module._NO_HOURS  # one hour: the newest only
+    assert book.users["bob"].buckets() == {
+        s(at(6, hours=h)) // 3600: 5 for h in range(3)}
+    for user in ("bob", "carol"):  # the plan's fields are not the user's own
+        assert book.users[user].rules is None
+        assert sys.getsizeof(book.users[user]) < sys.getsizeof(book.users["alice"])
+    assert book.status("bob") is None and book.usage("bob", s(at(0))) is None
+    again = QuotaBook.from_bytes(book.to_bytes(), UTC_TZ)
+    assert orjson.loads(again.to_bytes()) == orjson.loads(book.to_bytes())
+
+
 def test_a_tick_touches_only_due_users(monkeypatch: pytest.MonkeyPatch) -> None:
     book = QuotaBook(UTC_TZ)
     for i in range(2000):
@@ -480,10 +504,10 @@ def test_old_buckets_are_forgotten() -> None:
     book = QuotaBook(UTC_TZ, lateness_days=0)
     use(book, 1, at(0), user="bob")
     use(book, 1, at(40), user="bob")
-    assert len(book.users["bob"].hours) == 1
+    assert len(book.users["bob"].buckets()) == 1
     use(book, 1, at(40), user="carol")
     book.prune(at(80))
-    assert book.users["carol"].hours == {}
+    assert book.users["carol"].buckets() == {}
     assert book.history_s == quota_module.LONGEST_PERIOD_DAYS * DAY
 
 
