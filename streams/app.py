@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from quotaflow import logs, metrics
@@ -504,20 +505,27 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def _watch_commits() -> None:
         now = time.monotonic()
+        consumer: Any = app.consumer
         for partition in sorted(owned) if recovered.is_set() else ():
             # A dropped message with nothing after it shows no hole: the log's end does.
             # So does a partition that has delivered nothing since it was assigned.
             tp = TP(raw_topic, partition)
-            end = app.consumer.highwater(tp)
+            end = consumer.highwater(tp)
             if end is None or now - arrived.get(partition, now) <= 10.0:
                 continue
-            expected = (guard.expected(partition) if guard.knows(partition)
-                        else await start_offset(tp))
+            if guard.knows(partition):
+                expected = guard.expected(partition)
+            else:  # where Faust starts it: its committed offset, else 0 (which the
+                # consumer resets to the log's start when retention removed it)
+                expected = int(consumer._committed_offset.get(tp) or 0)  # private
             if end > expected:
                 log.warning("%s[%d]: nothing arrives though the log ends at %d; "
                             "re-reading from %d", raw_topic, partition, end, expected)
                 arrived[partition] = now
-                await reread(partition, expected)
+                try:
+                    await reread(partition, expected)
+                except (TimeoutError, KafkaError) as exc:  # Kafka away: next round
+                    log.warning("%s[%d]: could not re-read (%s)", raw_topic, partition, exc)
         stuck = guard.stuck(now, limit_s=60.0)
         if stuck:
             log.error("%s partitions %s: re-reading from a hole did not fill it for 60 s: "
@@ -525,7 +533,6 @@ def create_app(settings: Settings) -> faust.App:
                       raw_topic, stuck)
             logging.shutdown()
             os._exit(70)
-        consumer: Any = app.consumer
         committed = consumer._committed_offset  # Faust's record of what it committed (private)
         for partition, offset in list(processed.items()):
             tp = TP(raw_topic, partition)

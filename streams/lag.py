@@ -46,17 +46,22 @@ class LagProbe:
             bootstrap_servers=settings.kafka_bootstrap, client_id="quotaflow-lag"
         )
 
-    def behind(self, topic: str, group: str, retry_s: float = 30.0) -> int:
-        """Messages of `topic` that `group` has not committed yet.
+    def behind(
+        self, topic: str, group: str, retry_s: float = 30.0,
+        ends: dict[TopicPartition, int] | None = None,
+    ) -> int:
+        """Messages of `topic` that `group` has not committed yet: up to `ends` if given
+        (a mark taken earlier), else up to the topic's end offsets now.
 
         Errors Kafka calls retriable (no group coordinator yet on a fresh broker, a
         leader moving) are retried for up to `retry_s` seconds.
         """
-        partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+        partitions = self._partitions(topic)
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                ends = self._consumer.end_offsets(partitions)
+                if ends is None:
+                    ends = self._consumer.end_offsets(partitions)
                 committed = self._admin.list_group_offsets({group: partitions}).get(group, {})
                 break
             except KafkaError as exc:
@@ -71,6 +76,16 @@ class LagProbe:
             total += max(ends.get(tp, 0) - done, 0)
         return total
 
+    def _partitions(self, topic: str) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+
+    def mark(self, topics: tuple[str, ...] | None = None) -> dict[TopicPartition, int]:
+        """The end offsets of `topics` (default: raw) now, to wait for with `wait_until_done`."""
+        partitions = [tp for topic in topics or (self.settings.topics.raw,)
+                      for tp in self._partitions(topic)]
+        ends: dict[TopicPartition, int] = self._consumer.end_offsets(partitions)
+        return ends
+
     def lag(self) -> Lag:
         """The current lag of both stages."""
         s = self.settings
@@ -81,19 +96,37 @@ class LagProbe:
         )
         return Lag(raw=raw, sink=sink)
 
-    def wait_until_done(self, timeout_s: float, poll_s: float = 0.5) -> Lag:
-        """Poll until everything published is in InfluxDB, or the timeout passes.
+    def wait_until_done(
+        self, timeout_s: float, poll_s: float = 0.5,
+        mark: dict[TopicPartition, int] | None = None,
+    ) -> Lag:
+        """Poll until everything published to raw before `mark` (default: now) is in
+        InfluxDB, or the timeout passes; the lag returned is counted up to the marks.
 
-        Raw must be drained before the sink's topics are looked at, since draining
-        raw is what adds to them.
+        A node that goes on reporting leaves raw never empty at any one instant (the
+        worker commits at checkpoints, a second apart), so what is waited for is what
+        came before the mark. Raw must be drained to it before the sink's topics are
+        marked, since draining raw is what adds to them.
         """
+        s = self.settings
+        sink_topics = (s.topics.totals, s.topics.quota, s.topics.control)
         deadline = time.monotonic() + timeout_s
         lag = Lag(-1, -1)  # unknown until Kafka answers
+        sink_mark: dict[TopicPartition, int] | None = None
         while True:
             try:
-                lag = self.lag()
-                if lag.raw == 0 and self.lag().done:
-                    return Lag(0, 0)
+                if mark is None:
+                    mark = self.mark()
+                raw = self.behind(s.topics.raw, s.topics.worker_group, ends=mark)
+                sink = -1
+                if raw == 0:
+                    if sink_mark is None:
+                        sink_mark = self.mark(sink_topics)
+                    sink = sum(self.behind(topic, s.topics.influx_sink_group, ends=sink_mark)
+                               for topic in sink_topics)
+                lag = Lag(raw, sink)
+                if lag.done:
+                    return lag
             except KafkaError as exc:  # e.g. no group coordinator yet on a fresh broker
                 log.debug("lag unknown for now: %s", exc)
             if time.monotonic() >= deadline:

@@ -135,7 +135,8 @@ class Pipeline:
                 self.start(name)
 
     def wait(self, timeout_s: float = 180.0) -> None:
-        """Block until everything published is in InfluxDB; fail with the logs if not."""
+        """Block until everything published before the call is in InfluxDB; fail with the
+        logs if not."""
         import time
 
         from quotaflow.streams.lag import LagProbe
@@ -143,9 +144,11 @@ class Pipeline:
         probe = LagProbe(self.settings)
         deadline = time.monotonic() + timeout_s
         try:
+            mark = probe.mark()  # what was published before this call
             while True:
                 self.restart_exited()
-                lag = probe.wait_until_done(min(5.0, max(deadline - time.monotonic(), 0.0)))
+                lag = probe.wait_until_done(
+                    min(5.0, max(deadline - time.monotonic(), 0.0)), mark=mark)
                 if lag.done or time.monotonic() >= deadline:
                     break
         finally:

@@ -91,6 +91,35 @@ def test_fleet_totals_equal_ground_truth(fleet: Simulation, settings: Settings,
     assert all(d.reason == "invalid" and d.detail for d in letters)
 
 
+def test_waiting_ends_while_nodes_go_on_reporting(
+    fleet: Simulation, settings: Settings, pipeline: Any
+) -> None:
+    """The worker commits at checkpoints, a second apart: with nodes reporting more
+    often than that, raw is never empty at any one instant, and a wait for an empty
+    raw never ended. Waiting is for what was published before it began."""
+    import threading
+
+    half = len(fleet.lines) // 2
+    _publish(settings, fleet.lines[:half])
+    stop = threading.Event()
+
+    def go_on_reporting() -> None:
+        rest = fleet.lines[half:]
+        for start in range(0, len(rest), 10):
+            if stop.wait(0.25):
+                return
+            _publish(settings, rest[start:start + 10])
+
+    reporter = threading.Thread(target=go_on_reporting)
+    reporter.start()
+    try:
+        pipeline.wait(60)  # fails the test if it does not end
+        assert reporter.is_alive(), "the nodes stopped reporting before the wait ended"
+    finally:
+        stop.set()
+        reporter.join()
+
+
 def test_worker_killed_mid_stream_keeps_totals_exact(fleet: Simulation, settings: Settings,
                                                      pipeline: Any) -> None:
     rng = random.Random(5)
