@@ -435,7 +435,7 @@ def floor(settings: Settings, variant: str, sums: dict[int, list[int]], record_b
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
