@@ -3,6 +3,7 @@
     python bench/steady.py [--keys 100000 --nodes 100 --per-message 100
         --readings 10000000 --warmup 10 --workers 1 --plans/--no-plans
         --baseline-readings 300000 --memory-keys 1000000]
+        [--floor --floor-seconds 30 --floor-bytes-per-reading 58]
         [--results bench/results.json | --no-results]
     python bench/steady.py --memory-only [--memory-keys 1000000 --per-message 100]
 
@@ -37,7 +38,19 @@ One run, on fresh topics of the local (or given) servers:
 6. **Baseline.** The textbook per-reading Faust agent (`bench/baseline_worker.py`)
    drains `--baseline-readings` single-reading messages on topics of its own, in
    the same run, measured the same way; the ratio of CPU per reading is printed.
-7. **Memory.** In this process, without Kafka: the worker's state (the ledger
+7. **Floor.** With `--floor`, the framework's floor on the same raw topic (same
+   messages, readings per message and partitions), after the worker's drain:
+   `bench/floor_worker.py`, a Faust agent with the worker's Faust settings and
+   acknowledgement pattern that decodes nothing, in two variants, each its own
+   consumer group: `consume` (iterate and acknowledge) and `consume+produce` (plus
+   one record per message of `--floor-bytes-per-reading` times the run's mean
+   readings per message bytes, straight to aiokafka's producer). The floor reads
+   the backlog in laps, so its window lasts `--floor-seconds` after `--warmup`;
+   its CPU and readings come from its own status line. The worker's CPU per
+   reading is printed beside each, with the ratio real/floor, and the bytes the
+   worker stored per reading on its totals and changelog topics (what the
+   produce variant stands for).
+8. **Memory.** In this process, without Kafka: the worker's state (the ledger
    table's records, the decoded ledgers and the quota book's users, as the
    worker keeps them) after one round over `--memory-keys` keys, measured with
    tracemalloc, per (node, user) key. The live workers' RSS growth from their
@@ -71,7 +84,9 @@ from types import FunctionType, ModuleType
 from typing import Any
 
 import orjson
+from floor_worker import VARIANTS
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
 from throughput import _cpu_s, extract_tree, merge_results, options, publish_plans
 from workload import begin_run, machine_busy_s, on_servers, pid_listening, results_options
 
@@ -369,6 +384,80 @@ def drain(settings: Settings, commands: list[list[str]], group: str, topic: str,
     return window
 
 
+# ----------------------------------------------------------------------------- the floor
+
+
+_FLOOR_STATUS = re.compile(r"floor t=([\d.]+) cpu=([\d.]+) at=(\S*)")
+
+
+def _floor_status(log: Path, sums: dict[int, list[int]]) -> tuple[float, float, int] | None:
+    """(monotonic s, CPU s, readings handled over all laps) of the floor's last status line."""
+    found = _FLOOR_STATUS.findall(log.read_text(errors="replace"))
+    if not found:
+        return None
+    t, cpu, at = found[-1]
+    handled = 0
+    for part in filter(None, at.split(",")):
+        p, laps, offset = (int(x) for x in part.split(":"))
+        handled += laps * sums[p][-1] + sums[p][offset + 1]
+    return float(t), float(cpu), handled
+
+
+def floor(settings: Settings, variant: str, sums: dict[int, list[int]], record_bytes: int,
+          warmup: float, seconds: float, workdir: Path) -> Window:
+    """Run `bench/floor_worker.py` on the raw topic and measure `seconds` after `warmup`."""
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    label = f"floor-{variant.replace('+', '-')}"
+    log = workdir / f"{label}.log"
+    command = [sys.executable, str(HERE / "floor_worker.py"), settings.topics.raw, variant,
+               "--record-bytes", str(record_bytes)]
+    window = Window(label, total_readings=sum(s[-1] for s in sums.values()))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # its first message
+            if proc.poll() is not None:
+                raise SystemExit(f"{label}: exited with {proc.returncode}; see {log}")
+            status = _floor_status(log, sums)
+            if status is not None and status[2] > 0:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{label}: nothing handled in 10 minutes; see {log}")
+            time.sleep(0.2)
+        time.sleep(warmup)
+        start = _floor_status(log, sums)
+        window.load = os.getloadavg()
+        time.sleep(seconds)
+        end = _floor_status(log, sums)
+        if proc.poll() is not None:
+            raise SystemExit(f"{label}: exited with {proc.returncode}; see {log}")
+        assert start is not None and end is not None
+        window.seconds = end[0] - start[0]
+        window.worker_cpu_s = [end[1] - start[1]]
+        window.readings = end[2] - start[2]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return window
+
+
+def ensure_floor_topic(settings: Settings) -> None:
+    """`<prefix>.floor`, where the floor's produce variant sends its records."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(f"{settings.topic_prefix}.floor", settings.partitions,
+                                      settings.replication_factor,
+                                      topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})])
+    finally:
+        admin.close()
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -489,6 +578,12 @@ def main() -> None:
                         help="0 leaves the per-reading baseline out")
     parser.add_argument("--memory-keys", type=int, default=1_000_000,
                         help="0 leaves the in-process memory measurement out")
+    parser.add_argument("--floor", action="store_true",
+                        help="measure the framework's floor on the worker's raw topic too")
+    parser.add_argument("--floor-seconds", type=float, default=30.0)
+    parser.add_argument("--floor-bytes-per-reading", type=float, default=58.0,
+                        help="what the floor's produce variant sends per reading (the "
+                             "bytes bench/hot_path.py reports the worker produces)")
     parser.add_argument("--before", metavar="REF",
                         help="first drain the same backlog with the worker of git revision REF "
                              "(from git archive), on topics of its own")
@@ -535,7 +630,10 @@ def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
     start = int(time.time()) - (rounds + 1) * ROUND_S
     worker = [sys.executable, "-m", "quotaflow", "worker", "--loglevel", "INFO"]
 
-    def one(label: str, tree: Path | None) -> Window:
+    floors: dict[str, Window] = {}
+    produced: dict[str, float] = {}
+
+    def one(label: str, tree: Path | None, with_floor: bool = False) -> Window:
         tag = uuid.uuid4().hex[:8]
         settings = Settings(kafka_bootstrap=bootstrap, influx_url=influx,
                             topic_prefix=f"steady-{tag}", influx_bucket=f"steady_{tag}",
@@ -557,12 +655,29 @@ def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
         print(f"[{label}] worker CPU s per million readings {window.worker_s_per_m:.2f} over "
               f"{window.seconds:.0f} s, {window.readings_per_s:,.0f} readings/s"
               + (f"; {window.note}" if window.note else ""), flush=True)
+        if with_floor:
+            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+            try:
+                produced["totals"] = _topic_bytes(admin, settings.topics.totals) / total
+                produced["changelog"] = window.changelog_bytes / total
+            finally:
+                admin.close()
+            ensure_floor_topic(settings)
+            record_bytes = round(args.floor_bytes_per_reading * total / messages)
+            for variant in VARIANTS:
+                f = floor(settings, variant, sums, record_bytes, args.warmup,
+                          args.floor_seconds, workdir)
+                floors[variant] = f
+                print(f"[{f.name}] CPU s per million readings {f.worker_s_per_m:.2f} over "
+                      f"{f.seconds:.0f} s, {f.readings_per_s:,.0f} readings/s"
+                      + (f" ({record_bytes:,} bytes sent per message)"
+                         if variant != "consume" else ""), flush=True)
         return window
 
     before_window = None
     if args.before:
         before_window = one(f"before-{args.before}", extract_tree(args.before, workdir))
-    main_window = one("worker", None)
+    main_window = one("worker", None, with_floor=args.floor)
 
     base_window = None
     if args.baseline_readings:
@@ -583,12 +698,13 @@ def run(args: argparse.Namespace, bootstrap: str, influx: str) -> None:
     if args.memory_keys:
         memory = memory_per_key(args.memory_keys, _memory_nodes(args), args.per_message,
                                 fleet.partitions)
-    report(args, main_window, base_window, memory, load, before_window)
+    report(args, main_window, base_window, memory, load, before_window, floors, produced)
 
 
 def report(args: argparse.Namespace, w: Window, base: Window | None,
            memory: dict[str, float] | None, load: tuple[float, float, float],
-           before: Window | None = None) -> None:
+           before: Window | None = None, floors: dict[str, Window] | None = None,
+           produced: dict[str, float] | None = None) -> None:
     m = max(w.readings, 1) / 1e6
     kafka = "n/a" if w.kafka_cpu_s is None else f"{w.kafka_cpu_s / m:.1f}"
     influx = "n/a" if w.influx_cpu_s is None else f"{w.influx_cpu_s / m:.1f}"
@@ -647,6 +763,27 @@ def report(args: argparse.Namespace, w: Window, base: Window | None,
         summary["before"] = {"ref": args.before,
                              "worker_cpu_s_per_million": round(before.worker_s_per_m, 3),
                              "readings_per_s": round(before.readings_per_s)}
+    if floors:
+        for variant, f in floors.items():
+            rows += [(f"framework's floor, {variant}: CPU s per million readings (µs per "
+                      "reading), readings/s; ratio real worker / floor",
+                      f"{f.worker_s_per_m:.2f}, {f.readings_per_s:,.0f} ({f.seconds:.0f} s "
+                      f"window); {w.worker_s_per_m / max(f.worker_s_per_m, 1e-9):.1f}x")]
+        if produced:
+            rows += [("bytes the worker stored per reading on totals / changelog (the floor "
+                      "sends --floor-bytes-per-reading)",
+                      f"{produced['totals']:.0f} / {produced['changelog']:.0f} "
+                      f"({args.floor_bytes_per_reading:.0f})")]
+        summary["floor"] = {
+            variant: {"cpu_s_per_million": round(f.worker_s_per_m, 3),
+                      "readings_per_s": round(f.readings_per_s),
+                      "ratio_real_to_floor": round(w.worker_s_per_m
+                                                   / max(f.worker_s_per_m, 1e-9), 2),
+                      "window": asdict(f)}
+            for variant, f in floors.items()
+        } | {"bytes_per_reading_sent": args.floor_bytes_per_reading,
+             "worker_stored_bytes_per_reading": {k: round(v, 1)
+                                                 for k, v in (produced or {}).items()}}
     if memory is not None:
         rows += [
             (f"worker state per (node, user) key at {memory['keys']:,.0f} keys (tracemalloc, "
