@@ -86,14 +86,17 @@ class LagProbe:
         ends: dict[TopicPartition, int] = self._consumer.end_offsets(partitions)
         return ends
 
+    @property
+    def _sink_topics(self) -> tuple[str, ...]:
+        """The topics the InfluxDB sink reads."""
+        topics = self.settings.topics
+        return (topics.totals, topics.quota, topics.control)
+
     def lag(self) -> Lag:
         """The current lag of both stages."""
         s = self.settings
         raw = self.behind(s.topics.raw, s.topics.worker_group)
-        sink = sum(
-            self.behind(topic, s.topics.influx_sink_group)
-            for topic in (s.topics.totals, s.topics.quota, s.topics.control)
-        )
+        sink = sum(self.behind(topic, s.topics.influx_sink_group) for topic in self._sink_topics)
         return Lag(raw=raw, sink=sink)
 
     def wait_until_done(
@@ -109,7 +112,7 @@ class LagProbe:
         marked, since draining raw is what adds to them.
         """
         s = self.settings
-        sink_topics = (s.topics.totals, s.topics.quota, s.topics.control)
+        sink_topics = self._sink_topics
         deadline = time.monotonic() + timeout_s
         lag = Lag(-1, -1)  # unknown until Kafka answers
         sink_mark: dict[TopicPartition, int] | None = None

@@ -66,10 +66,6 @@ class OffsetGuard:
         self._rewound_at.clear()
         self._hole_since.clear()
 
-    def partitions(self) -> list[int]:
-        """The partitions whose next offset is known."""
-        return list(self._next)
-
     def knows(self, partition: int) -> bool:
         """True once `assign` gave the partition's starting offset."""
         return partition in self._next
