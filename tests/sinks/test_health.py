@@ -135,12 +135,13 @@ def test_node_status_and_pipeline_points_from_a_simulated_fleet(
 
     # a node that reports every 4 s, then stops: alive, then dead after 3 intervals
     dying = "h-dying"
+    dying_reports = _dying_reports(dying)  # once: a second boundary may pass while publishing
     with ReportPublisher(settings) as publisher:
-        for report in _dying_reports(dying):
+        for report in dying_reports:
             publisher.publish(report)
         publisher.flush()
     sent_at_ms = time.time() * 1000
-    last_observed = int(_dying_reports(dying)[-1].observed_at.timestamp() * 1000)
+    last_observed = int(dying_reports[-1].observed_at.timestamp() * 1000)
     alive = _until(lambda: (s := _last_status(influx).get(dying))
                    and s["observed_at"] == last_observed and s, 30, "the dying node's status")
     assert alive["alive"] is True and alive["interval_s"] == DYING_INTERVAL_S
@@ -163,7 +164,7 @@ def test_node_status_and_pipeline_points_from_a_simulated_fleet(
 
     # the worker's pipeline points: what it billed, refused, and its lag drained to 0
     valid = [CounterReport.decode(line) for line in sim.lines if _valid(line)]
-    valid += _dying_reports(dying)
+    valid += dying_reports
     fragments = [f for r in valid for f in split_report(r, settings.partitions).values()]
     worker = _until(lambda: (p := _last_pipeline(influx, "worker")) and p["lag"] == 0
                     and p["readings_total"] == sum(len(f.counters) for f in fragments) and p,
