@@ -309,7 +309,7 @@ class QuotaKeeper:
         """The quota states of the planned users that changed since the last report, as a
         `QuotaBatch` record (None if none did)."""
         book = self.partitions[partition].book
-        rows = book.state_rows(sorted(book.take_unreported()))
+        rows = book.state_rows(book.take_unreported())
         return QuotaBatch.encode(rows) if rows else None
 
     def sent(self, partition: int, command: Command) -> None:

@@ -545,13 +545,15 @@ class QuotaBook:
             return user.used
         return user.usage.get(period_start)
 
-    def take_changed(self) -> set[str]:
-        """The users whose state records changed since the last call (for the changelog)."""
+    def take_changed(self) -> list[str]:
+        """The users whose state records changed since the last call (for the changelog),
+        in the order they first changed."""
         changed, self._changed = self._changed, []
         return self._unmark(changed, _CHANGED)
 
-    def take_unreported(self) -> set[str]:
-        """The users whose state changed since the last call (to report their quota states)."""
+    def take_unreported(self) -> list[str]:
+        """The users whose state changed since the last call (to report their quota states),
+        in the order they first changed."""
         changed, self._unreported = self._unreported, []
         return self._unmark(changed, _UNREPORTED)
 
@@ -625,13 +627,14 @@ class QuotaBook:
         if new & _UNREPORTED:
             self._unreported.append(user_id)
 
-    def _unmark(self, listed: list[str], mark: int) -> set[str]:
+    def _unmark(self, listed: list[str], mark: int) -> list[str]:
         users = self.users
         for user_id in listed:
             user = users.get(user_id)
             if user is not None:
                 user.marks &= ~mark
-        return set(listed)
+        # listed once while marked; a user put back by `load_user` may be listed again
+        return list(dict.fromkeys(listed))
 
     # ------------------------------------------------------------------ the rules
 
