@@ -204,12 +204,15 @@ class NodeLedger:
                     Refusal("late", f"observed before the lateness window (day {day})",
                             user_id, up, down)
                 )
-        elif billing.billed:
-            self._add_to_totals(billing, day, month)
+        rows = None
+        if billing.billed and not late:
+            # when the report's every reading was billed, its rows come with the sums
+            rows = self._add_to_totals(
+                billing, day, month, len(billing.billed) == len(report.counters))
         if late:
             billing.billed = []
         else:
-            billing.totals = self._current_totals(report, day, month)
+            billing.totals = self._current_totals(report, day, month) if rows is None else rows
         if oldest_day > self._kept_from:
             self._kept_from = oldest_day
             oldest_month = calendar.month_start(calendar.days_back(oldest_day, 31))
@@ -309,8 +312,13 @@ class NodeLedger:
         else:
             billing.billed.append((user_id, up, down))
 
-    def _add_to_totals(self, billing: Billing, day: int, month: int) -> None:
+    def _add_to_totals(
+        self, billing: Billing, day: int, month: int, rows_wanted: bool
+    ) -> list[TotalsRow] | None:
         """Add the billed readings to the day and month totals, refusing any that would overflow.
+
+        With `rows_wanted` (every reading of the report was billed), it returns the
+        rows `_current_totals` would give, in the same order, unless it refused one.
 
         InfluxDB stores integers as int64 and the sink writes `total_bytes = up + down`,
         so a reading that would take a user's month total of up + down past 2**63 - 1
@@ -321,6 +329,7 @@ class NodeLedger:
         months = self._period("month", month)
         days = self._period("day", day)
         refused: list[tuple[str, int, int]] | None = None
+        rows: list[TotalsRow] | None = [] if rows_wanted else None
         rate, unit = billing.rate, RATE_UNIT
         plain = rate == unit
         for reading in billing.billed:
@@ -333,6 +342,8 @@ class NodeLedger:
             if total is None:
                 user_id = intern(user_id)  # one string per user, however many dicts hold it
                 month_total = _first(up, down, bill_up, bill_down)
+            elif plain and len(total) == 2:  # most readings: `_added`'s first case, inline
+                month_total = (total[0] + up, total[1] + down)
             else:
                 month_total = _added(total, up, down, bill_up, bill_down, plain)
             # the billed bytes are the last two, in either form
@@ -344,10 +355,21 @@ class NodeLedger:
                 continue
             months[user_id] = month_total
             total = days.get(user_id)
-            days[user_id] = (
-                _first(up, down, bill_up, bill_down) if total is None
-                else _added(total, up, down, bill_up, bill_down, plain)
-            )
+            if total is None:
+                day_total = _first(up, down, bill_up, bill_down)
+            elif plain and len(total) == 2:
+                day_total = (total[0] + up, total[1] + down)
+            else:
+                day_total = _added(total, up, down, bill_up, bill_down, plain)
+            days[user_id] = day_total
+            if rows is not None:
+                if len(day_total) == 2 and len(month_total) == 2:
+                    rows.append((user_id, day_total[0], day_total[1],
+                                 month_total[0], month_total[1]))
+                else:
+                    rows.append((user_id, day_total[0], day_total[1], month_total[0],
+                                 month_total[1], day_total[-2], day_total[-1],
+                                 month_total[-2], month_total[-1]))
         if refused is not None:
             for user_id, up, down in refused:
                 billing.refused.append(Refusal(
@@ -356,6 +378,8 @@ class NodeLedger:
                 ))
             gone = set(refused)  # a user appears once in a report
             billing.billed = [r for r in billing.billed if r not in gone]
+            return None  # a refused user may have a day total: `_current_totals` says
+        return rows
 
     def _period(self, period: PeriodKind, start: int) -> dict[str, Total]:
         """The user totals of one period, created empty when missing."""

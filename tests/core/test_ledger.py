@@ -878,3 +878,53 @@ def test_rates_changing_mid_day_bill_each_reading_at_its_own_rate(
         assert ledger.billed_total("alice", "day", day) == (billed[0], billed[1])
     else:
         assert ledger.total("alice", "day", day) is None
+
+
+# ---------------------------------------------------------------------- totals rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(
+    st.sampled_from(["cumulative", "delta"]),
+    st.integers(1, 2),  # epoch
+    st.lists(st.tuples(st.sampled_from(["alice", "bob", "cy"]),
+                       st.sampled_from([0, 7, 10**6, MAX_TOTAL // 2]),
+                       st.sampled_from([0, 3, 10**6])),
+             max_size=3, unique_by=lambda c: c[0]),
+    st.sampled_from([10_000, 15_000, 5_000]),  # the node's rate
+    st.integers(0, 6 * 24 * 60),  # minutes after T0: some reports fall out of the window
+), min_size=1, max_size=25))
+def test_totals_rows_give_each_named_user_with_a_day_total_its_sums(
+    steps: list[tuple[str, int, list[tuple[str, int, int]], int, int]],
+) -> None:
+    """A billing's rows are, in the report's order, every user it names that has a total
+    for the report's day: that day's and month's sums, with the billed ones when they
+    differ; none for a report older than the lateness window. However many of the
+    report's readings were billed, refused or unchanged."""
+    ledger = NodeLedger("node-a")
+    calendar = Calendar(BERLIN)
+    policy = BillingPolicy(timezone=BERLIN, max_rate_bytes_per_s=2**62)  # totals can overflow
+    watermark = 0
+    for seq, (kind, epoch, counters, rate, minutes) in enumerate(steps, start=1):
+        at = T0 + timedelta(minutes=minutes)
+        billing = ledger.update(
+            report(seq, *counters, epoch=epoch, kind=kind, at=at), policy, rate)
+        watermark = max(watermark, unix(at))
+        day, month = calendar.starts(unix(at))
+        if day < calendar.days_back(watermark, policy.lateness_days):
+            assert billing.totals == []
+            continue
+        expected = []
+        for user, _, _ in counters:
+            day_total = ledger.total(user, "day", day)
+            if day_total is None:
+                continue
+            month_total = ledger.total(user, "month", month)
+            billed_day = ledger.billed_total(user, "day", day)
+            billed_month = ledger.billed_total(user, "month", month)
+            assert month_total is not None and billed_day and billed_month
+            if billed_day == day_total and billed_month == month_total:
+                expected.append((user, *day_total, *month_total))
+            else:
+                expected.append((user, *day_total, *month_total, *billed_day, *billed_month))
+        assert billing.totals == expected
