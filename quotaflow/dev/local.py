@@ -69,7 +69,10 @@ _STATE_FILE = "state.json"
 # without it (C2) for long throughput benchmarks.
 _KAFKA_JVM_OPTS = "-Xmx768m -Xms128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1"
 _STOP_TIMEOUT_S = 30.0
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # reaped by `_alive`, so no zombies linger
+# The servers this process started, with their command lines; reaped by `_running`, so no
+# zombies linger.
+_CHILDREN: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+_STARTED = "--- quotaflow.dev.local started this server"  # opens each start's part of its log
 
 
 class LocalServicesError(RuntimeError):
@@ -387,10 +390,17 @@ def _run(
 
 
 def _tail(path: Path, lines: int = 25) -> str:
+    """The last `lines` lines of `path`, from the last `_STARTED` line on if it has one.
+
+    A server started again appends to its log: what comes before that line is the
+    previous process's, and must not pass for the reason the new one failed.
+    """
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace")
     except OSError:
         return "(no output)"
+    start = text.rfind(_STARTED)
+    return "\n".join((text[start:] if start >= 0 else text).splitlines()[-lines:])
 
 
 def _kafka_libs(cache: Path) -> Path:
@@ -626,6 +636,8 @@ def _java_cmd(run_dir: Path) -> list[str]:
 def _spawn(cmd: list[str], log: Path, cwd: Path, env: Mapping[str, str] | None = None) -> int:
     """Start a detached server (own session, so Ctrl-C in the caller does not reach it)."""
     with open(log, "ab") as out:
+        out.write(f"{_STARTED} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
+        out.flush()
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -635,7 +647,7 @@ def _spawn(cmd: list[str], log: Path, cwd: Path, env: Mapping[str, str] | None =
             env=None if env is None else dict(env),
             start_new_session=True,
         )
-    _CHILDREN[proc.pid] = proc
+    _CHILDREN[proc.pid] = (proc, " ".join(cmd))
     return proc.pid
 
 
@@ -739,36 +751,88 @@ def _influx_answers(url: str) -> bool:
 
 
 def _alive(pid: int | None, marker: str) -> bool:
-    """Whether `pid` is still our server: running, not a zombie, `marker` in its command line."""
+    """Whether `pid` is still our server: started with `marker` in its command line, and
+    not yet fully exited (see `_running`).
+
+    For a server this process started, the command line it was given is the proof:
+    the one /proc shows is empty while `exec` is still loading the program (a server
+    just started would pass for one that exited while starting) and again once an
+    exiting process has dropped its memory. A server another process started is told
+    by /proc's, so it must be read while the server runs.
+    """
     if pid is None:
         return False
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        del _CHILDREN[pid]
-        return False
+    if child is not None:
+        return marker in child[1] and _running(pid, None)
     proc = Path("/proc") / str(pid)
     if not proc.parent.is_dir():  # no procfs: trust the pid
+        return _running(pid, None)
+    try:
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline and _running(pid, _started_at(pid))
+
+
+def _started_at(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot): tells it from a later process given the
+    same pid."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int, started: str | None) -> bool:
+    """Whether a thread of `pid` (which started at `started`) has not exited yet.
+
+    A process holds its files (a data directory's lock) and listening ports until its
+    last thread has exited, and its first thread can be a zombie long before: "not a
+    zombie" is not "gone". A child of this process is gone once `waitpid` reports it
+    (which it does only then); it is reaped here, so no zombies linger.
+    """
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child[0].poll() is None:
+            return True
+        _CHILDREN.pop(pid, None)
+        return False
+    proc = Path("/proc") / str(pid)
+    if not proc.parent.is_dir():
         try:
             os.kill(pid, 0)
         except OSError:
             return False
         return True
+    if _started_at(pid) != started:
+        return False
     try:
-        stat = (proc / "stat").read_text()
-        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        tasks = list((proc / "task").iterdir())
     except OSError:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and marker in cmdline
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except (OSError, IndexError):
+            continue  # that thread is gone
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def _stop_pid(pid: int | None, marker: str, timeout: float) -> None:
-    """SIGTERM the server's process group, wait up to `timeout`, then SIGKILL it."""
+    """SIGTERM the server's process group, wait up to `timeout`, then SIGKILL it; return once
+    the server has fully exited (so its port and data directory are free)."""
     if not _alive(pid, marker):
         return
     assert pid is not None
+    # Known to be ours now; from here on it is followed by pid and start time, as an
+    # exiting server's command line is empty.
+    started = _started_at(pid)
     _signal(pid, signal.SIGTERM)
     deadline, killed = time.monotonic() + timeout, False
-    while _alive(pid, marker):
+    while _running(pid, started):
         if time.monotonic() > deadline:
             if killed:
                 raise LocalServicesError(f"pid {pid} survived SIGKILL")
