@@ -363,13 +363,7 @@ class NodeLedger:
                 day_total = _added(total, up, down, bill_up, bill_down, plain)
             days[user_id] = day_total
             if rows is not None:
-                if len(day_total) == 2 and len(month_total) == 2:
-                    rows.append((user_id, day_total[0], day_total[1],
-                                 month_total[0], month_total[1]))
-                else:
-                    rows.append((user_id, day_total[0], day_total[1], month_total[0],
-                                 month_total[1], day_total[-2], day_total[-1],
-                                 month_total[-2], month_total[-1]))
+                rows.append(_row(user_id, day_total, month_total))
         if refused is not None:
             for user_id, up, down in refused:
                 billing.refused.append(Refusal(
@@ -409,12 +403,7 @@ class NodeLedger:
             user_id = counter.user_id
             total = today.get(user_id)
             if total is not None:
-                monthly = this_month[user_id]
-                if len(total) == 2 and len(monthly) == 2:
-                    out.append((user_id, total[0], total[1], monthly[0], monthly[1]))
-                else:
-                    out.append((user_id, total[0], total[1], monthly[0], monthly[1],
-                                total[-2], total[-1], monthly[-2], monthly[-1]))
+                out.append(_row(user_id, total, this_month[user_id]))
         return out
 
     def _forget_before(self, oldest_day: int, oldest_month: int) -> None:
@@ -494,6 +483,18 @@ Total = tuple[int, int] | tuple[int, int, int, int]
 """A user's period total: (up, down, billed up, billed down), or (up, down) when the
 billed bytes equal the raw ones, which is most totals (nodes at rate 1): two fewer
 items per total, in memory and in the ledger's record."""
+
+
+def _row(user_id: str, day: Total, month: Total) -> TotalsRow:
+    """A user's totals row: its day and month totals, then their billed bytes if either
+    differs from the raw ones (`TotalsBatch` leaves them out otherwise).
+
+    >>> _row("alice", (1, 2), (3, 4)), _row("bob", (1, 2), (3, 4, 5, 6))
+    (('alice', 1, 2, 3, 4), ('bob', 1, 2, 3, 4, 1, 2, 5, 6))
+    """
+    if len(day) == 2 and len(month) == 2:
+        return (user_id, day[0], day[1], month[0], month[1])
+    return (user_id, day[0], day[1], month[0], month[1], day[-2], day[-1], month[-2], month[-1])
 
 
 def _first(up: int, down: int, bill_up: int, bill_down: int) -> Total:
