@@ -27,20 +27,16 @@ HERE = Path(__file__).resolve().parent
 
 def measure(keys: int, rounds: int) -> tuple[int, float, float]:
     """(readings, least, median CPU µs per reading) over three passes."""
-    import gc
-
-    from steady import ROUND_S, Fleet
+    from steady import Fleet
 
     from quotaflow.core.contracts import CounterReport
     from quotaflow.core.ledger import BillingPolicy, NodeLedger
+    from quotaflow.streams.app import _quiet_gc
 
-    fleet = Fleet(keys, max(10, keys // 1000), 100, 4)
-    start = int(time.time()) - (rounds + 1) * ROUND_S
-    reports = [(p, CounterReport.decode(v)) for p, v, _ in fleet.messages(rounds, start)]
+    reports = [(p, CounterReport.decode(v)) for p, v in Fleet.sized(keys).reports(rounds)]
     readings = sum(len(r.counters) for _, r in reports)
     policy = BillingPolicy(timezone=ZoneInfo("UTC"))
-    gc.freeze()  # as the worker sets its collector
-    gc.set_threshold(100_000, 50, 100)
+    _quiet_gc()  # the collector set as the worker sets it
     passes = []
     for _ in range(3):
         ledgers: dict[tuple[str, int], NodeLedger] = {}

@@ -1,6 +1,6 @@
 """The least per-reading work any worker in this stack can do, on one core, without Kafka.
 
-    python bench/lower_bound.py [--keys 3000 100000] [--per-message 83] [--rounds 10] [--passes 3]
+    python bench/lower_bound.py [--keys 3000 100000] [--per-message 100] [--rounds 10] [--passes 3]
 
 A worker that bills cumulative counters exactly must at least, for every reading:
 validate it (the contract, `CounterReport.decode`: pydantic-core, the fastest
@@ -10,6 +10,8 @@ day and month totals, and add it to the user's quota usage. This benchmark does
 exactly that and nothing else: no routing, seq, epoch, rate or lateness checks,
 no quota decisions, no records written, no totals sent, plain dicts of tuples.
 It is a bound from below for `RawHandler` on the same messages, not a design.
+The messages are `bench/steady.py`'s fleet's (each user on two nodes, a node's
+readings cut by partition: about 83 per message at 100,000 keys).
 
 It prints CPU µs per reading for validating alone, for the state alone (the
 reports decoded beforehand) and for both, at each number of keys, the median
@@ -22,37 +24,14 @@ pydantic costs at the least.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
 
-from quotaflow.core.contracts import Counter, CounterReport
+from steady import Fleet
 
-
-def messages(keys: int, per_message: int, rounds: int) -> list[bytes]:
-    """Reports of `keys` (node, user) keys, `per_message` readings each, every key once a
-    round, the counters growing each round; the wire form the worker reads."""
-    nodes = max(1, keys // (per_message * 12))  # a dozen reports per node and round
-    users_per_node = keys // nodes
-    users = max(1, nodes * users_per_node // 2)  # each user on two nodes, as in bench/steady.py
-    start = datetime(2026, 11, 1, tzinfo=UTC)
-    out: list[bytes] = []
-    for r in range(1, rounds + 1):
-        for n in range(nodes):
-            for first in range(0, users_per_node, per_message):
-                chunk = range(first, min(first + per_message, users_per_node))
-                out.append(CounterReport(
-                    node_id=f"node-{n:04d}", epoch=1, seq=r * 1000 + first // per_message,
-                    observed_at=start + timedelta(seconds=60 * r),
-                    counters=tuple(
-                        Counter(user_id=f"u{(n * users_per_node + u) % users:07d}",
-                                up=r * (1000 + u), down=r * (5000 + u))
-                        for u in chunk
-                    ),
-                ).encode())
-    return out
+from quotaflow.core.contracts import CounterReport
+from quotaflow.streams.app import _quiet_gc
 
 
 def bill(reports: Iterable[CounterReport]) -> int:
@@ -109,18 +88,18 @@ def measure(values: list[bytes], passes: int) -> tuple[int, dict[str, float]]:
 
 
 def main() -> None:
-    gc.freeze()  # as the worker sets its collector (quotaflow.streams.app.run_worker)
-    gc.set_threshold(100_000, 50, 100)
+    _quiet_gc()  # the collector set as the worker sets it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, nargs="+", default=[3_000, 100_000])
-    parser.add_argument("--per-message", type=int, default=83)
+    parser.add_argument("--per-message", type=int, default=100,
+                        help="readings a node reports at once, before the partitions cut it")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     print("| keys | readings | validate µs | state µs | both µs (per reading, one core) |")
     print("|---:|---:|---:|---:|---:|")
     for keys in args.keys:
-        values = messages(keys, args.per_message, args.rounds)
+        values = [value for _, value in Fleet.sized(keys, args.per_message).reports(args.rounds)]
         readings, us = measure(values, args.passes)
         print(f"| {keys:,} | {readings:,} | {us['validate']:.2f} | {us['state']:.2f} | "
               f"{us['both']:.2f} |", flush=True)

@@ -164,6 +164,16 @@ class Fleet:
                                          for u in chunk],
                         }), len(chunk)
 
+    @classmethod
+    def sized(cls, keys: int, per_message: int = 100, partitions: int = 4) -> Fleet:
+        """A fleet of `keys` keys on a node per thousand of them (at least ten)."""
+        return cls(keys, max(10, keys // 1000), per_message, partitions)
+
+    def reports(self, rounds: int) -> list[tuple[int, bytes]]:
+        """(partition, value) of every message of `rounds` rounds that ended in the past."""
+        start = int(time.time()) - (rounds + 1) * ROUND_S
+        return [(p, value) for p, value, _ in self.messages(rounds, start)]
+
     def plans(self, rounds: int) -> list[Plan]:
         """A plan per user; a quarter cross 80% and then 100% of their quota during the run,
         spread evenly over it (not all in one round), the others stay far below."""
