@@ -25,9 +25,10 @@ Quotas: before it bills a report, the worker reads `<prefix>.plans` and
 the report at its node's rate, and lets `quotaflow.streams.quotas.QuotaKeeper`
 decide; the quota books are kept in the ledgers' table. A timer does
 the same for what the clock decides (period resets, expiries), every second,
-over the users whose decision is due. Commands go to `<prefix>.control` and
-quota states to `<prefix>.quota` every second. How the quota records are
-written so that a crash loses and doubles nothing is in `quotaflow.streams.quotas`.
+over the users whose decision is due. Commands go to `<prefix>.control` at once,
+quota states to `<prefix>.quota` every `QUOTAFLOW_QUOTA_REPORT_INTERVAL_S`. How
+the quota records are written so that a crash loses and doubles nothing is in
+`quotaflow.streams.quotas`.
 """
 
 from __future__ import annotations
@@ -457,7 +458,7 @@ def create_app(settings: Settings) -> faust.App:
                 await publish(partition, keeper.tick(partition, now, CLOCK_CHUNK_USERS))
                 await asyncio.sleep(0)
 
-    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    @app.timer(interval=settings.quota_report_interval_s)  # type: ignore[untyped-decorator]
     async def _report_quotas() -> None:
         """Publish the quota states of the users that changed."""
         for partition in sorted(owned):

@@ -504,7 +504,7 @@ class QuotaBook:
         (user, period start in the plan's zone, used, allowance, enabled or disabled).
 
         Without a `Status` per user, and with one date string per period start and
-        zone: the worker reports every user that changed, every second.
+        zone: the worker reports every user that changed, every few seconds.
 
         >>> from quotaflow.core.plans import CalendarMonth, Plan
         >>> book = QuotaBook(ZoneInfo("UTC"))

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # how often the worker writes the node ledgers that changed, and acknowledges the
     # messages they hold (a crash makes it bill at most this much again, exactly)
     checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    # how often the worker publishes the quota states of the users that changed; a
+    # status change is on `<prefix>.control` at once, whatever this is
+    quota_report_interval_s: float = Field(default=10.0, gt=0)
     sink_batch_lines: int = Field(default=5000, ge=1)
     sink_flush_interval_s: float = Field(default=1.0, gt=0)
 
