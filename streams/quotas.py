@@ -16,11 +16,17 @@ doubles a byte of usage and announces no change twice with different ids:
   load). A ledger record that reached Kafka therefore has its journal record
   there too. Journal keys are slots of a ring, so old records are overwritten
   rather than deleted.
-- **Users' state records at `flush()`** (the worker flushes every ten seconds,
-  and before the ring could come round to a journal record not yet folded in):
-  one per user that changed, holding the offset of the last message it includes.
-  Loading a book replays the journal records above each user's offset. Between
-  flushes a message costs one journal record, however many users it names.
+- **Users' states at `flush()`** (the worker flushes every ten seconds, and
+  before the ring could come round to a journal record not yet folded in): each
+  user's state holds the offset of the last message it includes, and the states
+  are kept in `STATE_PAGES` page records per partition, a user's page by a hash
+  of its id. A flush rewrites each page that has a user who changed: a record
+  per page, not per user, which is what a fleet whose every user reports once a
+  minute needs (about a user's state per reading otherwise). Loading a book
+  replays the journal records above each user's offset. Between flushes a
+  message costs one journal record, however many users it names. (Earlier
+  versions wrote a record per user; those load, and the first flush moves them
+  into pages.)
 - **Commands at once**: a command is stored as unsent, with the state of its
   user, before it is sent, and struck off once Kafka has it (`sent()`). A worker
   that restarts sends the unsent ones again, with their ids.
@@ -60,6 +66,7 @@ A worker that restarts before Kafka acknowledged the commands sends them again:
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -77,8 +84,11 @@ _SEP = "\x1f"  # no identifier holds a control character
 _HISTORY = b"\x1fh"
 _UNSENT = b"\x1fc"
 _JOURNAL = "\x1fj\x1f"
+_PAGE = "\x1fp\x1f"
 JOURNAL_SLOTS = 4096
 """Journal records kept per partition; a flush is forced after half as many messages."""
+STATE_PAGES = 1024
+"""Page records per partition that hold the users' states."""
 
 
 class QuotaStore(Protocol):
@@ -116,8 +126,24 @@ class DictStore:
 
 
 def state_key(partition: int, user_id: str) -> bytes:
-    """The store key of a user's state record in `partition`."""
+    """The store key of a user's records in `partition`: its history record and its
+    unsent commands, under this key with a suffix, and the state record of earlier
+    versions, under this key."""
     return f"{partition}{_SEP}{user_id}".encode()
+
+
+def page_of(user_id: str) -> int:
+    """The state page of a user: a hash that every process computes alike.
+
+    >>> page_of("alice")
+    71
+    """
+    return zlib.crc32(user_id.encode()) % STATE_PAGES
+
+
+def page_key(partition: int, page: int) -> bytes:
+    """The store key of a state page in `partition`."""
+    return f"{partition}{_PAGE}{page}".encode()
 
 
 def journal_key(partition: int, offset: int) -> bytes:
@@ -162,6 +188,9 @@ class _Partition:
     handled: int = -1  # the offset of the last message whose readings are in the book
     replayed: int = -1  # the last offset replayed from the journal at load
     since_flush: int = 0  # messages journaled since the last flush
+    # users loaded from per-user state records (earlier versions): written into their
+    # pages at the next flush, then those records are deleted
+    unpaged: list[str] = field(default_factory=list)
 
 
 class QuotaKeeper:
@@ -199,18 +228,22 @@ class QuotaKeeper:
         gone was deleted.
         """
         book = QuotaBook(self.default_tz, self.lateness_days)
+        pages: list[bytes] = []
         states: dict[str, bytes] = {}
         histories: dict[str, bytes] = {}
         journal: list[tuple[int, list[tuple[int, list[tuple[str, int]]]]]] = []
         resend: list[Command] = []
         prefix = f"{partition}{_SEP}".encode()
         journal_prefix = f"{partition}{_JOURNAL}".encode()
+        page_prefix = f"{partition}{_PAGE}".encode()
         for key in sorted(self.store.keys_of(partition)):
             value = self.store.get(key)
             if value is None:
                 continue
             if key.startswith(journal_prefix):
                 journal.append(_journaled(value))
+            elif key.startswith(page_prefix):
+                pages.append(value)
             elif key.endswith(_UNSENT):
                 user_id = key[len(prefix):-len(_UNSENT)].decode()
                 unsent = [Command.decode(c) for c in orjson.loads(value)]
@@ -222,7 +255,10 @@ class QuotaKeeper:
                 states[key[len(prefix):].decode()] = value
         for user_id, state in states.items():
             book.load_user(user_id, state, histories.get(user_id))
-        held = self.partitions[partition] = _Partition(book)
+        for page in pages:  # newer than a per-user record of the same user
+            for user_id, paged in orjson.loads(page).items():
+                book.load_state(user_id, paged, histories.get(user_id))
+        held = self.partitions[partition] = _Partition(book, unpaged=list(states))
         held.handled = max((user.through for user in book.users.values()), default=-1)
         commands = list(resend)
         users = book.users
@@ -301,8 +337,10 @@ class QuotaKeeper:
         put = self.store.put
         for user_id in book.take_history_changed():
             put(partition, state_key(partition, user_id) + _HISTORY, book.history_bytes(user_id))
-        for user_id in book.take_changed():
-            self._put_state(partition, held, user_id)
+        self._put_states(partition, held, book.take_changed() + held.unpaged)
+        for user_id in held.unpaged:  # in its page now
+            put(partition, state_key(partition, user_id), None)
+        held.unpaged = []
         held.since_flush = 0
 
     def report(self, partition: int) -> bytes | None:
@@ -325,11 +363,24 @@ class QuotaKeeper:
             del self.unsent[key]
         self._put_unsent(partition, command.user_id, left)
 
-    def _put_state(self, partition: int, held: _Partition, user_id: str) -> None:
-        user = held.book.users.get(user_id)
-        if user is not None:
-            user.through = held.handled
-        self.store.put(partition, state_key(partition, user_id), held.book.user_bytes(user_id))
+    def _put_states(self, partition: int, held: _Partition, user_ids: Iterable[str]) -> None:
+        """Write the users' states as they are now, in the pages that hold them."""
+        by_page: dict[int, list[str]] = {}
+        for user_id in user_ids:
+            by_page.setdefault(page_of(user_id), []).append(user_id)
+        book = held.book
+        for page, names in by_page.items():
+            key = page_key(partition, page)
+            stored = self.store.get(key)
+            states: dict[str, object] = orjson.loads(stored) if stored else {}
+            for user_id in names:
+                user = book.users.get(user_id)
+                if user is None:
+                    states.pop(user_id, None)
+                    continue
+                user.through = held.handled
+                states[user_id] = book.user_state(user_id)
+            self.store.put(partition, key, right_sized(orjson.dumps(states)) if states else None)
 
     def _put_unsent(self, partition: int, user_id: str, unsent: list[Command]) -> None:
         self.store.put(
@@ -348,6 +399,7 @@ class QuotaKeeper:
         held = self.partitions[partition]
         for command in commands:
             self.unsent.setdefault((partition, command.user_id), []).append(command)
-        for user_id in {c.user_id for c in commands}:
-            self._put_state(partition, held, user_id)
+        users = list(dict.fromkeys(c.user_id for c in commands))
+        self._put_states(partition, held, users)
+        for user_id in users:
             self._put_unsent(partition, user_id, self.unsent[partition, user_id])

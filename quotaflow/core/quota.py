@@ -573,14 +573,20 @@ class QuotaBook:
 
     # ------------------------------------------------------------------ state records
 
-    def user_bytes(self, user_id: str) -> bytes | None:
-        """One user's state record, for a changelog keyed by user; None for a user never seen.
+    def user_state(self, user_id: str) -> dict[str, object] | None:
+        """One user's state as JSON-ready values; None for a user never seen.
 
         It holds the newest hour's bucket only: the older ones are the history
-        record (`history_bytes()`), written far less often.
+        record (`history_bytes()`), written far less often. It may share the
+        user's live objects: encode it before the user changes again.
         """
         user = self.users.get(user_id)
-        return None if user is None else right_sized(orjson.dumps(user.record(history=False)))
+        return None if user is None else user.record(history=False)
+
+    def user_bytes(self, user_id: str) -> bytes | None:
+        """`user_state()` as one record, for a changelog keyed by user."""
+        state = self.user_state(user_id)
+        return None if state is None else right_sized(orjson.dumps(state))
 
     def history_bytes(self, user_id: str) -> bytes | None:
         """One user's older hourly buckets (all but the newest); None for a user never seen."""
@@ -591,10 +597,17 @@ class QuotaBook:
 
     def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
         """Put back records from `user_bytes()` and `history_bytes()` (None forgets the user)."""
-        if data is None:
+        self.load_state(user_id, None if data is None else orjson.loads(data), history)
+
+    def load_state(
+        self, user_id: str, state: dict[str, object] | None, history: bytes | None = None
+    ) -> None:
+        """Put back a decoded `user_state()` and a `history_bytes()` record (None forgets
+        the user); `state` is the book's from then on."""
+        if state is None:
             self.users.pop(user_id, None)
             return
-        user = self.users[user_id] = _User.restore(orjson.loads(data), self.default_tz)
+        user = self.users[user_id] = _User.restore(state, self.default_tz)
         if history is not None:
             flat: list[int] = orjson.loads(history)
             older = dict(zip(flat[::2], flat[1::2], strict=True))

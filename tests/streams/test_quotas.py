@@ -18,9 +18,12 @@ from quotaflow.core.plans import CalendarMonth, Command, Plan, QuotaBatch
 from quotaflow.core.settings import Settings
 from quotaflow.streams.quotas import (
     JOURNAL_SLOTS,
+    STATE_PAGES,
     DictStore,
     QuotaKeeper,
     journal_key,
+    page_key,
+    page_of,
     state_key,
 )
 
@@ -99,7 +102,9 @@ def test_between_flushes_a_message_writes_one_journal_record_and_no_state() -> N
         keeper.update(3, offset, T, [(f"u{i}", 5) for i in range(100)], NOW)
     assert set(store.data) - before == {journal_key(3, o) for o in range(10)}
     keeper.flush(3)
-    assert {state_key(3, f"u{i}") for i in range(100)} <= set(store.data)
+    assert set(store.data) - before == (
+        {journal_key(3, o) for o in range(10)} | {page_key(3, page_of(f"u{i}")) for i in range(100)}
+    )
     assert not keeper.must_flush(3)
     for offset in range(10, 10 + JOURNAL_SLOTS // 2):
         keeper.update(3, offset, T, [("u0", 1)], NOW)
@@ -160,8 +165,68 @@ def test_a_users_history_is_written_about_once_an_hour() -> None:
         keeper.flush(3)
     history = [k for k in writes if k.endswith(b"\x1fh")]
     assert len(history) == 20 * 24 - 1  # once per hour that became history
-    assert len(store.data[state_key(3, "dan")]) < 1000
+    assert len(store.data[page_key(3, page_of("dan"))]) < 1000
     assert len(store.data[state_key(3, "dan") + b"\x1fh"]) > 5000
+
+
+def test_a_flush_writes_a_record_per_page_with_a_changed_user_not_one_per_user() -> None:
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(0, {}, NOW)
+    users = [f"user-{i}" for i in range(5 * STATE_PAGES)]
+    keeper.update(0, 0, T, [(u, 7) for u in users], NOW)
+    writes: list[bytes] = []
+    real_put = store.put
+
+    def put(partition: int, key: bytes, value: bytes | None) -> None:
+        writes.append(key)
+        real_put(partition, key, value)
+
+    store.put = put  # type: ignore[method-assign]
+    keeper.flush(0)
+    pages = {page_of(u) for u in users}
+    assert sorted(writes) == sorted(page_key(0, p) for p in pages)
+    keeper.update(0, 1, T, [("user-3", 1)], NOW)
+    del writes[:]
+    keeper.flush(0)
+    assert writes == [page_key(0, page_of("user-3"))]  # its page only
+    paged = orjson.loads(store.data[page_key(0, page_of("user-3"))])
+    assert paged["user-3"]["k"] == 1  # the last message its state holds
+    again = QuotaKeeper(Settings(), copy(store))
+    again.load(0, {}, NOW)
+    assert again.books[0].users.keys() == keeper.books[0].users.keys()
+
+
+def test_per_user_state_records_of_earlier_versions_load_and_move_into_pages() -> None:
+    """Changelogs written before pages hold a state record per user under `state_key`:
+    they load as they did, and the next flush writes those users into their pages and
+    deletes the per-user records."""
+    plans = {u: plan(u, 1000, warn_at=(0.5,)) for u in ("ann", "ben", "cy")}
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(1, plans, NOW)
+    for command in keeper.update(1, 0, T, [("ann", 700), ("ben", 200)], NOW).commands:
+        keeper.sent(1, command)
+    keeper.flush(1)
+    earlier = copy(store)  # the same states, one record per user
+    for key in [k for k in earlier.data if b"\x1fp\x1f" in k]:
+        for user, state in orjson.loads(earlier.data.pop(key)).items():
+            earlier.data[state_key(1, user)] = orjson.dumps(state)
+    for later_store in (store, earlier):
+        later = QuotaKeeper(Settings(), later_store)
+        assert later.load(1, plans, NOW).commands == []
+        for user in ("ann", "ben", "cy"):
+            got, want = later.books[1].status(user), keeper.books[1].status(user)
+            assert got == want
+        later.flush(1)
+    assert not {state_key(1, u) for u in ("ann", "ben", "cy")} & set(earlier.data)
+    assert earlier.data == store.data
+    # a per-user record left beside a newer page (a crash before it was deleted) loses
+    stale = orjson.loads(earlier.data[page_key(1, page_of("ann"))])["ann"]
+    earlier.data[state_key(1, "ann")] = orjson.dumps({**stale, "u": 1})
+    again = QuotaKeeper(Settings(), earlier)
+    again.load(1, plans, NOW)
+    assert again.books[1].status("ann") == keeper.books[1].status("ann")
 
 
 @settings(max_examples=60, deadline=None)
