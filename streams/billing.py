@@ -136,11 +136,18 @@ class Biller:
         return found
 
     def misrouted(self, report: CounterReport, partition: int) -> bool:
-        """True if some reading belongs to another partition."""
+        """True if some reading belongs to another partition.
+
+        A user with counters in the node's ledger of `partition` was billed there,
+        so it belongs there: only the others are looked up, and the ledger's map
+        is the one billing reads next.
+        """
         owner = self.owners
+        known = self.ledger(f"{report.node_id}|{partition}".encode(), report.node_id).users
         # a plain loop: no generator to resume per reading (the hot path)
-        for counter in report.counters:  # noqa: SIM110
-            if owner[counter.user_id] != partition:
+        for counter in report.counters:
+            user_id = counter.user_id
+            if user_id not in known and owner[user_id] != partition:
                 return True
         return False
 

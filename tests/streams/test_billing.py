@@ -133,6 +133,18 @@ def test_a_misrouted_report_is_split_and_rerouted() -> None:
     assert sorted(table) == [b"n1|0", b"n1|2"]
 
 
+def test_users_billed_in_the_partition_are_not_looked_up_again_and_hide_no_stranger() -> None:
+    """A user with counters in the node's ledger of a partition was routed there: the
+    routing check looks up only the others (the ledger's map is the one billing reads)."""
+    biller = handler()
+    mine, stranger = users_of(0, 2), users_of(3, 1)
+    assert biller.handle(report(1, [(u, 10, 20) for u in mine]).encode(), 0, 0).rerouted == ()
+    biller.biller.owners = {stranger[0]: 3}  # type: ignore[assignment]  # knows no one else
+    again = biller.handle(report(2, [(u, 30, 40) for u in mine + stranger]).encode(), 0, 1)
+    assert [r.partition for r in again.rerouted] == [3]
+    assert sorted(row[0] for row in totals_of(again)[0].totals) == sorted(mine)
+
+
 def test_a_report_with_nothing_for_its_partition_is_only_rerouted() -> None:
     table: dict[bytes, bytes] = {}
     outcome = handler(table).handle(report(1, [(users_of(1)[0], 1, 2)]).encode(), 0, 0)
