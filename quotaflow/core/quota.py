@@ -115,8 +115,9 @@ _NEVER = NO_END
 _BEFORE_ALL = -NO_END
 _NO_HOUR = -NO_END  # the newest hour of a user with no bucket
 _CHANGED, _UNREPORTED = 1, 2
-"""A user's marks: listed in the book's changed / unreported users since they were taken."""
+"""The book's lists of users: changed (for the state records) and unreported."""
 _TOUCHED = _CHANGED | _UNREPORTED
+_GENERATION_BITS = 32
 # Shared by the users that hold nothing there, never written to: the dicts a user
 # with no plan (most of them) or a single hour of traffic would hold cost more than
 # the rest of the user's state.
@@ -213,7 +214,9 @@ class _User:
         self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
         self.first = _NEVER  # the first hour of `buckets()` (mostly the oldest), for pruning
-        self.marks = 0  # _CHANGED | _UNREPORTED: listed as such in the book
+        # the generations of the book's changed and unreported lists the user is
+        # listed in, as `QuotaBook._listing` packs them (0: in none)
+        self.marks = 0
         # for whoever stores the record: the last input position it holds (-1: none)
         self.through = -1
 
@@ -345,7 +348,8 @@ class QuotaBook:
     """
 
     __slots__ = (
-        "_changed", "_due", "_history_changed", "_unreported", "default_tz", "history_s", "users",
+        "_changed", "_changed_generation", "_due", "_history_changed", "_listed", "_unreported",
+        "_unreported_generation", "default_tz", "history_s", "users",
     )
 
     def __init__(self, default_tz: ZoneInfo, lateness_days: int = 3) -> None:
@@ -354,10 +358,13 @@ class QuotaBook:
         self.users: dict[str, _User] = {}
         self._due: list[tuple[int, str]] = []  # (due, user_id), stale entries skipped
         # users listed once each, while their `marks` say so, rather than sets: a
-        # reading then touches nothing but its user
+        # reading then touches nothing but its user. Taking a list starts its next
+        # generation, which unmarks every user at once, without visiting them.
         self._changed: list[str] = []
         self._history_changed: set[str] = set()
         self._unreported: list[str] = []  # changed since `take_unreported()`
+        self._changed_generation = self._unreported_generation = 1
+        self._listed = self._listing(1, 1)  # the marks of a user listed in both
 
     # ------------------------------------------------------------------ the three calls
 
@@ -389,8 +396,9 @@ class QuotaBook:
         # every user's due is in the heap, so before its first entry nobody is due
         none_due = not self._due or now_s < self._due[0][0]
         commands: list[Command] = []
+        listed = self._listed
         for user_id, user in seen.items():
-            if user.marks != _TOUCHED:
+            if user.marks != listed:
                 self._mark(user_id, user, _TOUCHED)
             if user.first < oldest_hour:  # mostly in order: the first is the oldest
                 user.keep_from(oldest_hour)
@@ -549,13 +557,18 @@ class QuotaBook:
         """The users whose state records changed since the last call (for the changelog),
         in the order they first changed."""
         changed, self._changed = self._changed, []
-        return self._unmark(changed, _CHANGED)
+        self._changed_generation += 1
+        self._listed = self._listing(self._changed_generation, self._unreported_generation)
+        # listed once while marked; a user put back by `load_user` may be listed again
+        return list(dict.fromkeys(changed))
 
     def take_unreported(self) -> list[str]:
         """The users whose state changed since the last call (to report their quota states),
         in the order they first changed."""
         changed, self._unreported = self._unreported, []
-        return self._unmark(changed, _UNREPORTED)
+        self._unreported_generation += 1
+        self._listed = self._listing(self._changed_generation, self._unreported_generation)
+        return list(dict.fromkeys(changed))
 
     def take_history_changed(self) -> set[str]:
         """The users whose history records changed since the last call (for the changelog)."""
@@ -631,23 +644,29 @@ class QuotaBook:
         heapq.heapify(book._due)
         return book
 
-    def _mark(self, user_id: str, user: _User, marks: int) -> None:
-        """List the user as changed (`_CHANGED`) and/or unreported (`_UNREPORTED`)."""
-        new = marks & ~user.marks
-        user.marks |= new
-        if new & _CHANGED:
+    def _mark(self, user_id: str, user: _User, lists: int) -> None:
+        """List the user as changed (`_CHANGED`) and/or unreported (`_UNREPORTED`), once
+        per generation of each list."""
+        changed = user.marks >> _GENERATION_BITS
+        unreported = user.marks & ((1 << _GENERATION_BITS) - 1)
+        if lists & _CHANGED and changed != self._changed_generation:
+            changed = self._changed_generation
             self._changed.append(user_id)
-        if new & _UNREPORTED:
+        if lists & _UNREPORTED and unreported != self._unreported_generation:
+            unreported = self._unreported_generation
             self._unreported.append(user_id)
+        listing = self._listing(changed, unreported)
+        # the book's own int when listed in both (most users): none of its own
+        user.marks = self._listed if listing == self._listed else listing
 
-    def _unmark(self, listed: list[str], mark: int) -> list[str]:
-        users = self.users
-        for user_id in listed:
-            user = users.get(user_id)
-            if user is not None:
-                user.marks &= ~mark
-        # listed once while marked; a user put back by `load_user` may be listed again
-        return list(dict.fromkeys(listed))
+    @staticmethod
+    def _listing(changed: int, unreported: int) -> int:
+        """A user's `marks`: listed in these generations of the changed and unreported lists.
+
+        >>> QuotaBook._listing(3, 5) >> _GENERATION_BITS, QuotaBook._listing(3, 5) & 0xFFFFFFFF
+        (3, 5)
+        """
+        return changed << _GENERATION_BITS | unreported
 
     # ------------------------------------------------------------------ the rules
 

@@ -435,6 +435,22 @@ def test_command_ids_are_deterministic_and_distinct() -> None:
     assert len({c.command_id for c in first}) == len(first)
 
 
+def test_each_list_of_users_holds_those_changed_since_it_was_last_taken() -> None:
+    """The changed and unreported users are taken at different moments (flush, report):
+    taking one list leaves the other as it was, and a user who changes again after a
+    list was taken is in its next one."""
+    book = QuotaBook(UTC_TZ)
+    use(book, 1, at(1), user="ann")
+    use(book, 1, at(1), user="bob")
+    assert book.take_unreported() == ["ann", "bob"] and book.take_unreported() == []
+    use(book, 1, at(1), user="bob")
+    assert book.take_unreported() == ["bob"]
+    assert book.take_changed() == ["ann", "bob"]  # not taken before: both, once
+    use(book, 1, at(1), user="ann")
+    assert book.take_changed() == ["ann"] and book.take_unreported() == ["ann"]
+    assert book.take_changed() == book.take_unreported() == []
+
+
 def test_per_user_records_round_trip() -> None:
     book = QuotaBook(UTC_TZ)
     scenario(book)
