@@ -46,6 +46,19 @@ def copy(store: DictStore) -> DictStore:
     return crashed
 
 
+def record_writes(store: DictStore) -> list[bytes]:
+    """The keys `store` is written under from now on, in order."""
+    writes: list[bytes] = []
+    real_put = store.put
+
+    def put(partition: int, key: bytes, value: bytes | None) -> None:
+        writes.append(key)
+        real_put(partition, key, value)
+
+    store.put = put  # type: ignore[method-assign]
+    return writes
+
+
 def test_a_plan_that_changed_or_went_while_nobody_owned_the_partition_is_applied_at_load() -> None:
     store = DictStore()
     keeper = QuotaKeeper(Settings(), store)
@@ -151,14 +164,7 @@ def test_a_users_history_is_written_about_once_an_hour() -> None:
     keeper = QuotaKeeper(Settings(), store)
     keeper.load(3, {}, NOW)
     keeper.set_plans(3, [("dan", plan("dan", 10**15))], NOW)
-    writes: list[bytes] = []
-    real_put = store.put
-
-    def put(partition: int, key: bytes, value: bytes | None) -> None:
-        writes.append(key)
-        real_put(partition, key, value)
-
-    store.put = put  # type: ignore[method-assign]
+    writes = record_writes(store)
     start = T - 20 * 86400
     for minute in range(20 * 24 * 60):  # twenty days, a reading a minute, a flush each
         keeper.update(3, minute, start + 60 * minute, [("dan", 1000)], NOW)
@@ -175,14 +181,7 @@ def test_a_flush_writes_a_record_per_page_with_a_changed_user_not_one_per_user()
     keeper.load(0, {}, NOW)
     users = [f"user-{i}" for i in range(5 * STATE_PAGES)]
     keeper.update(0, 0, T, [(u, 7) for u in users], NOW)
-    writes: list[bytes] = []
-    real_put = store.put
-
-    def put(partition: int, key: bytes, value: bytes | None) -> None:
-        writes.append(key)
-        real_put(partition, key, value)
-
-    store.put = put  # type: ignore[method-assign]
+    writes = record_writes(store)
     keeper.flush(0)
     pages = {page_of(u) for u in users}
     assert sorted(writes) == sorted(page_key(0, p) for p in pages)
