@@ -558,17 +558,14 @@ class QuotaBook:
         in the order they first changed."""
         changed, self._changed = self._changed, []
         self._changed_generation += 1
-        self._listed = self._listing(self._changed_generation, self._unreported_generation)
-        # listed once while marked; a user put back by `load_user` may be listed again
-        return list(dict.fromkeys(changed))
+        return self._taken(changed)
 
     def take_unreported(self) -> list[str]:
         """The users whose state changed since the last call (to report their quota states),
         in the order they first changed."""
         changed, self._unreported = self._unreported, []
         self._unreported_generation += 1
-        self._listed = self._listing(self._changed_generation, self._unreported_generation)
-        return list(dict.fromkeys(changed))
+        return self._taken(changed)
 
     def take_history_changed(self) -> set[str]:
         """The users whose history records changed since the last call (for the changelog)."""
@@ -658,6 +655,12 @@ class QuotaBook:
         listing = self._listing(changed, unreported)
         # the book's own int when listed in both (most users): none of its own
         user.marks = self._listed if listing == self._listed else listing
+
+    def _taken(self, listed: list[str]) -> list[str]:
+        """A list just taken, its generation moved on: each user once, in order."""
+        self._listed = self._listing(self._changed_generation, self._unreported_generation)
+        # listed once while marked; a user put back by `load_user` may be listed again
+        return list(dict.fromkeys(listed))
 
     @staticmethod
     def _listing(changed: int, unreported: int) -> int:
