@@ -26,9 +26,10 @@ the report at its node's rate, and lets `quotaflow.streams.quotas.QuotaKeeper`
 decide; the quota books are kept in the ledgers' table. A timer does
 the same for what the clock decides (period resets, expiries), every second,
 over the users whose decision is due. Commands go to `<prefix>.control` at once,
-quota states to `<prefix>.quota` every `QUOTAFLOW_QUOTA_REPORT_INTERVAL_S`. How
-the quota records are written so that a crash loses and doubles nothing is in
-`quotaflow.streams.quotas`.
+and quota states to `<prefix>.quota`: within a second for a user who got a
+command, every `QUOTAFLOW_QUOTA_REPORT_INTERVAL_S` for every user that changed.
+How the quota records are written so that a crash loses and doubles nothing is
+in `quotaflow.streams.quotas`.
 """
 
 from __future__ import annotations
@@ -458,12 +459,18 @@ def create_app(settings: Settings) -> faust.App:
                 await publish(partition, keeper.tick(partition, now, CLOCK_CHUNK_USERS))
                 await asyncio.sleep(0)
 
-    @app.timer(interval=settings.quota_report_interval_s)  # type: ignore[untyped-decorator]
+    last_full_report = [time.monotonic()]
+
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def _report_quotas() -> None:
-        """Publish the quota states of the users that changed."""
+        """Publish the quota states of the users that got a command, and every
+        `quota_report_interval_s` those of all the users that changed."""
+        everyone = time.monotonic() - last_full_report[0] >= settings.quota_report_interval_s
+        if everyone:
+            last_full_report[0] = time.monotonic()
         for partition in sorted(owned):
             if keeper.loaded(partition):
-                states = keeper.report(partition)
+                states = keeper.report(partition, everyone)
                 if states is not None:
                     await producer().send(quota_topic, states, partition=partition)
         await store.send(producer())  # commands struck off as sent, among others

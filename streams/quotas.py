@@ -191,6 +191,8 @@ class _Partition:
     # users loaded from per-user state records (earlier versions): written into their
     # pages at the next flush, then those records are deleted
     unpaged: list[str] = field(default_factory=list)
+    # users who got a command since the last report, in order (a user may repeat)
+    commanded: list[str] = field(default_factory=list)
 
 
 class QuotaKeeper:
@@ -343,11 +345,15 @@ class QuotaKeeper:
         held.unpaged = []
         held.since_flush = 0
 
-    def report(self, partition: int) -> bytes | None:
+    def report(self, partition: int, everyone: bool = True) -> bytes | None:
         """The quota states of the planned users that changed since the last report, as a
-        `QuotaBatch` record (None if none did)."""
-        book = self.partitions[partition].book
-        rows = book.state_rows(book.take_unreported())
+        `QuotaBatch` record (None if none did); without `everyone`, only of those that
+        got a command since the last report, who are reported again with everyone."""
+        held = self.partitions[partition]
+        commanded, held.commanded = held.commanded, []
+        book = held.book
+        users = book.take_unreported() if everyone else list(dict.fromkeys(commanded))
+        rows = book.state_rows(users)
         return QuotaBatch.encode(rows) if rows else None
 
     def sent(self, partition: int, command: Command) -> None:
@@ -400,6 +406,7 @@ class QuotaKeeper:
         for command in commands:
             self.unsent.setdefault((partition, command.user_id), []).append(command)
         users = list(dict.fromkeys(c.user_id for c in commands))
+        held.commanded += users
         self._put_states(partition, held, users)
         for user_id in users:
             self._put_unsent(partition, user_id, self.unsent[partition, user_id])

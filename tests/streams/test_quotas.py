@@ -87,6 +87,24 @@ def test_an_unchanged_plan_is_not_applied_again() -> None:
     assert keeper.report(0) is None
 
 
+def test_a_user_who_got_a_command_is_reported_before_the_others() -> None:
+    """Between full reports, a report holds only the users who got a command since
+    the last one; a full report holds every user that changed, those among them."""
+    keeper = QuotaKeeper(Settings(), DictStore())
+    keeper.load(0, {}, NOW)
+    keeper.set_plans(0, [("ann", plan("ann")), ("ben", plan("ben"))], NOW)
+    keeper.report(0)
+    keeper.update(0, 0, T, [("ann", 5000), ("ben", 10)], NOW)  # ann is disabled
+
+    def users(states: bytes | None) -> list[str]:
+        return [] if states is None else [row[0] for row in QuotaBatch.decode(states).states]
+
+    assert users(keeper.report(0, everyone=False)) == ["ann"]
+    assert users(keeper.report(0, everyone=False)) == []
+    assert users(keeper.report(0)) == ["ann", "ben"]
+    assert users(keeper.report(0)) == []
+
+
 def test_unsent_commands_are_kept_in_order_until_kafka_has_them() -> None:
     store = DictStore()
     keeper = QuotaKeeper(Settings(), store)
