@@ -141,7 +141,7 @@ def proof_fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
         kafka_bootstrap=services.kafka_bootstrap, influx_url=services.influx_url,
         topic_prefix=f"proof-{tag}", influx_bucket=f"proof_{tag}", partitions=4,
         state_dir=logs / "state", sink_flush_interval_s=0.5, status_interval_s=1.0,
-        timezone=ZONE, lateness_days=DAYS + 20,
+        quota_report_interval_s=1.0, timezone=ZONE, lateness_days=DAYS + 20,
     )
     ensure_topics(settings)
     publish_plans(settings, list(truth.plans.values()))
@@ -157,7 +157,8 @@ def proof_fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 publisher.flush()
             pipeline.wait(timeout_s=600)
         # the last quota states and node statuses are written
-        time.sleep(2 * max(settings.sink_flush_interval_s, settings.status_interval_s))
+        time.sleep(2 * max(settings.sink_flush_interval_s, settings.status_interval_s,
+                           settings.quota_report_interval_s))
         # the dashboards are looked at from now on: after every point was written
         truth.now = datetime.now(UTC).astimezone(ZoneInfo(ZONE))
         yield ProofFleet(settings, sim, truth, logs, published_ms)
