@@ -85,6 +85,11 @@ RateLookup = Callable[[str, int], int]
 """(node_id, observed_at Unix s) -> the node's rate then, in 1/10000."""
 
 
+def ledger_key(node_id: str, partition: int) -> bytes:
+    """The table key of a node's ledger in `partition`: `N|P`."""
+    return f"{node_id}|{partition}".encode()
+
+
 class Biller:
     """Applies report fragments to node ledgers and says what to publish.
 
@@ -126,8 +131,9 @@ class Biller:
         fragments = split_report(report, self.partitions)
         return fragments.pop(partition, None), fragments
 
-    def ledger(self, key: bytes, node_id: str) -> NodeLedger:
+    def ledger(self, node_id: str, partition: int) -> NodeLedger:
         """The node's ledger for this partition, from the live cache or the table."""
+        key = ledger_key(node_id, partition)
         found = self._live.get(key)
         if found is None:
             stored = self.table.get(key)
@@ -143,7 +149,7 @@ class Biller:
         is the one billing reads next.
         """
         owner = self.owners
-        known = self.ledger(f"{report.node_id}|{partition}".encode(), report.node_id).users
+        known = self.ledger(report.node_id, partition).users
         # a plain loop: no generator to resume per reading (the hot path)
         for counter in report.counters:
             user_id = counter.user_id
@@ -156,8 +162,7 @@ class Biller:
         if not self.stats.messages:
             self.stats.started = time.monotonic()
             log.info("first message at %.3f", time.time())  # read by bench/throughput.py
-        key = f"{report.node_id}|{partition}".encode()
-        ledger = self.ledger(key, report.node_id)
+        ledger = self.ledger(report.node_id, partition)
         rate = RATE_UNIT if self.rate is None else self.rate(
             report.node_id, int(report.observed_at.timestamp())
         )
@@ -170,16 +175,15 @@ class Biller:
     def keep(self, node_id: str, partition: int, message: bytes, rate: int) -> None:
         """Keep what `bill()` did with the fragment of `message` (billed at `rate`): the
         ledger is written at the next `checkpoint()`."""
-        key = f"{node_id}|{partition}".encode()
-        self._unwritten.setdefault(key, []).append((message, rate))
+        self._unwritten.setdefault(ledger_key(node_id, partition), []).append((message, rate))
 
     def undo(self, node_id: str, partition: int) -> None:
         """Forget what the last `bill()` did to the node's ledger, which may be half
         done: the ledger is read again and the fragments kept since its last write are
         applied again, in order."""
-        key = f"{node_id}|{partition}".encode()
+        key = ledger_key(node_id, partition)
         self._live.pop(key, None)
-        ledger = self.ledger(key, node_id)
+        ledger = self.ledger(node_id, partition)
         for message, rate in self._unwritten.get(key, ()):
             fragment, _ = self.own_fragment(CounterReport.decode(message), partition)
             assert fragment is not None  # it was billed here
