@@ -593,11 +593,6 @@ class QuotaBook:
         user = self.users.get(user_id)
         return None if user is None else user.record(history=False)
 
-    def user_bytes(self, user_id: str) -> bytes | None:
-        """`user_state()` as one record, for a changelog keyed by user."""
-        state = self.user_state(user_id)
-        return None if state is None else right_sized(orjson.dumps(state))
-
     def history_bytes(self, user_id: str) -> bytes | None:
         """One user's older hourly buckets (all but the newest); None for a user never seen."""
         user = self.users.get(user_id)
@@ -606,7 +601,8 @@ class QuotaBook:
         return right_sized(orjson.dumps([x for pair in user.hours.items() for x in pair]))
 
     def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
-        """Put back records from `user_bytes()` and `history_bytes()` (None forgets the user)."""
+        """Put back a `user_state()` record and a `history_bytes()` record (None forgets
+        the user)."""
         self.load_state(user_id, None if data is None else orjson.loads(data), history)
 
     def load_state(

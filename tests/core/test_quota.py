@@ -460,9 +460,9 @@ def test_per_user_records_round_trip() -> None:
     copy = QuotaBook(UTC_TZ)
     assert book.take_history_changed() >= {"alice"}
     for user in changed:
-        copy.load_user(user, book.user_bytes(user), book.history_bytes(user))
+        copy.load_user(user, orjson.dumps(book.user_state(user)), book.history_bytes(user))
     assert orjson.loads(copy.to_bytes()) == orjson.loads(book.to_bytes())
-    assert book.user_bytes("carol") is None
+    assert book.user_state("carol") is None
     copy.load_user("bob", None)
     assert "bob" not in copy.users
     # the restored book keeps its clock duties
@@ -561,7 +561,8 @@ def run_batches(
             book = QuotaBook.from_bytes(book.to_bytes(), UTC_TZ)
         if index in per_user:
             copy = QuotaBook(UTC_TZ)
-            copy.load_user("alice", book.user_bytes("alice"), book.history_bytes("alice"))
+            copy.load_user("alice", orjson.dumps(book.user_state("alice")),
+                           book.history_bytes("alice"))
             book = copy
         batch = [("alice", origin + t, b) for t, b in readings[lo:hi]]
         out.append(book.update(grouped(batch), at(20, seconds=index)))
