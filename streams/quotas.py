@@ -380,12 +380,11 @@ class QuotaKeeper:
             stored = self.store.get(key)
             states: dict[str, object] = orjson.loads(stored) if stored else {}
             for user_id in names:
-                user = book.users.get(user_id)
-                if user is None:
+                state = book.user_state(user_id, through=held.handled)
+                if state is None:
                     states.pop(user_id, None)
-                    continue
-                user.through = held.handled
-                states[user_id] = book.user_state(user_id)
+                else:
+                    states[user_id] = state
             self.store.put(partition, key, right_sized(orjson.dumps(states)) if states else None)
 
     def _put_unsent(self, partition: int, user_id: str, unsent: list[Command]) -> None:

@@ -583,15 +583,20 @@ class QuotaBook:
 
     # ------------------------------------------------------------------ state records
 
-    def user_state(self, user_id: str) -> dict[str, object] | None:
+    def user_state(self, user_id: str, through: int | None = None) -> dict[str, object] | None:
         """One user's state as JSON-ready values; None for a user never seen.
 
         It holds the newest hour's bucket only: the older ones are the history
         record (`history_bytes()`), written far less often. It may share the
-        user's live objects: encode it before the user changes again.
+        user's live objects: encode it before the user changes again. With
+        `through`, the user is stored as holding the input up to that position.
         """
         user = self.users.get(user_id)
-        return None if user is None else user.record(history=False)
+        if user is None:
+            return None
+        if through is not None:
+            user.through = through
+        return user.record(history=False)
 
     def history_bytes(self, user_id: str) -> bytes | None:
         """One user's older hourly buckets (all but the newest); None for a user never seen."""
