@@ -11,8 +11,10 @@ One run, on fresh topics of the local (or given) servers:
 
 1. **Fleet.** `--keys` (node, user) keys: `--keys`/2 users, each on two of `--nodes`
    nodes. Every round, each node reports every one of its users' cumulative
-   counters, in messages of `--per-message` readings (each one partition's
-   fragment, as the agent cuts them); rounds are 60 s apart in `observed_at`.
+   counters, cut as quotaflow's producers cut a report (a message per
+   partition it has users in), and each such fragment further into messages of
+   at most `--per-message` readings (0: not further); rounds are 60 s apart in
+   `observed_at`.
    With `--plans` (the default) every user has a plan, and a quarter of the users
    cross 80% and then 100% of their quota during the run, spread over it, so warns
    and disables are decided and sent while it runs.
@@ -117,7 +119,8 @@ def _rss_mb(pid: int) -> float:
 
 @dataclass
 class Fleet:
-    """Users on nodes, cut by partition and into messages of `per_message` readings."""
+    """Users on nodes, cut by partition and into messages of at most `per_message`
+    readings (0: a message per node and partition, as `ReportPublisher` cuts a report)."""
 
     keys: int
     nodes: int
@@ -133,12 +136,13 @@ class Fleet:
             name = f"u{u:07d}"
             on[u % self.nodes].append(name)
             on[(u + self.nodes // 2) % self.nodes].append(name)
+        size = self.per_message or self.keys
         for node_users in on:
             parts: dict[int, list[str]] = {}
             for name in node_users:
                 parts.setdefault(partition_of(name, self.partitions), []).append(name)
             self.chunks.append({
-                p: [names[i:i + self.per_message] for i in range(0, len(names), self.per_message)]
+                p: [names[i:i + size] for i in range(0, len(names), size)]
                 for p, names in sorted(parts.items())
             })
 
@@ -579,7 +583,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--nodes", type=int, default=100)
-    parser.add_argument("--per-message", type=int, default=100)
+    parser.add_argument("--per-message", type=int, default=100,
+                        help="the most readings per message; 0: one message per node and "
+                             "partition, as quotaflow's producers cut a report")
     parser.add_argument("--readings", type=int, default=10_000_000)
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=1)
