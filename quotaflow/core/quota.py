@@ -80,6 +80,8 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -121,7 +123,29 @@ _GENERATION_BITS = 32
 # Shared by the users that hold nothing there, never written to: the dicts a user
 # with no plan (most of them) or a single hour of traffic would hold cost more than
 # the rest of the user's state.
-_NO_HOURS: dict[int, int] = {}
+_NO_HOURS = array("q")
+
+
+def _packed(flat: list[int]) -> array[int] | list[int]:
+    """`flat` as 8-byte ints, or as it is if one does not fit (bytes past 2**63 - 1 in
+    an hour, only at absurd rates).
+
+    >>> _packed([1, 2]), _packed([1, 2**63])
+    (array('q', [1, 2]), [1, 9223372036854775808])
+    """
+    try:
+        return array("q", flat)
+    except OverflowError:
+        return flat
+
+
+def _insert(hours: array[int] | list[int], at: int, values: list[int]) -> None:
+    """Put `values` into `hours` before index `at`; if `hours` is packed and a value does
+    not fit, raises OverflowError and changes nothing."""
+    if isinstance(hours, array):
+        hours[at:at] = array("q", values)
+    else:
+        hours[at:at] = values
 _NO_USAGE: dict[int, int] = {}
 _NO_PACKS: dict[str, int] = {}
 
@@ -206,11 +230,14 @@ class _User:
     def __init__(self) -> None:
         self.n = 0  # commands issued so far, for their ids; never reset
         self.issued = 0  # the last command's issued_at, Unix ms; never reset
-        # hour (Unix s // 3600) -> billed bytes observed in it, but the newest hour's,
-        # which is `newest` and `tally`; `buckets()` gives them all. The newest bucket
-        # is in the state record, the older ones in the history record, which changes
-        # about once an hour.
-        self.hours = _NO_HOURS  # a dict of its own once there is a bucket before the newest
+        # The hourly buckets, but the newest one (`newest` and `tally`): hour (Unix s
+        # // 3600) and billed bytes observed in it, flat and by hour, [h, b, h, b, ...],
+        # packed: a month of hours is 16 bytes each rather than a dict entry and two
+        # int objects (about 75). `buckets()` gives them all. The newest bucket is in
+        # the state record, the older ones in the history record, which changes about
+        # once an hour.
+        # an array of its own once there is a bucket before the newest
+        self.hours: array[int] | list[int] = _NO_HOURS
         self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
         self.first = _NEVER  # the first hour of `buckets()` (mostly the oldest), for pruning
@@ -221,21 +248,31 @@ class _User:
         self.through = -1
 
     def buckets(self) -> dict[int, int]:
-        """All the hourly buckets, the newest one among them (a new dict)."""
+        """All the hourly buckets, the newest one among them, by hour (a new dict)."""
         if self.newest == _NO_HOUR:
             return {}
-        return {**self.hours, self.newest: self.tally}
+        hours = self.hours
+        found = dict(zip(hours[::2], hours[1::2], strict=True))
+        found[self.newest] = self.tally
+        return found
 
     def set_buckets(self, hours: dict[int, int]) -> None:
-        """Replace the hourly buckets (`hours` is kept, not copied, without the newest)."""
-        self.first = next(iter(hours), _NEVER)
-        self.newest = max(hours, default=_NO_HOUR)
-        self.tally = hours.pop(self.newest, 0)
-        self.hours = hours if hours else _NO_HOURS
+        """Replace the hourly buckets."""
+        ordered = sorted(hours.items())
+        self.first = ordered[0][0] if ordered else _NEVER
+        self.newest, self.tally = ordered.pop() if ordered else (_NO_HOUR, 0)
+        self.hours = _packed([x for pair in ordered for x in pair]) if ordered else _NO_HOURS
 
     def keep_from(self, oldest_hour: int) -> None:
         """Forget the buckets before `oldest_hour`."""
-        self.set_buckets({h: b for h, b in self.buckets().items() if h >= oldest_hour})
+        if self.newest < oldest_hour:
+            self.set_buckets({})
+            return
+        hours = self.hours
+        kept = 2 * bisect_left(hours[::2], oldest_hour)
+        if kept:
+            self.hours = hours[kept:] if kept < len(hours) else _NO_HOURS
+        self.first = self.hours[0] if self.hours else self.newest
 
     def add_to_hour(self, hour: int, count: int) -> bool:
         """Add `count` bytes to `hour`'s bucket, which is not the newest one; whether the
@@ -245,21 +282,37 @@ class _User:
             self.first = self.newest = hour
             self.tally = count
             return False
+        if not self.hours:
+            self.hours = array("q")
+        try:
+            self._add_older(hour, count)
+        except OverflowError:  # past 2**63 - 1 bytes in an hour (absurd rates): unpacked
+            self.hours = list(self.hours)
+            self._add_older(hour, count)
+        return True
+
+    def _add_older(self, hour: int, count: int) -> None:
+        """`add_to_hour()` once there is a bucket; changes nothing if a count overflows."""
         hours = self.hours
-        if not hours:
-            hours = self.hours = {}
-        if hour > newest:  # the old newest bucket joins the history
-            hours[newest] = self.tally
+        if hour > self.newest:  # the old newest bucket joins the history
+            _insert(hours, len(hours), [self.newest, self.tally])
             self.newest = hour
             self.tally = count
-        else:
-            hours[hour] = hours.get(hour, 0) + count
-        return True
+            return
+        # a late reading: mostly for a recent hour, so looked for from the end
+        at = len(hours) - 2
+        while at >= 0 and hours[at] > hour:
+            at -= 2
+        if at >= 0 and hours[at] == hour:
+            hours[at + 1] += count
+        else:  # a bucket of its own, in hour order
+            _insert(hours, at + 2, [hour, count])
+            self.first = min(self.first, hour)
 
     def record(self, history: bool = True) -> dict[str, object]:
         """The user as JSON-ready values; without `history`, only the newest bucket."""
         if history:
-            flat = [x for pair in self.buckets().items() for x in pair]
+            flat = [*self.hours, self.newest, self.tally] if self.newest != _NO_HOUR else []
         else:
             newest = self.newest
             flat = [newest, self.tally] if newest != _NO_HOUR else []
@@ -576,7 +629,7 @@ class QuotaBook:
         """Forget buckets older than the history window of users not seen for that long."""
         oldest_hour = (unix(now) - self.history_s) // BUCKET_S
         for user_id, user in self.users.items():
-            if user.newest != _NO_HOUR and min(user.hours, default=user.newest) < oldest_hour:
+            if user.newest != _NO_HOUR and user.first < oldest_hour:
                 user.keep_from(oldest_hour)
                 self._mark(user_id, user, _CHANGED)
                 self._history_changed.add(user_id)
@@ -603,7 +656,7 @@ class QuotaBook:
         user = self.users.get(user_id)
         if user is None:
             return None
-        return right_sized(orjson.dumps([x for pair in user.hours.items() for x in pair]))
+        return right_sized(orjson.dumps(list(user.hours)))
 
     def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
         """Put back a `user_state()` record and a `history_bytes()` record (None forgets
@@ -623,7 +676,7 @@ class QuotaBook:
             flat: list[int] = orjson.loads(history)
             older = dict(zip(flat[::2], flat[1::2], strict=True))
             older.update(user.buckets())
-            user.set_buckets(dict(sorted(older.items())))
+            user.set_buckets(older)
         if user.rules is not None and user.due < _NEVER:
             heapq.heappush(self._due, (user.due, user_id))
 

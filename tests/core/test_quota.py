@@ -483,7 +483,8 @@ def test_users_without_plans_hold_no_plan_state_of_their_own() -> None:
     assert acts(book.set_plan("bob", None, at(7, hours=1))) == [("enable", "plan_removed")]
     use(book, 5, at(8), user="carol")
     # what users without plans share is never written to
-    assert (quota_module._NO_HOURS, quota_module._NO_USAGE, quota_module._NO_PACKS) == ({}, {}, {})
+    assert (list(quota_module._NO_HOURS), quota_module._NO_USAGE, quota_module._NO_PACKS) == (
+        [], {}, {})
     assert book.users["carol"].hours is quota_module._NO_HOURS  # one hour: the newest only
     assert book.users["bob"].buckets() == {
         s(at(6, hours=h)) // 3600: 5 for h in range(3)}
@@ -525,9 +526,57 @@ def test_old_buckets_are_forgotten() -> None:
     book.prune(at(80))
     assert book.users["carol"].buckets() == {}
     assert book.history_s == quota_module.LONGEST_PERIOD_DAYS * DAY
+    for hour in range(4):
+        use(book, 1, at(100, hours=hour), user="dave")
+    book.prune(at(100, hours=2, seconds=book.history_s))  # the history begins at hour 2
+    first = s(at(100)) // 3600
+    assert book.users["dave"].buckets() == {first + 2: 1, first + 3: 1}
+    assert book.users["dave"].first == first + 2
+
+
+def test_an_hour_past_2_to_the_63_bytes_keeps_its_buckets_unpacked() -> None:
+    book = QuotaBook(UTC_TZ)
+    big = 2**62 + 1
+    for hours in (0, 0, 1):  # the first hour ends up over 2**63 - 1 once the second begins
+        book.update([(s(at(1, hours=hours)), [("bob", big)])], at(1, hours=hours))
+    book.update([(s(at(1)), [("bob", big)])], at(1, hours=1))  # a late reading, unpacked
+    bob = book.users["bob"]
+    assert isinstance(bob.hours, list)
+    assert bob.buckets() == {s(at(1)) // 3600: 3 * big, s(at(1, hours=1)) // 3600: big}
+    copy = QuotaBook(UTC_TZ)
+    copy.load_state("bob", orjson.loads(orjson.dumps(book.user_state("bob"))),
+                    book.history_bytes("bob"))
+    assert copy.users["bob"].buckets() == bob.buckets()
 
 
 # ---------------------------------------------------------------------------- properties
+
+
+@given(st.lists(st.tuples(st.integers(0, 40 * 24), st.integers(0, 2**40), st.integers(0, 48)),
+                min_size=1, max_size=40))
+def test_hourly_buckets_are_the_reference_sums_in_any_order(
+    readings: list[tuple[int, int, int]],
+) -> None:
+    """Readings of any hours in any order (late ones among them), the clock up to two
+    days past each: the buckets are the sums by hour since the history's start, and
+    they survive the state and history records."""
+    book = QuotaBook(UTC_TZ, lateness_days=0)
+    expected: dict[int, int] = {}
+    for hour, count, later in readings:
+        observed = s(T0) + hour * 3600 + 7
+        now = T0 + timedelta(hours=hour + later)
+        book.update([(observed, [("bob", count)])], now)
+        expected[observed // 3600] = expected.get(observed // 3600, 0) + count
+        oldest = (s(now) - book.history_s) // 3600
+        expected = {h: b for h, b in expected.items() if h >= oldest}
+        bob = book.users["bob"]
+        assert bob.buckets() == expected
+        assert bob.first == min(expected, default=quota_module._NEVER)
+    copy = QuotaBook(UTC_TZ, lateness_days=0)
+    copy.load_state("bob", orjson.loads(orjson.dumps(book.user_state("bob"))),
+                    book.history_bytes("bob"))
+    assert copy.users["bob"].buckets() == expected
+
 
 THRESHOLDS = [0.1, 0.25, 1 / 3, 0.5, 0.8, 0.9, 0.95, 0.999]
 
