@@ -120,10 +120,12 @@ _CHANGED, _UNREPORTED = 1, 2
 """The book's lists of users: changed (for the state records) and unreported."""
 _TOUCHED = _CHANGED | _UNREPORTED
 _GENERATION_BITS = 32
-# Shared by the users that hold nothing there, never written to: the dicts a user
-# with no plan (most of them) or a single hour of traffic would hold cost more than
-# the rest of the user's state.
+# Shared by the users that hold nothing there, never written to: the containers a
+# user with no plan (most of them) or a single hour of traffic would hold cost more
+# than the rest of the user's state.
 _NO_HOURS = array("q")
+_NO_USAGE: dict[int, int] = {}
+_NO_PACKS: dict[str, int] = {}
 
 
 def _packed(flat: list[int]) -> array[int] | list[int]:
@@ -146,8 +148,6 @@ def _insert(hours: array[int] | list[int], at: int, values: list[int]) -> None:
         hours[at:at] = array("q", values)
     else:
         hours[at:at] = values
-_NO_USAGE: dict[int, int] = {}
-_NO_PACKS: dict[str, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,12 +235,11 @@ class _User:
         # packed: a month of hours is 16 bytes each rather than a dict entry and two
         # int objects (about 75). `buckets()` gives them all. The newest bucket is in
         # the state record, the older ones in the history record, which changes about
-        # once an hour.
-        # an array of its own once there is a bucket before the newest
+        # once an hour. An array of its own once there is a bucket before the newest.
         self.hours: array[int] | list[int] = _NO_HOURS
         self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
-        self.first = _NEVER  # the first hour of `buckets()` (mostly the oldest), for pruning
+        self.first = _NEVER  # the oldest hour of `buckets()`, for pruning
         # the generations of the book's changed and unreported lists the user is
         # listed in, as `QuotaBook._listing` packs them (0: in none)
         self.marks = 0
