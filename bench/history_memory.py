@@ -59,14 +59,13 @@ def main() -> None:
     records = sum(len(book.history_bytes(u) or b"") for u in ids)
     building = time.process_time() - began
     buckets = len(book.users[ids[0]].buckets())
-    per_user = args.users
     print(f"{args.users:,} users, {args.days} days of a reading an hour each: "
-          f"{buckets} hourly buckets per user; the book holds {held / per_user:,.0f} "
+          f"{buckets} hourly buckets per user; the book holds {held / args.users:,.0f} "
           f"bytes per user after {last_day // 24} days; the history record is "
-          f"{records / per_user:,.0f} bytes")
-    print(f"the last day's hour turns: {turns / (per_user * (hours - last_day)) * 1e6:.1f} µs "
+          f"{records / args.users:,.0f} bytes")
+    print(f"the last day's hour turns: {turns / (args.users * (hours - last_day)) * 1e6:.1f} µs "
           f"CPU per user and hour; every history record built once: "
-          f"{building / per_user * 1e6:.1f} µs per user")
+          f"{building / args.users * 1e6:.1f} µs per user")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ import hashlib
 import heapq
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -126,6 +126,20 @@ _GENERATION_BITS = 32
 _NO_HOURS = array("q")
 _NO_USAGE: dict[int, int] = {}
 _NO_PACKS: dict[str, int] = {}
+
+
+def _flat(pairs: Iterable[tuple[int, int]]) -> list[int]:
+    """Pairs as one flat list, the records' form of a map of ints.
+
+    >>> _flat({1: 2, 3: 4}.items()), _unflat([1, 2, 3, 4])
+    ([1, 2, 3, 4], {1: 2, 3: 4})
+    """
+    return [x for pair in pairs for x in pair]
+
+
+def _unflat(flat: Sequence[int]) -> dict[int, int]:
+    """A flat list of pairs (`_flat()`, or a packed array of them) as a map."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _packed(flat: list[int]) -> array[int] | list[int]:
@@ -251,7 +265,7 @@ class _User:
         if self.newest == _NO_HOUR:
             return {}
         hours = self.hours
-        found = dict(zip(hours[::2], hours[1::2], strict=True))
+        found = _unflat(hours)
         found[self.newest] = self.tally
         return found
 
@@ -260,7 +274,7 @@ class _User:
         ordered = sorted(hours.items())
         self.first = ordered[0][0] if ordered else _NEVER
         self.newest, self.tally = ordered.pop() if ordered else (_NO_HOUR, 0)
-        self.hours = _packed([x for pair in ordered for x in pair]) if ordered else _NO_HOURS
+        self.hours = _packed(_flat(ordered)) if ordered else _NO_HOURS
 
     def keep_from(self, oldest_hour: int) -> None:
         """Forget the buckets before `oldest_hour`."""
@@ -321,7 +335,7 @@ class _User:
             "n": self.n, "i": self.issued, "h": flat, "k": self.through,
             "p": self.rules.plan_json,
             "s": self.start, "e": self.end, "u": self.used,
-            "o": [x for pair in self.usage.items() for x in pair],
+            "o": _flat(self.usage.items()),
             "d": self.drawn, "g": self.given, "w": self.warned, "c": self.causes,
             "a": self.at, "x": self.due, "m": self.mark,
         }
@@ -339,7 +353,7 @@ class _User:
         user.n = raw["n"]  # type: ignore[assignment]
         user.issued = raw.get("i", 0)  # type: ignore[assignment]
         flat: list[int] = raw["h"]  # type: ignore[assignment]
-        user.set_buckets(dict(zip(flat[::2], flat[1::2], strict=True)))
+        user.set_buckets(_unflat(flat))
         user.through = raw.get("k", -1)  # type: ignore[assignment]
         if isinstance(user, _PlannedUser):
             user.restore_plan(raw, default_tz)
@@ -384,7 +398,7 @@ class _PlannedUser(_User):
         self.lo = max(self.start, rules.count_from)
         self.used = raw["u"]  # type: ignore[assignment]
         other: list[int] = raw["o"]  # type: ignore[assignment]
-        self.usage = dict(zip(other[::2], other[1::2], strict=True))
+        self.usage = _unflat(other)
         self.drawn, self.given = raw["d"], raw["g"]  # type: ignore[assignment]
         self.warned = tuple(raw["w"])  # type: ignore[arg-type]
         self.causes, self.at = raw["c"], raw["a"]  # type: ignore[assignment]
@@ -673,7 +687,7 @@ class QuotaBook:
         user = self.users[user_id] = _User.restore(state, self.default_tz)
         if history is not None:
             flat: list[int] = orjson.loads(history)
-            older = dict(zip(flat[::2], flat[1::2], strict=True))
+            older = _unflat(flat)
             older.update(user.buckets())
             user.set_buckets(older)
         if user.rules is not None and user.due < _NEVER:

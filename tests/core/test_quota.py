@@ -544,8 +544,7 @@ def test_an_hour_past_2_to_the_63_bytes_keeps_its_buckets_unpacked() -> None:
     assert isinstance(bob.hours, list)
     assert bob.buckets() == {s(at(1)) // 3600: 3 * big, s(at(1, hours=1)) // 3600: big}
     copy = QuotaBook(UTC_TZ)
-    copy.load_state("bob", orjson.loads(orjson.dumps(book.user_state("bob"))),
-                    book.history_bytes("bob"))
+    copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_bytes("bob"))
     assert copy.users["bob"].buckets() == bob.buckets()
 
 
@@ -573,8 +572,7 @@ def test_hourly_buckets_are_the_reference_sums_in_any_order(
         assert bob.buckets() == expected
         assert bob.first == min(expected, default=quota_module._NEVER)
     copy = QuotaBook(UTC_TZ, lateness_days=0)
-    copy.load_state("bob", orjson.loads(orjson.dumps(book.user_state("bob"))),
-                    book.history_bytes("bob"))
+    copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_bytes("bob"))
     assert copy.users["bob"].buckets() == expected
 
 
