@@ -27,6 +27,14 @@ doubles a byte of usage and announces no change twice with different ids:
   message costs one journal record, however many users it names. (Earlier
   versions wrote a record per user; those load, and the first flush moves them
   into pages.)
+- **History records at `flush()`**: a user's older hourly buckets (all but the
+  newest, which its state holds) in a record per UTC day, `day_key()`, written
+  when the day's buckets changed: mostly once an hour, when the newest bucket
+  joins the history, and when the oldest is pruned. They are written after the
+  states, which hold the buckets that changed since the last flush, so a
+  crash between the two loses no bucket. (Earlier versions wrote the
+  whole history in one record, rewritten every hour; it loads, and the first
+  flush splits it into day records and deletes it.)
 - **Commands at once**: a command is stored as unsent, with the state of its
   user, before it is sent, and struck off once Kafka has it (`sent()`). A worker
   that restarts sends the unsent ones again, with their ids.
@@ -81,8 +89,9 @@ from quotaflow.core.quota import QuotaBook
 from quotaflow.core.settings import Settings
 
 _SEP = "\x1f"  # no identifier holds a control character
-_HISTORY = b"\x1fh"
-_UNSENT = b"\x1fc"
+_WHOLE_HISTORY = b"h"  # earlier versions' record of a user's older buckets, all days
+_DAY = b"d"
+_UNSENT = b"c"
 _JOURNAL = "\x1fj\x1f"
 _PAGE = "\x1fp\x1f"
 JOURNAL_SLOTS = 4096
@@ -125,11 +134,21 @@ class DictStore:
         return (k for k in list(self.data) if k.startswith(prefix))
 
 
-def state_key(partition: int, user_id: str) -> bytes:
-    """The store key of a user's records in `partition`: its history record and its
-    unsent commands, under this key with a suffix, and the state record of earlier
-    versions, under this key."""
-    return f"{partition}{_SEP}{user_id}".encode()
+def state_key(partition: int, user_id: str, kind: bytes = b"") -> bytes:
+    """The store key of a user's records in `partition`: under this key the state
+    record of earlier versions, and with `kind` its other records (`day_key()`, its
+    unsent commands)."""
+    key = f"{partition}{_SEP}{user_id}".encode()
+    return key + _SEP.encode() + kind if kind else key
+
+
+def day_key(partition: int, user_id: str, day: int) -> bytes:
+    """The store key of a user's history record of UTC day `day` (days since the epoch).
+
+    >>> day_key(3, "alice", 20416)
+    b'3\\x1falice\\x1fd20416'
+    """
+    return state_key(partition, user_id, _DAY + str(day).encode())
 
 
 def page_of(user_id: str) -> int:
@@ -191,6 +210,9 @@ class _Partition:
     # users loaded from per-user state records (earlier versions): written into their
     # pages at the next flush, then those records are deleted
     unpaged: list[str] = field(default_factory=list)
+    # users loaded with a record of their whole history (earlier versions): written
+    # as day records at the next flush, then that record is deleted
+    whole: list[str] = field(default_factory=list)
     # users who got a command since the last report, in order (a user may repeat)
     commanded: list[str] = field(default_factory=list)
 
@@ -232,7 +254,8 @@ class QuotaKeeper:
         book = QuotaBook(self.default_tz, self.lateness_days)
         pages: list[bytes] = []
         states: dict[str, bytes] = {}
-        histories: dict[str, bytes] = {}
+        histories: dict[str, list[bytes]] = {}
+        whole: list[str] = []  # users with an earlier version's whole-history record
         journal: list[tuple[int, list[tuple[int, list[tuple[str, int]]]]]] = []
         resend: list[Command] = []
         prefix = f"{partition}{_SEP}".encode()
@@ -246,21 +269,30 @@ class QuotaKeeper:
                 journal.append(_journaled(value))
             elif key.startswith(page_prefix):
                 pages.append(value)
-            elif key.endswith(_UNSENT):
-                user_id = key[len(prefix):-len(_UNSENT)].decode()
-                unsent = [Command.decode(c) for c in orjson.loads(value)]
-                self.unsent[partition, user_id] = unsent
-                resend += unsent
-            elif key.endswith(_HISTORY):
-                histories[key[len(prefix):-len(_HISTORY)].decode()] = value
             else:
-                states[key[len(prefix):].decode()] = value
+                name, _, kind = key[len(prefix):].partition(_SEP.encode())
+                user_id = name.decode()
+                if not kind:
+                    states[user_id] = value
+                elif kind == _UNSENT:
+                    unsent = [Command.decode(c) for c in orjson.loads(value)]
+                    self.unsent[partition, user_id] = unsent
+                    resend += unsent
+                elif kind == _WHOLE_HISTORY:  # older than the user's day records
+                    histories.setdefault(user_id, []).insert(0, value)
+                    whole.append(user_id)
+                elif kind.startswith(_DAY):
+                    histories.setdefault(user_id, []).append(value)
+                else:
+                    raise ValueError(f"partition {partition}: unknown quota record {key!r}")
         for user_id, state in states.items():
-            book.load_user(user_id, state, histories.get(user_id))
+            book.load_user(user_id, state, histories.get(user_id, ()))
         for page in pages:  # newer than a per-user record of the same user
             for user_id, paged in orjson.loads(page).items():
-                book.load_state(user_id, paged, histories.get(user_id))
-        held = self.partitions[partition] = _Partition(book, unpaged=list(states))
+                book.load_state(user_id, paged, histories.get(user_id, ()))
+        for user_id in whole:  # split into day records at the next flush
+            book.rewrite_history(user_id)
+        held = self.partitions[partition] = _Partition(book, unpaged=list(states), whole=whole)
         held.handled = max((user.through for user in book.users.values()), default=-1)
         commands = list(resend)
         users = book.users
@@ -337,12 +369,16 @@ class QuotaKeeper:
         held = self.partitions[partition]
         book = held.book
         put = self.store.put
-        for user_id in book.take_history_changed():
-            put(partition, state_key(partition, user_id) + _HISTORY, book.history_bytes(user_id))
         self._put_states(partition, held, book.take_changed() + held.unpaged)
         for user_id in held.unpaged:  # in its page now
             put(partition, state_key(partition, user_id), None)
         held.unpaged = []
+        # after the states, which hold the changed buckets until these are in Kafka
+        for user_id, day in book.take_history_changed():
+            put(partition, day_key(partition, user_id, day), book.history_bytes(user_id, day))
+        for user_id in held.whole:  # in its day records now
+            put(partition, state_key(partition, user_id, _WHOLE_HISTORY), None)
+        held.whole = []
         held.since_flush = 0
 
     def report(self, partition: int, everyone: bool = True) -> bytes | None:
@@ -389,7 +425,7 @@ class QuotaKeeper:
 
     def _put_unsent(self, partition: int, user_id: str, unsent: list[Command]) -> None:
         self.store.put(
-            partition, state_key(partition, user_id) + _UNSENT,
+            partition, state_key(partition, user_id, _UNSENT),
             right_sized(orjson.dumps([c.encode().decode() for c in unsent])) if unsent else None,
         )
 

@@ -80,9 +80,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -105,6 +106,8 @@ from quotaflow.core.plans import (
 
 BUCKET_S = 3600
 """The width of the usage history's buckets: a mid-period plan is exact to within one."""
+DAY_HOURS = 24
+"""Buckets per history record: a user's older buckets are kept in a record per UTC day."""
 LONGEST_PERIOD_DAYS = 32
 """A calendar month and a DST hour, rounded up: how far back a new plan may look."""
 
@@ -153,6 +156,55 @@ def _packed(flat: list[int]) -> array[int] | list[int]:
         return array("q", flat)
     except OverflowError:
         return flat
+
+
+_PACKED_DAY = b"\x01"
+"""The first byte of a packed day record (a JSON record's is `[`)."""
+_PACKED_FROM = 12
+"""Buckets from which a day record is packed: about where it gets shorter than JSON."""
+
+
+def _day_record(day: int, flat: Sequence[int]) -> bytes:
+    """A day record: the (hour, bytes) pairs `flat` of UTC day `day` (days since
+    the epoch), in hour order. While few, as a flat JSON list; from `_PACKED_FROM`
+    buckets, packed: `_PACKED_DAY`, then the day and the bytes of each of its 24
+    hours (-1: no bucket) as little-endian 8-byte ints, 201 bytes however large
+    the counts (JSON again if one does not fit). `_history_pairs()` reads both.
+
+    >>> _day_record(20416, [489984, 7, 489990, 0])
+    b'[489984,7,489990,0]'
+    >>> full = [x for hour in range(489984, 490008) for x in (hour, 10**9)]
+    >>> packed = _day_record(20416, full)
+    >>> len(packed), _history_pairs(packed) == full
+    (201, True)
+    """
+    if len(flat) < 2 * _PACKED_FROM:
+        return orjson.dumps(list(flat))
+    first = day * DAY_HOURS - 1  # the slot before the day's first hour holds the day
+    slots = array("q", [day] + [-1] * DAY_HOURS)
+    try:
+        for at in range(0, len(flat), 2):
+            slots[flat[at] - first] = flat[at + 1]
+    except OverflowError:  # past 2**63 - 1 bytes in an hour (absurd rates)
+        return orjson.dumps(list(flat))
+    if sys.byteorder == "big":
+        slots.byteswap()
+    return _PACKED_DAY + slots.tobytes()
+
+
+def _history_pairs(record: bytes) -> list[int]:
+    """The flat (hour, bytes) pairs of a history record: a day record
+    (`_day_record()`) or an earlier version's record of a user's whole history,
+    the same flat JSON list."""
+    if record[:1] != _PACKED_DAY:
+        flat: list[int] = orjson.loads(record)
+        return flat
+    slots = array("q")
+    slots.frombytes(record[1:])
+    if sys.byteorder == "big":
+        slots.byteswap()
+    first = slots[0] * DAY_HOURS - 1
+    return [x for at in range(1, len(slots)) if slots[at] >= 0 for x in (first + at, slots[at])]
 
 
 def _insert(hours: array[int] | list[int], at: int, values: list[int]) -> None:
@@ -248,8 +300,9 @@ class _User:
         # // 3600) and billed bytes observed in it, flat and by hour, [h, b, h, b, ...],
         # packed: a month of hours is 16 bytes each rather than a dict entry and two
         # int objects (about 75). `buckets()` gives them all. The newest bucket is in
-        # the state record, the older ones in the history record, which changes about
-        # once an hour. An array of its own once there is a bucket before the newest.
+        # the state record, the older ones in a history record per UTC day, of which
+        # mostly the newest day's changes, about once an hour. An array of its own
+        # once there is a bucket before the newest.
         self.hours: array[int] | list[int] = _NO_HOURS
         self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
@@ -276,42 +329,67 @@ class _User:
         self.newest, self.tally = ordered.pop() if ordered else (_NO_HOUR, 0)
         self.hours = _packed(_flat(ordered)) if ordered else _NO_HOURS
 
-    def keep_from(self, oldest_hour: int) -> None:
-        """Forget the buckets before `oldest_hour`."""
+    def keep_from(self, oldest_hour: int) -> set[int]:
+        """Forget the buckets before `oldest_hour`; the days whose history changed."""
+        hours = self.hours
         if self.newest < oldest_hour:
             self.set_buckets({})
-            return
-        hours = self.hours
+            return self.days()
         kept = 2 * bisect_left(hours[::2], oldest_hour)
         if kept:
             self.hours = hours[kept:] if kept < len(hours) else _NO_HOURS
         self.first = self.hours[0] if self.hours else self.newest
+        return {hour // DAY_HOURS for hour in hours[:kept:2]}
 
-    def add_to_hour(self, hour: int, count: int) -> bool:
-        """Add `count` bytes to `hour`'s bucket, which is not the newest one; whether the
-        history record (the buckets but the newest) changed."""
+    def pairs(self, hours: Collection[int]) -> list[int]:
+        """The flat (hour, bytes) pairs of the history's buckets of `hours`, in hour order."""
+        flat = self.hours
+        starts = flat[::2]
+        found: list[int] = []
+        for hour in sorted(hours):
+            at = bisect_left(starts, hour)
+            if at < len(starts) and starts[at] == hour:
+                found += (hour, flat[2 * at + 1])
+        return found
+
+    def days(self) -> set[int]:
+        """The days of the history's buckets (all but the newest)."""
+        return {hour // DAY_HOURS for hour in self.hours[::2]}
+
+    def day(self, day: int) -> list[int]:
+        """The flat (hour, bytes) pairs of the history's buckets in `day`."""
+        hours = self.hours
+        starts = hours[::2]
+        first = day * DAY_HOURS
+        lo = bisect_left(starts, first)
+        return list(hours[2 * lo:2 * bisect_left(starts, first + DAY_HOURS, lo)])
+
+    def add_to_hour(self, hour: int, count: int) -> int:
+        """Add `count` bytes to `hour`'s bucket, which is not the newest one; the hour
+        whose bucket in the history (the buckets but the newest) changed, or
+        `_NO_HOUR`."""
         newest = self.newest
         if newest == _NO_HOUR:  # the first bucket
             self.first = self.newest = hour
             self.tally = count
-            return False
+            return _NO_HOUR
         if not self.hours:
             self.hours = array("q")
         try:
-            self._add_older(hour, count)
+            return self._add_older(hour, count)
         except OverflowError:  # past 2**63 - 1 bytes in an hour (absurd rates): unpacked
             self.hours = list(self.hours)
-            self._add_older(hour, count)
-        return True
+            return self._add_older(hour, count)
 
-    def _add_older(self, hour: int, count: int) -> None:
+    def _add_older(self, hour: int, count: int) -> int:
         """`add_to_hour()` once there is a bucket; changes nothing if a count overflows."""
         hours = self.hours
-        if hour > self.newest:  # the old newest bucket joins the history
-            _insert(hours, len(hours), [self.newest, self.tally])
+        newest = self.newest
+        if hour > newest:  # the old newest bucket joins the history
+            _insert(hours, len(hours), [newest, self.tally])
             self.newest = hour
             self.tally = count
-            return
+            return newest
         # a late reading: mostly for a recent hour, so looked for from the end
         at = len(hours) - 2
         while at >= 0 and hours[at] > hour:
@@ -321,14 +399,18 @@ class _User:
         else:  # a bucket of its own, in hour order
             _insert(hours, at + 2, [hour, count])
             self.first = min(self.first, hour)
+        return hour
 
-    def record(self, history: bool = True) -> dict[str, object]:
-        """The user as JSON-ready values; without `history`, only the newest bucket."""
+    def record(self, history: bool = True, changed: Collection[int] = ()) -> dict[str, object]:
+        """The user as JSON-ready values; without `history`, only the newest bucket and
+        the older ones of the hours `changed`."""
         if history:
             flat = [*self.hours, self.newest, self.tally] if self.newest != _NO_HOUR else []
         else:
             newest = self.newest
             flat = [newest, self.tally] if newest != _NO_HOUR else []
+            if changed:
+                flat[:0] = self.pairs(changed)
         if self.rules is None:
             return {"n": self.n, "i": self.issued, "h": flat, "k": self.through}
         return {
@@ -415,7 +497,7 @@ class QuotaBook:
 
     __slots__ = (
         "_changed", "_changed_generation", "_due", "_history_changed", "_listed", "_unreported",
-        "_unreported_generation", "default_tz", "history_s", "users",
+        "_unreported_generation", "_unwritten", "default_tz", "history_s", "users",
     )
 
     def __init__(self, default_tz: ZoneInfo, lateness_days: int = 3) -> None:
@@ -427,7 +509,11 @@ class QuotaBook:
         # reading then touches nothing but its user. Taking a list starts its next
         # generation, which unmarks every user at once, without visiting them.
         self._changed: list[str] = []
-        self._history_changed: set[str] = set()
+        self._history_changed: set[tuple[str, int]] = set()
+        # by user, the hours whose bucket in the history changed since the last
+        # `take_history_changed()`: the state records hold them until the history
+        # records that do are written
+        self._unwritten: dict[str, set[int]] = {}
         self._unreported: list[str] = []  # changed since `take_unreported()`
         self._changed_generation = self._unreported_generation = 1
         self._listed = self._listing(1, 1)  # the marks of a user listed in both
@@ -443,6 +529,7 @@ class QuotaBook:
         users = self.users
         seen: dict[str, _User] = {}
         history_changed = self._history_changed
+        unwritten = self._unwritten
         for t, readings in batch:
             hour = t // BUCKET_S
             for user_id, count in readings:
@@ -455,8 +542,11 @@ class QuotaBook:
                     self._add_elsewhere(cast(_PlannedUser, user), t, count)
                 if hour == user.newest:
                     user.tally += count
-                elif user.add_to_hour(hour, count):
-                    history_changed.add(user_id)
+                else:
+                    changed = user.add_to_hour(hour, count)
+                    if changed != _NO_HOUR:
+                        history_changed.add((user_id, changed // DAY_HOURS))
+                        unwritten.setdefault(user_id, set()).add(changed)
                 seen[user_id] = user
         oldest_hour = (now_s - self.history_s) // BUCKET_S
         # every user's due is in the heap, so before its first entry nobody is due
@@ -467,8 +557,7 @@ class QuotaBook:
             if user.marks != listed:
                 self._mark(user_id, user, _TOUCHED)
             if user.first < oldest_hour:  # mostly in order: the first is the oldest
-                user.keep_from(oldest_hour)
-                history_changed.add(user_id)
+                history_changed.update((user_id, day) for day in user.keep_from(oldest_hour))
             # a user with no plan has nothing to decide
             if user.rules is None or (user.used < user.mark and (none_due or now_s < user.due)):
                 continue
@@ -633,61 +722,83 @@ class QuotaBook:
         self._unreported_generation += 1
         return self._taken(changed)
 
-    def take_history_changed(self) -> set[str]:
-        """The users whose history records changed since the last call (for the changelog)."""
+    def take_history_changed(self) -> set[tuple[str, int]]:
+        """The (user, day) of each history record that changed since the last call (for
+        the changelog): write `history_bytes(user, day)`, after the state records
+        (`user_state()`), which hold the changed buckets until then."""
         changed, self._history_changed = self._history_changed, set()
+        self._unwritten = {}
         return changed
+
+    def rewrite_history(self, user_id: str) -> None:
+        """List every history record of the user as changed (to write them anew, as
+        when they were loaded from an earlier version's record of the whole history)."""
+        user = self.users.get(user_id)
+        if user is not None:
+            self._history_changed.update((user_id, day) for day in user.days())
 
     def prune(self, now: datetime) -> None:
         """Forget buckets older than the history window of users not seen for that long."""
         oldest_hour = (unix(now) - self.history_s) // BUCKET_S
         for user_id, user in self.users.items():
             if user.newest != _NO_HOUR and user.first < oldest_hour:
-                user.keep_from(oldest_hour)
+                days = user.keep_from(oldest_hour)
                 self._mark(user_id, user, _CHANGED)
-                self._history_changed.add(user_id)
+                self._history_changed.update((user_id, day) for day in days)
 
     # ------------------------------------------------------------------ state records
 
     def user_state(self, user_id: str, through: int | None = None) -> dict[str, object] | None:
         """One user's state as JSON-ready values; None for a user never seen.
 
-        It holds the newest hour's bucket only: the older ones are the history
-        record (`history_bytes()`), written far less often. It may share the
-        user's live objects: encode it before the user changes again. With
-        `through`, the user is stored as holding the input up to that position.
+        It holds the newest hour's bucket: the older ones are in the history
+        records (`history_bytes()`), written far less often, so it also holds
+        those that changed since they were last taken (`take_history_changed()`),
+        mostly one; a crash after it is stored but before those history records
+        are loses nothing. It may share the user's live objects: encode it before
+        the user changes again. With `through`, the user is stored as holding the
+        input up to that position.
         """
         user = self.users.get(user_id)
         if user is None:
             return None
         if through is not None:
             user.through = through
-        return user.record(history=False)
+        return user.record(history=False, changed=self._unwritten.get(user_id, ()))
 
-    def history_bytes(self, user_id: str) -> bytes | None:
-        """One user's older hourly buckets (all but the newest); None for a user never seen."""
+    def history_bytes(self, user_id: str, day: int) -> bytes | None:
+        """A user's history record of UTC day `day` (days since the epoch): its hourly
+        buckets of that day but the newest bucket; None if it has none there."""
+        user = self.users.get(user_id)
+        flat = [] if user is None else user.day(day)
+        return right_sized(_day_record(day, flat)) if flat else None
+
+    def history_records(self, user_id: str) -> list[bytes]:
+        """All of a user's history records (`history_bytes()` of each of its days)."""
         user = self.users.get(user_id)
         if user is None:
-            return None
-        return right_sized(orjson.dumps(list(user.hours)))
+            return []
+        return [_day_record(day, user.day(day)) for day in sorted(user.days())]
 
-    def load_user(self, user_id: str, data: bytes | None, history: bytes | None = None) -> None:
-        """Put back a `user_state()` record and a `history_bytes()` record (None forgets
-        the user)."""
-        self.load_state(user_id, None if data is None else orjson.loads(data), history)
+    def load_user(self, user_id: str, data: bytes | None, histories: Iterable[bytes] = ()) -> None:
+        """Put back a `user_state()` record and its history records (None forgets the
+        user)."""
+        self.load_state(user_id, None if data is None else orjson.loads(data), histories)
 
     def load_state(
-        self, user_id: str, state: dict[str, object] | None, history: bytes | None = None
+        self, user_id: str, state: dict[str, object] | None, histories: Iterable[bytes] = ()
     ) -> None:
-        """Put back a decoded `user_state()` and a `history_bytes()` record (None forgets
-        the user); `state` is the book's from then on."""
+        """Put back a decoded `user_state()` and its history records, `history_bytes()`
+        or an earlier version's record of the whole history, in the order written
+        (None forgets the user); `state` is the book's from then on."""
         if state is None:
             self.users.pop(user_id, None)
             return
         user = self.users[user_id] = _User.restore(state, self.default_tz)
-        if history is not None:
-            flat: list[int] = orjson.loads(history)
-            older = _unflat(flat)
+        older: dict[int, int] = {}
+        for record in histories:  # a later record holds the later count of an hour
+            older.update(_unflat(_history_pairs(record)))
+        if older:
             older.update(user.buckets())
             user.set_buckets(older)
         if user.rules is not None and user.due < _NEVER:

@@ -458,9 +458,9 @@ def test_per_user_records_round_trip() -> None:
     changed = book.take_changed()
     assert sorted(changed) == ["alice", "bob"] and book.take_changed() == []
     copy = QuotaBook(UTC_TZ)
-    assert book.take_history_changed() >= {"alice"}
+    assert {user for user, _ in book.take_history_changed()} >= {"alice"}
     for user in changed:
-        copy.load_user(user, orjson.dumps(book.user_state(user)), book.history_bytes(user))
+        copy.load_user(user, orjson.dumps(book.user_state(user)), book.history_records(user))
     assert orjson.loads(copy.to_bytes()) == orjson.loads(book.to_bytes())
     assert book.user_state("carol") is None
     copy.load_user("bob", None)
@@ -534,6 +534,18 @@ def test_old_buckets_are_forgotten() -> None:
     assert book.users["dave"].first == first + 2
 
 
+@given(day=st.integers(0, 10**6),
+       buckets=st.dictionaries(st.integers(0, 23), st.integers(0, 2**64 - 1)))
+def test_a_day_record_holds_the_days_buckets_packed_or_not(
+    day: int, buckets: dict[int, int]
+) -> None:
+    flat = [x for hour, count in sorted(buckets.items()) for x in (day * 24 + hour, count)]
+    record = quota_module._day_record(day, flat)
+    assert quota_module._history_pairs(record) == flat
+    packed = len(buckets) >= quota_module._PACKED_FROM and max(buckets.values()) < 2**63
+    assert (len(record) == 201) is packed
+
+
 def test_an_hour_past_2_to_the_63_bytes_keeps_its_buckets_unpacked() -> None:
     book = QuotaBook(UTC_TZ)
     big = 2**62 + 1
@@ -544,7 +556,7 @@ def test_an_hour_past_2_to_the_63_bytes_keeps_its_buckets_unpacked() -> None:
     assert isinstance(bob.hours, list)
     assert bob.buckets() == {s(at(1)) // 3600: 3 * big, s(at(1, hours=1)) // 3600: big}
     copy = QuotaBook(UTC_TZ)
-    copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_bytes("bob"))
+    copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_records("bob"))
     assert copy.users["bob"].buckets() == bob.buckets()
 
 
@@ -572,7 +584,7 @@ def test_hourly_buckets_are_the_reference_sums_in_any_order(
         assert bob.buckets() == expected
         assert bob.first == min(expected, default=quota_module._NEVER)
     copy = QuotaBook(UTC_TZ, lateness_days=0)
-    copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_bytes("bob"))
+    copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_records("bob"))
     assert copy.users["bob"].buckets() == expected
 
 
@@ -609,7 +621,7 @@ def run_batches(
         if index in per_user:
             copy = QuotaBook(UTC_TZ)
             copy.load_user("alice", orjson.dumps(book.user_state("alice")),
-                           book.history_bytes("alice"))
+                           book.history_records("alice"))
             book = copy
         batch = [("alice", origin + t, b) for t, b in readings[lo:hi]]
         out.append(book.update(grouped(batch), at(20, seconds=index)))

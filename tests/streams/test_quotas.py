@@ -21,6 +21,7 @@ from quotaflow.streams.quotas import (
     STATE_PAGES,
     DictStore,
     QuotaKeeper,
+    day_key,
     journal_key,
     page_key,
     page_of,
@@ -187,10 +188,103 @@ def test_a_users_history_is_written_about_once_an_hour() -> None:
     for minute in range(20 * 24 * 60):  # twenty days, a reading a minute, a flush each
         keeper.update(3, minute, start + 60 * minute, [("dan", 1000)], NOW)
         keeper.flush(3)
-    history = [k for k in writes if k.endswith(b"\x1fh")]
+    days = state_key(3, "dan", b"d")
+    history = [k for k in writes if k.startswith(days)]
     assert len(history) == 20 * 24 - 1  # once per hour that became history
+    assert history[-1] == day_key(3, "dan", (T - 3600) // 86400)  # only the hour's day
     assert len(store.data[page_key(3, page_of("dan"))]) < 1000
-    assert len(store.data[state_key(3, "dan") + b"\x1fh"]) > 5000
+    records = [v for k, v in store.data.items() if k.startswith(days)]
+    assert len(records) == 21  # twenty days from 10:00 UTC touch 21 UTC days
+    assert max(map(len, records)) <= 201  # packed: 24 hours at most
+
+
+def hourly(keeper: QuotaKeeper, hours: range, start: int) -> None:
+    """A reading of dan's an hour, then a flush, for each hour in `hours` from `start`."""
+    for hour in hours:
+        t = start + 3600 * hour
+        keeper.update(3, hour, t + 60, [("dan", 1000 + hour)], datetime.fromtimestamp(t, UTC))
+        keeper.flush(3)
+
+
+def test_day_records_older_than_the_history_are_deleted_and_load_back() -> None:
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(3, {}, NOW)
+    start = T - 40 * 86400
+    hourly(keeper, range(40 * 24), start)
+    dan = keeper.books[3].users["dan"]
+    days = sorted(int(k.rsplit(b"\x1fd", 1)[1]) for k in store.data
+                  if k.startswith(state_key(3, "dan", b"d")))
+    assert days == sorted(dan.days()) and len(days) == 36  # a window of 35 days and an hour
+    assert min(days) == dan.first // 24 > start // 86400
+    again = QuotaKeeper(Settings(), copy(store))
+    again.load(3, {}, NOW)
+    assert again.books[3].users["dan"].buckets() == dan.buckets()
+
+
+def test_a_crash_part_way_through_a_flush_keeps_every_hourly_bucket_exact() -> None:
+    """A flush that crosses an hour and holds a late reading for an earlier hour;
+    whatever prefix of its writes reached Kafka, the buckets come out as without a
+    crash, once the messages after the last complete flush are seen again."""
+    hour = 3600
+    start = T - 3 * hour
+    # a message every ten minutes; message 5 is a reading two hours late
+    messages = [(o, start + 600 * o - (2 * hour if o == 5 else 0), 100 + o) for o in range(12)]
+    truth = QuotaKeeper(Settings(), DictStore())
+    truth.load(3, {}, NOW)
+    for offset, t, count in messages:
+        truth.update(3, offset, t, [("dan", count)], NOW)
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(3, {}, NOW)
+    for offset, t, count in messages[:3]:
+        keeper.update(3, offset, t, [("dan", count)], NOW)
+    keeper.flush(3)
+    for offset, t, count in messages[3:9]:  # into the next hour, and the late reading
+        keeper.update(3, offset, t, [("dan", count)], NOW)
+    before = dict(store.data)
+    writes: list[tuple[bytes, bytes | None]] = []
+    real_put = store.put
+
+    def put(partition: int, key: bytes, value: bytes | None) -> None:
+        writes.append((key, value))
+        real_put(partition, key, value)
+
+    store.put = put  # type: ignore[method-assign]
+    keeper.flush(3)
+    assert any(b"\x1fp\x1f" in k for k, _ in writes)
+    assert any(k.startswith(state_key(3, "dan", b"d")) for k, _ in writes)
+    for landed in range(len(writes) + 1):
+        crashed = DictStore()
+        crashed.data = dict(before)
+        for key, value in writes[:landed]:
+            crashed.put(3, key, value)
+        again = QuotaKeeper(Settings(), crashed)
+        again.load(3, {}, NOW)
+        for offset, t, count in messages[3:]:
+            again.update(3, offset, t, [("dan", count)], NOW)
+        assert again.books[3].users["dan"].buckets() == truth.books[3].users["dan"].buckets()
+
+
+def test_a_whole_history_record_of_earlier_versions_loads_and_is_split_into_days() -> None:
+    """Earlier versions kept a user's older buckets in one record, rewritten whole every
+    hour: it loads, and the next flush writes it as day records and deletes it."""
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(3, {}, NOW)
+    hourly(keeper, range(3 * 24), T - 3 * 86400)
+    earlier = copy(store)
+    days = [k for k in earlier.data if k.startswith(state_key(3, "dan", b"d"))]
+    older = [x for k in sorted(days) for x in keeper.books[3].users["dan"].day(
+        int(k.rsplit(b"\x1fd", 1)[1]))]
+    for key in days:
+        del earlier.data[key]
+    earlier.data[state_key(3, "dan", b"h")] = orjson.dumps(older)
+    later = QuotaKeeper(Settings(), earlier)
+    later.load(3, {}, NOW)
+    assert later.books[3].users["dan"].buckets() == keeper.books[3].users["dan"].buckets()
+    later.flush(3)
+    assert earlier.data == store.data
 
 
 def test_a_flush_writes_a_record_per_page_with_a_changed_user_not_one_per_user() -> None:
