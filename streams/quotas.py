@@ -35,7 +35,7 @@ doubles a byte of usage and announces no change twice with different ids:
   crash between the two loses no bucket. (Earlier versions wrote the
   whole history in one record, rewritten every hour; it loads, and the first
   flush splits it into day records and deletes it.)
-- **Commands at once**: a command is stored as unsent, with the state of its
+- **Commands at once**: a command is stored as unsent, then the state of its
   user, before it is sent, and struck off once Kafka has it (`sent()`). A worker
   that restarts sends the unsent ones again, with their ids.
 
@@ -294,7 +294,7 @@ class QuotaKeeper:
             book.rewrite_history(user_id)
         held = self.partitions[partition] = _Partition(book, unpaged=list(states), whole=whole)
         held.handled = max((user.through for user in book.users.values()), default=-1)
-        commands = list(resend)
+        commands: list[Command] = []
         users = book.users
         for offset, groups in sorted(journal, key=lambda record: record[0]):
             missing = [
@@ -305,13 +305,16 @@ class QuotaKeeper:
             if missing:
                 commands += book.update(missing, now)
             held.replayed = held.handled = max(held.handled, offset)
+        # an unsent record can reach Kafka without its user's state: the replay then
+        # decides its commands again, with the same ids, and they are sent once
+        resent = {c.command_id for c in resend}
+        replayed = [c for c in commands if c.command_id not in resent]
+        self._store_commands(partition, replayed)  # before the plans' commands, in order
         planned = {u for u, user in book.users.items() if user.rules is not None}
         changes: list[tuple[str, Plan | None]] = [(u, None) for u in sorted(planned - set(plans))]
         changes += sorted(plans.items())
         decided = self.set_plans(partition, changes, now)
-        decided.commands[:0] = commands[len(resend):]
-        self._store_commands(partition, commands[len(resend):])
-        decided.commands[:0] = resend
+        decided.commands[:0] = resend + replayed
         return decided
 
     def set_plans(
@@ -430,10 +433,14 @@ class QuotaKeeper:
         )
 
     def _store_commands(self, partition: int, commands: list[Command]) -> None:
-        """Store the commands as unsent, after the state of the users that issued them.
+        """Store the commands as unsent, then the state of the users that issued them.
 
-        Both go to the same changelog partition, in this order, so an unsent
-        record that reached Kafka has the state that issued it there too.
+        Both go to the same changelog partition, in this order, so a state that
+        reached Kafka has the unsent record of the commands it issued there too
+        (a crash between the two, the other way round, would lose commands that
+        the state says were issued). An unsent record that reached Kafka
+        without its state is sent again at load, and the journal's replay
+        decides its commands again, with the same ids (`load()`).
         """
         if not commands:
             return
@@ -442,6 +449,6 @@ class QuotaKeeper:
             self.unsent.setdefault((partition, command.user_id), []).append(command)
         users = list(dict.fromkeys(c.user_id for c in commands))
         held.commanded += users
-        self._put_states(partition, held, users)
         for user_id in users:
             self._put_unsent(partition, user_id, self.unsent[partition, user_id])
+        self._put_states(partition, held, users)

@@ -8,6 +8,7 @@ again, as the worker would.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -58,6 +59,33 @@ def record_writes(store: DictStore) -> list[bytes]:
 
     store.put = put  # type: ignore[method-assign]
     return writes
+
+
+def crashes_during(
+    store: DictStore, act: Callable[[], object]
+) -> tuple[list[bytes], list[DictStore]]:
+    """Run `act`, which writes to `store`: the keys it wrote, in order, and the store a
+    crash part-way through those writes leaves, for each number of them that reached
+    Kafka (none, the first, the first two, ..., all)."""
+    before = dict(store.data)
+    writes: list[tuple[bytes, bytes | None]] = []
+    real_put = store.put
+
+    def put(partition: int, key: bytes, value: bytes | None) -> None:
+        writes.append((key, value))
+        real_put(partition, key, value)
+
+    store.put = put  # type: ignore[method-assign]
+    act()
+    store.put = real_put  # type: ignore[method-assign]
+    crashes = []
+    for landed in range(len(writes) + 1):
+        crashed = DictStore()
+        crashed.data = dict(before)
+        for key, value in writes[:landed]:
+            crashed.put(0, key, value)  # a `DictStore` keeps every partition's keys alike
+        crashes.append(crashed)
+    return [key for key, _ in writes], crashes
 
 
 def test_a_plan_that_changed_or_went_while_nobody_owned_the_partition_is_applied_at_load() -> None:
@@ -222,6 +250,29 @@ def test_day_records_older_than_the_history_are_deleted_and_load_back() -> None:
     assert again.books[3].users["dan"].buckets() == dan.buckets()
 
 
+def test_a_crash_part_way_through_storing_commands_loses_none_and_sends_each_once() -> None:
+    """A message that makes dan's plan warn and disable writes its journal record,
+    dan's unsent commands and dan's state; whatever prefix of those reached Kafka,
+    the worker that loads the partition and sees the message again sends both
+    commands, once each, with the ids they were first given."""
+    plans = {"dan": plan("dan", 1000, warn_at=(0.5,))}
+    store = DictStore()
+    keeper = QuotaKeeper(Settings(), store)
+    keeper.load(3, plans, NOW)
+    keeper.update(3, 0, T, [("dan", 400)], NOW)
+    keeper.flush(3)
+    issued: list[Command] = []
+    writes, crashes = crashes_during(
+        store, lambda: issued.extend(keeper.update(3, 1, T, [("dan", 700)], NOW).commands))
+    assert acts(issued) == [("dan", "warn", "threshold"), ("dan", "disable", "quota")]
+    assert len(writes) == 3
+    for crashed in crashes:
+        again = QuotaKeeper(Settings(), crashed)
+        sent = again.load(3, plans, NOW).commands
+        sent += again.update(3, 1, T, [("dan", 700)], NOW).commands
+        assert [c.command_id for c in sent] == [c.command_id for c in issued]
+
+
 def test_a_crash_part_way_through_a_flush_keeps_every_hourly_bucket_exact() -> None:
     """A flush that crosses an hour and holds a late reading for an earlier hour;
     whatever prefix of its writes reached Kafka, the buckets come out as without a
@@ -242,23 +293,10 @@ def test_a_crash_part_way_through_a_flush_keeps_every_hourly_bucket_exact() -> N
     keeper.flush(3)
     for offset, t, count in messages[3:9]:  # into the next hour, and the late reading
         keeper.update(3, offset, t, [("dan", count)], NOW)
-    before = dict(store.data)
-    writes: list[tuple[bytes, bytes | None]] = []
-    real_put = store.put
-
-    def put(partition: int, key: bytes, value: bytes | None) -> None:
-        writes.append((key, value))
-        real_put(partition, key, value)
-
-    store.put = put  # type: ignore[method-assign]
-    keeper.flush(3)
-    assert any(b"\x1fp\x1f" in k for k, _ in writes)
-    assert any(k.startswith(state_key(3, "dan", b"d")) for k, _ in writes)
-    for landed in range(len(writes) + 1):
-        crashed = DictStore()
-        crashed.data = dict(before)
-        for key, value in writes[:landed]:
-            crashed.put(3, key, value)
+    writes, crashes = crashes_during(store, lambda: keeper.flush(3))
+    assert any(b"\x1fp\x1f" in k for k in writes)
+    assert any(k.startswith(state_key(3, "dan", b"d")) for k in writes)
+    for crashed in crashes:
         again = QuotaKeeper(Settings(), crashed)
         again.load(3, {}, NOW)
         for offset, t, count in messages[3:]:
