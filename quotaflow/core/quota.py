@@ -127,6 +127,7 @@ _GENERATION_BITS = 32
 # user with no plan (most of them) or a single hour of traffic would hold cost more
 # than the rest of the user's state.
 _NO_HOURS = array("q")
+_NO_SEALED: dict[int, bytes] = {}
 _NO_USAGE: dict[int, int] = {}
 _NO_PACKS: dict[str, int] = {}
 
@@ -282,7 +283,7 @@ class _User:
 
     # the fields every reading reads first, so that they share the fewest cache lines
     __slots__ = (  # noqa: RUF023
-        "newest", "tally", "first", "marks", "hours", "issued", "n", "through",
+        "newest", "tally", "first", "marks", "hours", "issued", "n", "through", "sealed",
     )
 
     # the plan's fields of a user with no plan: never written to (see `_PlannedUser`)
@@ -302,8 +303,12 @@ class _User:
         # int objects (about 75). `buckets()` gives them all. The newest bucket is in
         # the state record, the older ones in a history record per UTC day, of which
         # mostly the newest day's changes, about once an hour. An array of its own
-        # once there is a bucket before the newest.
+        # once there is a bucket before the newest. Not the days in `sealed`.
         self.hours: array[int] | list[int] = _NO_HOURS
+        # Days before the newest bucket's, by day, as their history records
+        # (`seal()`): the same objects as the store's, so a month of history is held
+        # once. A reading for such a day opens it again (`_unseal()`).
+        self.sealed = _NO_SEALED
         self.newest = _NO_HOUR  # the latest hour with traffic
         self.tally = 0  # the newest hour's bytes, added to per reading
         self.first = _NEVER  # the oldest hour of `buckets()`, for pruning
@@ -317,8 +322,9 @@ class _User:
         """All the hourly buckets, the newest one among them, by hour (a new dict)."""
         if self.newest == _NO_HOUR:
             return {}
-        hours = self.hours
-        found = _unflat(hours)
+        found = _unflat(self.hours)
+        for record in self.sealed.values():
+            found.update(_unflat(_history_pairs(record)))
         found[self.newest] = self.tally
         return found
 
@@ -328,18 +334,64 @@ class _User:
         self.first = ordered[0][0] if ordered else _NEVER
         self.newest, self.tally = ordered.pop() if ordered else (_NO_HOUR, 0)
         self.hours = _packed(_flat(ordered)) if ordered else _NO_HOURS
+        self.sealed = _NO_SEALED
 
     def keep_from(self, oldest_hour: int) -> set[int]:
         """Forget the buckets before `oldest_hour`; the days whose history changed."""
-        hours = self.hours
         if self.newest < oldest_hour:
+            days = self.days()
             self.set_buckets({})
-            return self.days()
+            return days
+        changed = set()
+        sealed = self.sealed
+        oldest_day = oldest_hour // DAY_HOURS
+        sealed_first = _NEVER  # the oldest hour of the sealed days
+        while sealed:  # from the oldest sealed day
+            day = min(sealed)
+            flat = _history_pairs(sealed[day]) if day >= oldest_day else []
+            at = 2 * bisect_left(flat[::2], oldest_hour)
+            if at < len(flat):  # the day keeps buckets
+                if at:
+                    changed.add(day)
+                    sealed[day] = right_sized(_day_record(day, flat[at:]))
+                sealed_first = flat[at]
+                break
+            changed.add(day)
+            del sealed[day]
+        hours = self.hours
         kept = 2 * bisect_left(hours[::2], oldest_hour)
         if kept:
             self.hours = hours[kept:] if kept < len(hours) else _NO_HOURS
-        self.first = self.hours[0] if self.hours else self.newest
-        return {hour // DAY_HOURS for hour in hours[:kept:2]}
+        self.first = min(self.hours[0] if self.hours else self.newest, sealed_first)
+        return changed | {hour // DAY_HOURS for hour in hours[:kept:2]}
+
+    def seal(self, day: int, record: bytes) -> None:
+        """Keep `day`'s buckets (before the newest bucket's day) as `record`, their
+        history record, instead of in `hours`."""
+        hours = self.hours
+        starts = hours[::2]
+        first = day * DAY_HOURS
+        lo = bisect_left(starts, first)
+        hi = bisect_left(starts, first + DAY_HOURS, lo)
+        del hours[2 * lo:2 * hi]
+        if not hours:
+            self.hours = _NO_HOURS
+        if self.sealed is _NO_SEALED:
+            self.sealed = {}
+        self.sealed[day] = record
+
+    def _unseal(self, day: int) -> None:
+        """Put `day`'s sealed buckets back into `hours`."""
+        flat = _history_pairs(self.sealed[day])
+        if not self.hours:
+            self.hours = array("q")
+        at = 2 * bisect_left(self.hours[::2], flat[0])
+        try:
+            _insert(self.hours, at, flat)
+        except OverflowError:  # past 2**63 - 1 bytes in an hour (absurd rates): unpacked
+            self.hours = list(self.hours)
+            _insert(self.hours, at, flat)
+        del self.sealed[day]
 
     def pairs(self, hours: Collection[int]) -> list[int]:
         """The flat (hour, bytes) pairs of the history's buckets of `hours`, in hour order."""
@@ -354,10 +406,12 @@ class _User:
 
     def days(self) -> set[int]:
         """The days of the history's buckets (all but the newest)."""
-        return {hour // DAY_HOURS for hour in self.hours[::2]}
+        return {hour // DAY_HOURS for hour in self.hours[::2]} | self.sealed.keys()
 
     def day(self, day: int) -> list[int]:
         """The flat (hour, bytes) pairs of the history's buckets in `day`."""
+        if day in self.sealed:
+            return _history_pairs(self.sealed[day])
         hours = self.hours
         starts = hours[::2]
         first = day * DAY_HOURS
@@ -391,6 +445,9 @@ class _User:
             self.tally = count
             return newest
         # a late reading: mostly for a recent hour, so looked for from the end
+        if self.sealed and hour // DAY_HOURS in self.sealed:
+            self._unseal(hour // DAY_HOURS)
+            hours = self.hours
         at = len(hours) - 2
         while at >= 0 and hours[at] > hour:
             at -= 2
@@ -406,6 +463,8 @@ class _User:
         the older ones of the hours `changed`."""
         if history:
             flat = [*self.hours, self.newest, self.tally] if self.newest != _NO_HOUR else []
+            if self.sealed:
+                flat = _flat(sorted(self.buckets().items()))
         else:
             newest = self.newest
             flat = [newest, self.tally] if newest != _NO_HOUR else []
@@ -426,7 +485,7 @@ class _User:
         """Give `other` the fields every user has."""
         other.n, other.issued, other.hours = self.n, self.issued, self.hours
         other.newest, other.tally, other.first = self.newest, self.tally, self.first
-        other.marks, other.through = self.marks, self.through
+        other.marks, other.through, other.sealed = self.marks, self.through, self.sealed
 
     @staticmethod
     def restore(raw: dict[str, object], default_tz: ZoneInfo) -> _User:
@@ -768,10 +827,24 @@ class QuotaBook:
 
     def history_bytes(self, user_id: str, day: int) -> bytes | None:
         """A user's history record of UTC day `day` (days since the epoch): its hourly
-        buckets of that day but the newest bucket; None if it has none there."""
+        buckets of that day but the newest bucket; None if it has none there.
+
+        A day before the newest bucket's is held as this record from then on (the
+        same object as the store's, once stored), until a reading for it comes.
+        """
         user = self.users.get(user_id)
-        flat = [] if user is None else user.day(day)
-        return right_sized(_day_record(day, flat)) if flat else None
+        if user is None:
+            return None
+        record = user.sealed.get(day)
+        if record is not None:
+            return record
+        flat = user.day(day)
+        if not flat:
+            return None
+        record = right_sized(_day_record(day, flat))
+        if day < user.newest // DAY_HOURS:  # held as the record the store holds too
+            user.seal(day, record)
+        return record
 
     def history_records(self, user_id: str) -> list[bytes]:
         """All of a user's history records (`history_bytes()` of each of its days)."""
@@ -796,11 +869,18 @@ class QuotaBook:
             return
         user = self.users[user_id] = _User.restore(state, self.default_tz)
         older: dict[int, int] = {}
+        days: list[tuple[int, list[int], bytes]] = []
         for record in histories:  # a later record holds the later count of an hour
-            older.update(_unflat(_history_pairs(record)))
+            flat = _history_pairs(record)
+            older.update(_unflat(flat))
+            if flat and flat[0] // DAY_HOURS == flat[-2] // DAY_HOURS:  # a day record
+                days.append((flat[0] // DAY_HOURS, flat, record))
         if older:
             older.update(user.buckets())
             user.set_buckets(older)
+        for day, flat, record in days:  # held as the store's records, where they hold it
+            if day < user.newest // DAY_HOURS and user.day(day) == flat:
+                user.seal(day, record)
         if user.rules is not None and user.due < _NEVER:
             heapq.heappush(self._due, (user.due, user_id))
 

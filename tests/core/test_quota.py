@@ -563,17 +563,28 @@ def test_an_hour_past_2_to_the_63_bytes_keeps_its_buckets_unpacked() -> None:
 # ---------------------------------------------------------------------------- properties
 
 
-@given(st.lists(st.tuples(st.integers(0, 40 * 24), st.integers(0, 2**40), st.integers(0, 48)),
-                min_size=1, max_size=40))
+@given(st.lists(st.tuples(st.integers(0, 40 * 24), st.integers(0, 2**40), st.integers(0, 48),
+                          st.booleans()), min_size=1, max_size=40))
 def test_hourly_buckets_are_the_reference_sums_in_any_order(
-    readings: list[tuple[int, int, int]],
+    readings: list[tuple[int, int, int, bool]],
 ) -> None:
     """Readings of any hours in any order (late ones among them), the clock up to two
-    days past each: the buckets are the sums by hour since the history's start, and
-    they survive the state and history records."""
+    days past each, the history records written now and then as a flush writes them
+    (which seals the days they hold): the buckets are the sums by hour since the
+    history's start, and they survive the state and history records."""
     book = QuotaBook(UTC_TZ, lateness_days=0)
     expected: dict[int, int] = {}
-    for hour, count, later in readings:
+    store: dict[int, bytes] = {}  # bob's history records by day, as a flush leaves them
+
+    def flush() -> None:
+        for user, day in book.take_history_changed():
+            record = book.history_bytes(user, day)
+            if record is None:
+                store.pop(day, None)
+            else:
+                store[day] = record
+
+    for hour, count, later, flushed in readings:
         observed = s(T0) + hour * 3600 + 7
         now = T0 + timedelta(hours=hour + later)
         book.update([(observed, [("bob", count)])], now)
@@ -583,9 +594,14 @@ def test_hourly_buckets_are_the_reference_sums_in_any_order(
         bob = book.users["bob"]
         assert bob.buckets() == expected
         assert bob.first == min(expected, default=quota_module._NEVER)
+        if flushed:
+            flush()
+    state = orjson.dumps(book.user_state("bob"))
+    flush()
     copy = QuotaBook(UTC_TZ, lateness_days=0)
-    copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_records("bob"))
+    copy.load_user("bob", state, list(store.values()))
     assert copy.users["bob"].buckets() == expected
+    assert sorted(store) == sorted(book.users["bob"].days())
 
 
 THRESHOLDS = [0.1, 0.25, 1 / 3, 0.5, 0.8, 0.9, 0.95, 0.999]

@@ -274,13 +274,15 @@ def test_a_crash_part_way_through_storing_commands_loses_none_and_sends_each_onc
 
 
 def test_a_crash_part_way_through_a_flush_keeps_every_hourly_bucket_exact() -> None:
-    """A flush that crosses an hour and holds a late reading for an earlier hour;
-    whatever prefix of its writes reached Kafka, the buckets come out as without a
-    crash, once the messages after the last complete flush are seen again."""
-    hour = 3600
-    start = T - 3 * hour
-    # a message every ten minutes; message 5 is a reading two hours late
-    messages = [(o, start + 600 * o - (2 * hour if o == 5 else 0), 100 + o) for o in range(12)]
+    """A flush that crosses an hour and holds a late reading for an hour of the day
+    before, whose record the flush before wrote; whatever prefix of its writes
+    reached Kafka, the buckets come out as without a crash, once the messages after
+    the last complete flush are seen again."""
+    midnight = T // 86400 * 86400
+    minutes = [-110, -50, 10,  # flushed: the day before's record holds 22:00 and 23:00
+               20, -80, 65,  # a late reading for 22:00, then 01:00: the flush cut short
+               90, 130]
+    messages = [(o, midnight + 60 * m, 100 + o) for o, m in enumerate(minutes)]
     truth = QuotaKeeper(Settings(), DictStore())
     truth.load(3, {}, NOW)
     for offset, t, count in messages:
@@ -291,11 +293,12 @@ def test_a_crash_part_way_through_a_flush_keeps_every_hourly_bucket_exact() -> N
     for offset, t, count in messages[:3]:
         keeper.update(3, offset, t, [("dan", count)], NOW)
     keeper.flush(3)
-    for offset, t, count in messages[3:9]:  # into the next hour, and the late reading
+    assert day_key(3, "dan", midnight // 86400 - 1) in store.data
+    for offset, t, count in messages[3:6]:
         keeper.update(3, offset, t, [("dan", count)], NOW)
     writes, crashes = crashes_during(store, lambda: keeper.flush(3))
     assert any(b"\x1fp\x1f" in k for k in writes)
-    assert any(k.startswith(state_key(3, "dan", b"d")) for k in writes)
+    assert day_key(3, "dan", midnight // 86400 - 1) in writes
     for crashed in crashes:
         again = QuotaKeeper(Settings(), crashed)
         again.load(3, {}, NOW)
