@@ -208,13 +208,22 @@ def _history_pairs(record: bytes) -> list[int]:
     return [x for at in range(1, len(slots)) if slots[at] >= 0 for x in (first + at, slots[at])]
 
 
-def _insert(hours: array[int] | list[int], at: int, values: list[int]) -> None:
-    """Put `values` into `hours` before index `at`; if `hours` is packed and a value does
-    not fit, raises OverflowError and changes nothing."""
+def _inserted(hours: array[int] | list[int], at: int, values: list[int]) -> array[int] | list[int]:
+    """`hours` with `values` put in before index `at`: the same object, or, if a value
+    does not fit its 8-byte ints (bytes past 2**63 - 1 in an hour, only at absurd
+    rates), the buckets unpacked into a list.
+
+    >>> _inserted(array("q", [1, 2]), 0, [0, 7]), _inserted(array("q", [1, 2]), 2, [3, 2**63])
+    (array('q', [0, 7, 1, 2]), [1, 2, 3, 9223372036854775808])
+    """
     if isinstance(hours, array):
-        hours[at:at] = array("q", values)
-    else:
-        hours[at:at] = values
+        try:
+            hours[at:at] = array("q", values)
+            return hours
+        except OverflowError:
+            hours = list(hours)
+    hours[at:at] = values
+    return hours
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,15 +374,18 @@ class _User:
         self.first = min(self.hours[0] if self.hours else self.newest, sealed_first)
         return changed | {hour // DAY_HOURS for hour in hours[:kept:2]}
 
+    def _span(self, day: int) -> slice:
+        """Where `day`'s buckets are in `hours`."""
+        starts = self.hours[::2]
+        first = day * DAY_HOURS
+        lo = bisect_left(starts, first)
+        return slice(2 * lo, 2 * bisect_left(starts, first + DAY_HOURS, lo))
+
     def seal(self, day: int, record: bytes) -> None:
         """Keep `day`'s buckets (before the newest bucket's day) as `record`, their
         history record, instead of in `hours`."""
         hours = self.hours
-        starts = hours[::2]
-        first = day * DAY_HOURS
-        lo = bisect_left(starts, first)
-        hi = bisect_left(starts, first + DAY_HOURS, lo)
-        del hours[2 * lo:2 * hi]
+        del hours[self._span(day)]
         if not hours:
             self.hours = _NO_HOURS
         if self.sealed is _NO_SEALED:
@@ -383,14 +395,8 @@ class _User:
     def _unseal(self, day: int) -> None:
         """Put `day`'s sealed buckets back into `hours`."""
         flat = _history_pairs(self.sealed[day])
-        if not self.hours:
-            self.hours = array("q")
-        at = 2 * bisect_left(self.hours[::2], flat[0])
-        try:
-            _insert(self.hours, at, flat)
-        except OverflowError:  # past 2**63 - 1 bytes in an hour (absurd rates): unpacked
-            self.hours = list(self.hours)
-            _insert(self.hours, at, flat)
+        hours = self.hours if self.hours else array("q")
+        self.hours = _inserted(hours, self._span(day).start, flat)
         del self.sealed[day]
 
     def pairs(self, hours: Collection[int]) -> list[int]:
@@ -412,11 +418,7 @@ class _User:
         """The flat (hour, bytes) pairs of the history's buckets in `day`."""
         if day in self.sealed:
             return _history_pairs(self.sealed[day])
-        hours = self.hours
-        starts = hours[::2]
-        first = day * DAY_HOURS
-        lo = bisect_left(starts, first)
-        return list(hours[2 * lo:2 * bisect_left(starts, first + DAY_HOURS, lo)])
+        return list(self.hours[self._span(day)])
 
     def add_to_hour(self, hour: int, count: int) -> int:
         """Add `count` bytes to `hour`'s bucket, which is not the newest one; the hour
@@ -427,44 +429,42 @@ class _User:
             self.first = self.newest = hour
             self.tally = count
             return _NO_HOUR
-        if not self.hours:
-            self.hours = array("q")
-        try:
-            return self._add_older(hour, count)
-        except OverflowError:  # past 2**63 - 1 bytes in an hour (absurd rates): unpacked
-            self.hours = list(self.hours)
-            return self._add_older(hour, count)
-
-    def _add_older(self, hour: int, count: int) -> int:
-        """`add_to_hour()` once there is a bucket; changes nothing if a count overflows."""
-        hours = self.hours
-        newest = self.newest
+        hours = self.hours if self.hours else array("q")
         if hour > newest:  # the old newest bucket joins the history
-            _insert(hours, len(hours), [newest, self.tally])
+            self.hours = _inserted(hours, len(hours), [newest, self.tally])
             self.newest = hour
             self.tally = count
             return newest
         # a late reading: mostly for a recent hour, so looked for from the end
         if self.sealed and hour // DAY_HOURS in self.sealed:
+            self.hours = hours
             self._unseal(hour // DAY_HOURS)
             hours = self.hours
         at = len(hours) - 2
         while at >= 0 and hours[at] > hour:
             at -= 2
         if at >= 0 and hours[at] == hour:
-            hours[at + 1] += count
+            try:
+                hours[at + 1] += count
+            except OverflowError:  # past 2**63 - 1 bytes in an hour (absurd rates)
+                hours = list(hours)
+                hours[at + 1] += count
         else:  # a bucket of its own, in hour order
-            _insert(hours, at + 2, [hour, count])
+            hours = _inserted(hours, at + 2, [hour, count])
             self.first = min(self.first, hour)
+        self.hours = hours
         return hour
 
     def record(self, history: bool = True, changed: Collection[int] = ()) -> dict[str, object]:
         """The user as JSON-ready values; without `history`, only the newest bucket and
         the older ones of the hours `changed`."""
         if history:
-            flat = [*self.hours, self.newest, self.tally] if self.newest != _NO_HOUR else []
-            if self.sealed:
+            if self.newest == _NO_HOUR:
+                flat = []
+            elif self.sealed:
                 flat = _flat(sorted(self.buckets().items()))
+            else:
+                flat = [*self.hours, self.newest, self.tally]
         else:
             newest = self.newest
             flat = [newest, self.tally] if newest != _NO_HOUR else []
@@ -568,11 +568,12 @@ class QuotaBook:
         # reading then touches nothing but its user. Taking a list starts its next
         # generation, which unmarks every user at once, without visiting them.
         self._changed: list[str] = []
-        self._history_changed: set[tuple[str, int]] = set()
-        # by user, the hours whose bucket in the history changed since the last
-        # `take_history_changed()`: the state records hold them until the history
-        # records that do are written
+        # since the last `take_history_changed()`: by user, the hours whose bucket in
+        # the history changed (the state records hold them until the history
+        # records that do are written), and the other (user, day) records to write
+        # (pruned, or to be split from an earlier version's record)
         self._unwritten: dict[str, set[int]] = {}
+        self._history_changed: set[tuple[str, int]] = set()
         self._unreported: list[str] = []  # changed since `take_unreported()`
         self._changed_generation = self._unreported_generation = 1
         self._listed = self._listing(1, 1)  # the marks of a user listed in both
@@ -587,7 +588,6 @@ class QuotaBook:
         now_s = unix(now)
         users = self.users
         seen: dict[str, _User] = {}
-        history_changed = self._history_changed
         unwritten = self._unwritten
         for t, readings in batch:
             hour = t // BUCKET_S
@@ -604,7 +604,6 @@ class QuotaBook:
                 else:
                     changed = user.add_to_hour(hour, count)
                     if changed != _NO_HOUR:
-                        history_changed.add((user_id, changed // DAY_HOURS))
                         unwritten.setdefault(user_id, set()).add(changed)
                 seen[user_id] = user
         oldest_hour = (now_s - self.history_s) // BUCKET_S
@@ -616,7 +615,8 @@ class QuotaBook:
             if user.marks != listed:
                 self._mark(user_id, user, _TOUCHED)
             if user.first < oldest_hour:  # mostly in order: the first is the oldest
-                history_changed.update((user_id, day) for day in user.keep_from(oldest_hour))
+                days = user.keep_from(oldest_hour)
+                self._history_changed.update((user_id, day) for day in days)
             # a user with no plan has nothing to decide
             if user.rules is None or (user.used < user.mark and (none_due or now_s < user.due)):
                 continue
@@ -786,7 +786,9 @@ class QuotaBook:
         the changelog): write `history_bytes(user, day)`, after the state records
         (`user_state()`), which hold the changed buckets until then."""
         changed, self._history_changed = self._history_changed, set()
-        self._unwritten = {}
+        unwritten, self._unwritten = self._unwritten, {}
+        changed.update((user, hour // DAY_HOURS) for user, hours in unwritten.items()
+                       for hour in hours)
         return changed
 
     def rewrite_history(self, user_id: str) -> None:

@@ -558,6 +558,15 @@ def test_an_hour_past_2_to_the_63_bytes_keeps_its_buckets_unpacked() -> None:
     copy = QuotaBook(UTC_TZ)
     copy.load_user("bob", orjson.dumps(book.user_state("bob")), book.history_records("bob"))
     assert copy.users["bob"].buckets() == bob.buckets()
+    # a late reading past 2**63 - 1 in a bucket that was packed
+    for hours in (0, 1, 2):
+        book.update([(s(at(2, hours=hours)), [("cy", 1)])], at(2, hours=hours))
+    book.update([(s(at(2)), [("cy", 2**63)])], at(2, hours=2))
+    cy = book.users["cy"]
+    assert isinstance(cy.hours, list)
+    assert cy.buckets() == {
+        s(at(2, hours=h)) // 3600: b for h, b in ((0, 2**63 + 1), (1, 1), (2, 1))
+    }
 
 
 # ---------------------------------------------------------------------------- properties
